@@ -1,0 +1,114 @@
+"""Low-rank matrices ``A = U V^T`` and their optimal (truncated SVD) projection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..budget import InfeasibleBudgetError
+from ..linalg import truncated_factors
+from ..validation import check_positive_int
+from .base import StructuredMatrix, register_format
+
+__all__ = ["LowRank"]
+
+
+@register_format
+class LowRank(StructuredMatrix):
+    """Rank-``r`` matrix ``A = U @ V.T``.
+
+    Parameters
+    ----------
+    U : torch.Tensor, shape (m, r)
+    V : torch.Tensor, shape (n, r)
+
+    Cost: ``r * (m + n)`` MACs per mat-vec (``x -> V^T x -> U (V^T x)``), ``r * (m + n)``
+    parameters.
+    """
+
+    format_name = "lowrank"
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[1]:
+            raise ValueError(
+                f"U (m, r) and V (n, r) must share r; got {tuple(U.shape)} and {tuple(V.shape)}"
+            )
+        super().__init__((U.shape[0], V.shape[0]))
+        self.U = U
+        self.V = V
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"U": self.U, "V": self.V}
+
+    @classmethod
+    def _from_state(cls, tensors, config, shape):
+        return cls(tensors["U"], tensors["V"])
+
+    @property
+    def flops(self) -> int:
+        return self.rank * (self.shape[0] + self.shape[1])
+
+    def to_dense(self) -> torch.Tensor:
+        return self.U @ self.V.T
+
+    def _matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.U @ (self.V.T @ X)
+
+    def _transpose(self) -> LowRank:
+        return LowRank(self.V, self.U)
+
+    @classmethod
+    def min_budget(cls, m: int, n: int, **options: Any) -> int:
+        return m + n
+
+    @classmethod
+    def project(
+        cls,
+        W: torch.Tensor,
+        budget: int,
+        *,
+        rank: int | None = None,
+        method: str = "exact",
+        oversample: int = 10,
+        power_iters: int = 2,
+        seed: int = 0,
+    ) -> LowRank:
+        """Best rank-``r`` approximation with ``r = floor(budget / (m + n))``.
+
+        Optimal in Frobenius and spectral norm (Eckart-Young-Mirsky) when ``method="exact"``:
+        ``||W - A||_F^2 = sum_{t > r} sigma_t^2``. ``method="randomized"`` uses a randomized
+        range finder (see :func:`gblr_approx.linalg.randomized_svd` for its error bound),
+        controlled by ``oversample``, ``power_iters`` and ``seed``; use it for large layers.
+
+        Parameters
+        ----------
+        rank : int, optional
+            Fix the rank instead of deriving it from the budget (must still fit the budget).
+        """
+        m, n = W.shape
+        max_rank = budget // (m + n)
+        if rank is None:
+            r = min(max_rank, m, n)
+        else:
+            r = check_positive_int(rank, "rank")
+            if r > min(m, n):
+                raise ValueError(f"rank must be <= min(m, n) = {min(m, n)}; got {r}")
+            if r > max_rank:
+                raise InfeasibleBudgetError(
+                    "lowrank", budget, r * (m + n), f"rank={r} costs r*(m+n)"
+                )
+        if r < 1:
+            raise InfeasibleBudgetError("lowrank", budget, m + n, "one rank costs m+n MACs")
+        L, R, _ = truncated_factors(
+            W, r, method=method, oversample=oversample, power_iters=power_iters, seed=seed
+        )
+        out = cls(L.contiguous(), R.contiguous())
+        out.info = {"algorithm": f"truncated SVD ({method})", "rank": r}
+        if method == "randomized":
+            out.info.update(oversample=oversample, power_iters=power_iters, seed=seed)
+        return out

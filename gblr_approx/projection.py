@@ -1,0 +1,74 @@
+"""``project``: best approximation of a matrix in a format within a budget."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from .budget import resolve_budget
+from .formats.base import StructuredMatrix, get_format
+from .validation import as_matrix
+
+__all__ = ["project"]
+
+
+def project(W: Any, format: str, budget: float | int, **options: Any) -> StructuredMatrix:
+    """Best approximation of ``W`` in ``format`` with cost at most ``budget``.
+
+    Parameters
+    ----------
+    W : torch.Tensor or numpy.ndarray, shape (m, n)
+        Real matrix; float16/bfloat16 are computed in float32. The result lives on ``W``'s
+        device with dtype float32 or float64.
+    format : str
+        One of ``"dense"``, ``"lowrank"``, ``"blocksparse"``, ``"blocklowrank"``,
+        ``"monarch"``, ``"gblr"``, ``"blast"``.
+    budget : float or int
+        Float in (0, 1]: fraction of the dense cost ``m * n``; int >= 1: MACs.
+    **options
+        Format options, e.g. ``block_shape=(32, 32)`` (blocksparse), ``grid=(4, 4)``
+        (blocklowrank), ``blocks``/``rank`` (monarch), ``blocks`` (blast); see each format's
+        ``project`` docstring.
+
+    Returns
+    -------
+    StructuredMatrix
+        With ``A.flops <= budget`` (MACs). ``A.info`` records the algorithm, options, the
+        requested budget and the seconds spent.
+
+    Raises
+    ------
+    ValueError
+        Bad input, or a budget too small for the format (the message names the smallest
+        feasible budget; the exception is a :class:`~gblr_approx.budget.InfeasibleBudgetError`).
+    """
+    W = as_matrix(W, "W")
+    cls = get_format(format)
+    m, n = W.shape
+    b = resolve_budget(budget, m, n)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        A = cls.project(W, b, **options)
+    seconds = time.perf_counter() - t0
+    if A.flops > b:  # pragma: no cover - a format bug; never hide it
+        raise RuntimeError(f"{cls.__name__}.project exceeded the budget: {A.flops} > {b}")
+    A.info = {**A.info, "format": cls.format_name, "budget": budget, "budget_macs": b,
+              "seconds": seconds, "options": {k: _jsonable(v) for k, v in options.items()}}
+    if A.flops > m * n:
+        warnings.warn(
+            f"the {cls.format_name} result costs {A.flops} MACs, more than the dense matrix "
+            f"({m * n}); storing W densely would be cheaper",
+            stacklevel=2,
+        )
+    return A
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return repr(v)
