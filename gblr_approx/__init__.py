@@ -4,7 +4,17 @@ __version__ = "0.1.0"
 
 from . import datasets
 from .budget import InfeasibleBudgetError, resolve_budget
-from .formats import FORMATS, Dense, LowRank, StructuredMatrix, get_format, load
+from .formats import (
+    FORMATS,
+    BlockLowRank,
+    BlockSparse,
+    Dense,
+    LowRank,
+    Monarch,
+    StructuredMatrix,
+    get_format,
+    load,
+)
 from .metrics import relative_error
 from .projection import project
 
@@ -19,6 +29,9 @@ __all__ = [
     "load",
     "Dense",
     "LowRank",
+    "BlockSparse",
+    "BlockLowRank",
+    "Monarch",
     "relative_error",
     "project",
 ]

@@ -72,9 +72,7 @@ def resolve_budget(budget: float | int, m: int, n: int) -> int:
     if isinstance(budget, numbers.Integral):
         b = int(budget)
         if b < 1:
-            raise ValueError(
-                f"budget must be an int >= 1 (MACs) or a float in (0, 1]; got {b}"
-            )
+            raise ValueError(f"budget must be an int >= 1 (MACs) or a float in (0, 1]; got {b}")
         return b
     f = float(budget)
     if not math.isfinite(f) or f <= 0.0 or f > 1.0:

@@ -55,8 +55,14 @@ def project(W: Any, format: str, budget: float | int, **options: Any) -> Structu
     seconds = time.perf_counter() - t0
     if A.flops > b:  # pragma: no cover - a format bug; never hide it
         raise RuntimeError(f"{cls.__name__}.project exceeded the budget: {A.flops} > {b}")
-    A.info = {**A.info, "format": cls.format_name, "budget": budget, "budget_macs": b,
-              "seconds": seconds, "options": {k: _jsonable(v) for k, v in options.items()}}
+    A.info = {
+        **A.info,
+        "format": cls.format_name,
+        "budget": budget,
+        "budget_macs": b,
+        "seconds": seconds,
+        "options": {k: _jsonable(v) for k, v in options.items()},
+    }
     if A.flops > m * n:
         warnings.warn(
             f"the {cls.format_name} result costs {A.flops} MACs, more than the dense matrix "

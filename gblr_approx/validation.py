@@ -18,6 +18,8 @@ _FLOAT_KINDS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _to_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(x).__name__}")
     if isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
         arr = np.asarray(x)
         if arr.dtype == object:
@@ -25,9 +27,7 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
         if arr.dtype.kind not in "biufc":
             raise TypeError(f"{name} must be a real floating-point array; got dtype {arr.dtype}")
         return torch.from_numpy(np.ascontiguousarray(arr))
-    raise TypeError(
-        f"{name} must be a torch.Tensor or numpy.ndarray; got {type(x).__name__}"
-    )
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(x).__name__}")
 
 
 def _check_float(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -79,7 +79,9 @@ def as_operand(X: Any, n: int, name: str = "X") -> tuple[torch.Tensor, bool]:
     """
     t = _to_tensor(X, name)
     if t.ndim not in (1, 2):
-        raise ValueError(f"{name} must be a vector (n,) or a matrix (n, k); got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a vector (n,) or a matrix (n, k); got shape {tuple(t.shape)}"
+        )
     if t.shape[0] != n:
         raise ValueError(
             f"{name} has {t.shape[0]} rows but the operator has {n} columns; shapes do not match"

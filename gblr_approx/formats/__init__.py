@@ -1,8 +1,11 @@
 """Structured matrix formats: one module per format, registered in :data:`FORMATS`."""
 
 from .base import FORMATS, StructuredMatrix, get_format, load, register_format
+from .blocklowrank import BlockLowRank
+from .blocksparse import BlockSparse
 from .dense import Dense
 from .lowrank import LowRank
+from .monarch import Monarch
 
 __all__ = [
     "FORMATS",
@@ -12,4 +15,7 @@ __all__ = [
     "register_format",
     "Dense",
     "LowRank",
+    "BlockSparse",
+    "BlockLowRank",
+    "Monarch",
 ]

@@ -1,0 +1,218 @@
+"""Monarch matrices (Dao et al., ICML 2022) and their exact projection by per-slice SVD.
+
+Index convention (math.md 6.4): ``K`` input blocks, ``J`` output blocks, rank ``R`` per slice,
+``m = J * Lr`` and ``n = K * I``. Rows are indexed ``row = l * J + j`` (``j`` fast: strided),
+columns ``col = k * I + i`` (``k`` slow: contiguous), and
+
+    M[l*J + j, k*I + i] = sum_r w2[j, l, k*R + r] * w1[k, r*J + j, i]
+
+with ``w1`` of shape ``(K, R*J, I)`` and ``w2`` of shape ``(J, Lr, K*R)``. As an operator:
+``z = blockdiag(w1) x`` on ``K`` contiguous input chunks, a regrouping of ``z``, then
+``blockdiag(w2)``. Each slice ``S_kj[l, i] = M[l*J + j, k*I + i]`` of shape ``(Lr, I)`` has
+rank at most ``R`` and owns its factor entries, so truncated SVD of every slice is the exact
+Frobenius projection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..budget import InfeasibleBudgetError
+from ..validation import check_pair, check_positive_int
+from .base import StructuredMatrix, register_format
+
+__all__ = ["Monarch"]
+
+
+def _divisors(x: int) -> list[int]:
+    return [d for d in range(1, x + 1) if x % d == 0]
+
+
+@register_format
+class Monarch(StructuredMatrix):
+    """Monarch matrix: two block-diagonal factors around a fixed regrouping permutation.
+
+    Parameters
+    ----------
+    w1 : Tensor, shape (K, R*J, I)
+        Input-side block-diagonal factor (``K`` blocks of ``R*J x I``).
+    w2 : Tensor, shape (J, Lr, K*R)
+        Output-side block-diagonal factor (``J`` blocks of ``Lr x K*R``).
+    transposed : bool
+        If True the object represents the transpose of the Monarch matrix defined by
+        ``w1, w2`` (so that ``.T`` stays exact and in this format).
+
+    Shape ``(J*Lr, K*I)`` (swapped when ``transposed``). Cost: ``R * (J*n + K*m)`` MACs per
+    mat-vec, i.e. ``R * nb * (m + n)`` for ``J = K = nb``; the same number of parameters.
+    """
+
+    format_name = "monarch"
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, transposed: bool = False) -> None:
+        if w1.ndim != 3 or w2.ndim != 3:
+            raise ValueError("w1 must be (K, R*J, I) and w2 (J, Lr, K*R)")
+        K, RJ, I = w1.shape
+        J, Lr, KR = w2.shape
+        if J == 0 or K == 0 or RJ % J or KR != K * (RJ // J):
+            raise ValueError(
+                f"inconsistent Monarch factors: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}; "
+                "expected w1 (K, R*J, I) and w2 (J, Lr, K*R)"
+            )
+        self.in_blocks, self.out_blocks, self.rank = K, J, RJ // J
+        self.transposed = bool(transposed)
+        shape = (J * Lr, K * I)
+        super().__init__(shape[::-1] if transposed else shape)
+        self.w1, self.w2 = w1, w2
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"w1": self.w1, "w2": self.w2}
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "in_blocks": self.in_blocks,
+            "out_blocks": self.out_blocks,
+            "rank": self.rank,
+            "transposed": self.transposed,
+        }
+
+    @classmethod
+    def _from_state(cls, tensors, config, shape):
+        return cls(tensors["w1"], tensors["w2"], transposed=config.get("transposed", False))
+
+    @property
+    def flops(self) -> int:
+        return int(self.w1.numel() + self.w2.numel())
+
+    def _untransposed_dense(self) -> torch.Tensor:
+        K, J, R = self.in_blocks, self.out_blocks, self.rank
+        I, Lr = self.w1.shape[2], self.w2.shape[1]
+        Q = self.w1.view(K, R, J, I)  # Q[k, r, j, i]
+        P = self.w2.view(J, Lr, K, R)  # P[j, l, k, r]
+        M = torch.einsum("jlkr,krji->ljki", P, Q)
+        return M.reshape(Lr * J, K * I)
+
+    def to_dense(self) -> torch.Tensor:
+        M = self._untransposed_dense()
+        return M.T.contiguous() if self.transposed else M
+
+    def _forward(self, X: torch.Tensor) -> torch.Tensor:
+        K, J, R = self.in_blocks, self.out_blocks, self.rank
+        I, Lr = self.w1.shape[2], self.w2.shape[1]
+        k = X.shape[1]
+        z = torch.bmm(self.w1, X.reshape(K, I, k))  # (K, R*J, k)
+        z = z.view(K, R, J, k).permute(2, 0, 1, 3).reshape(J, K * R, k)
+        y = torch.bmm(self.w2, z)  # (J, Lr, k)
+        return y.permute(1, 0, 2).reshape(Lr * J, k)
+
+    def _backward(self, Y: torch.Tensor) -> torch.Tensor:
+        """``M^T @ Y`` for the untransposed matrix ``M``."""
+        K, J, R = self.in_blocks, self.out_blocks, self.rank
+        I, Lr = self.w1.shape[2], self.w2.shape[1]
+        k = Y.shape[1]
+        y = Y.reshape(Lr, J, k).permute(1, 0, 2)  # (J, Lr, k)
+        z = torch.bmm(self.w2.transpose(1, 2), y)  # (J, K*R, k)
+        z = z.view(J, K, R, k).permute(1, 2, 0, 3).reshape(K, R * J, k)
+        x = torch.bmm(self.w1.transpose(1, 2), z)  # (K, I, k)
+        return x.reshape(K * I, k)
+
+    def _matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self._backward(X) if self.transposed else self._forward(X)
+
+    def _transpose(self) -> Monarch:
+        return Monarch(self.w1, self.w2, transposed=not self.transposed)
+
+    # ---------------------------------------------------------- projection
+    @staticmethod
+    def _slices(W: torch.Tensor, J: int, K: int) -> torch.Tensor:
+        m, n = W.shape
+        Lr, I = m // J, n // K
+        return W.reshape(Lr, J, K, I).permute(2, 1, 0, 3)  # (K, J, Lr, I)
+
+    @classmethod
+    def _candidates(cls, m: int, n: int, blocks: Any) -> list[tuple[int, int]]:
+        """(J, K) pairs: output blocks dividing m, input blocks dividing n."""
+        if blocks is not None:
+            J, K = check_pair(blocks, "blocks")
+            if m % J or n % K:
+                raise ValueError(
+                    f"blocks={blocks!r}: the output block count must divide m={m} and the input "
+                    f"block count must divide n={n}; valid output counts {_divisors(m)}, valid "
+                    f"input counts {_divisors(n)}"
+                )
+            return [(J, K)]
+        common = [d for d in _divisors(m) if n % d == 0 and d >= 2]
+        if common:
+            return [(d, d) for d in common]
+        return [(J, K) for J in _divisors(m) for K in _divisors(n) if (J, K) != (1, 1)] or [(1, 1)]
+
+    @classmethod
+    def min_budget(
+        cls, m: int, n: int, blocks: Any = None, rank: Any = None, **options: Any
+    ) -> int:
+        R = 1 if rank is None else check_positive_int(rank, "rank")
+        return min(R * (J * n + K * m) for J, K in cls._candidates(m, n, blocks))
+
+    @classmethod
+    def project(
+        cls, W: torch.Tensor, budget: int, *, blocks: Any = None, rank: Any = None
+    ) -> Monarch:
+        """Exact Frobenius projection onto Monarch matrices by per-slice truncated SVD.
+
+        The configuration ``(J, K, R)`` is chosen to use as much of the budget as possible:
+        among the feasible configurations with the largest cost ``R * (J*n + K*m)``, the one
+        with the smallest projection error (computed from the slices' singular values) wins.
+
+        Parameters
+        ----------
+        blocks : int or (out_blocks, in_blocks), optional
+            ``J`` must divide ``m`` and ``K`` must divide ``n``. Default: every common divisor
+            ``nb >= 2`` of ``m`` and ``n`` with ``J = K = nb`` (or, if there is none, every
+            pair of divisors).
+        rank : int, optional
+            Rank ``R`` per slice (``1 <= R <= min(m/J, n/K)``); default: the largest that fits.
+        """
+        m, n = W.shape
+        cands = cls._candidates(m, n, blocks)
+        R_fixed = None if rank is None else check_positive_int(rank, "rank")
+        feasible = []  # (cost, J, K, R)
+        for J, K in cands:
+            Lr, I = m // J, n // K
+            per_rank = J * n + K * m
+            R = budget // per_rank if R_fixed is None else R_fixed
+            R = min(R, Lr, I)
+            if R >= 1 and R * per_rank <= budget:
+                feasible.append((R * per_rank, J, K, R))
+        best = None  # ((cost, -err2), J, K, R)
+        top = max((c for c, *_ in feasible), default=None)
+        tried = []
+        for cost, J, K, R in feasible:
+            if cost != top:
+                continue
+            s2 = torch.linalg.svdvals(cls._slices(W, J, K)).double().pow(2)
+            err2 = float(s2[..., R:].sum())
+            tried.append({"blocks": [J, K], "rank": R, "cost": cost})
+            if best is None or (cost, -err2) > best[0]:
+                best = ((cost, -err2), J, K, R)
+        if best is None:
+            minb = cls.min_budget(m, n, blocks=blocks, rank=R_fixed)
+            detail = "valid (out_blocks, in_blocks): " + ", ".join(f"{J}x{K}" for J, K in cands)
+            if R_fixed is not None:
+                detail += f"; rank={R_fixed} must be <= min(m/J, n/K)"
+            raise InfeasibleBudgetError("monarch", budget, minb, detail)
+        _, J, K, R = best
+        U, S, Vh = torch.linalg.svd(cls._slices(W, J, K), full_matrices=False)
+        s = S[..., :R].sqrt()
+        P = U[..., :R] * s.unsqueeze(-2)  # (K, J, Lr, R)
+        Q = Vh[..., :R, :] * s.unsqueeze(-1)  # (K, J, R, I)
+        w1 = Q.permute(0, 2, 1, 3).reshape(K, R * J, n // K).contiguous()
+        w2 = P.permute(1, 2, 0, 3).reshape(J, m // J, K * R).contiguous()
+        out = cls(w1, w2)
+        out.info = {
+            "algorithm": "per-slice truncated SVD (exact projection)",
+            "blocks": [J, K],
+            "rank": R,
+            "candidates": tried,
+        }
+        return out
