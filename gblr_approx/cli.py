@@ -1,0 +1,527 @@
+"""``gblr-approx``: the command-line interface (click).
+
+Subcommands mirror the Python API: ``inspect``, ``sweep``, ``project``, ``fit``, ``spectrum``,
+``convert`` (and ``plot`` when installed). Each prints a readable table, or JSON with
+``--json``. Exit codes: 0 success, 2 bad usage (unknown option or format, malformed budget,
+missing file), 1 failure, with a one-line reason on stderr (``gblr-approx --debug ...`` shows
+the traceback instead).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["main"]
+
+_SAMPLE = "the embedded MiniLM sample (gblr_approx.datasets.minilm_sample())"
+
+
+# ---------------------------------------------------------------------------- error policy
+class _Group(click.Group):
+    """A click group turning any exception into a one-line failure (exit 1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BrokenPipeError:  # e.g. `gblr-approx inspect ... | head`: stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(1)
+        except Exception as exc:
+            if ctx.params.get("debug") or os.environ.get("GBLR_APPROX_DEBUG"):
+                raise
+            raise click.ClickException(_one_line(exc)) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = str(exc.args[0])
+    if not text:
+        text = type(exc).__name__
+    elif isinstance(exc, (TypeError, RuntimeError, AttributeError, ImportError)):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+# --------------------------------------------------------------------------- value parsing
+def _split(values: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out.extend(p.strip() for p in v.replace(" ", ",").split(",") if p.strip())
+    return out
+
+
+def _parse_budget(text: str, param: str = "--budget") -> float | int:
+    """``0.25`` or ``25%`` -> fraction 0.25; ``10000`` -> 10000 MACs."""
+    from .budget import resolve_budget
+
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            b: float | int = float(t[:-1]) / 100.0
+        elif any(c in t.lower() for c in ".e"):
+            b = float(t)
+        else:
+            b = int(t)
+        resolve_budget(b, 1, 1)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(
+            f"{text!r} is not a budget: give a fraction of the dense cost in (0, 1] (e.g. 0.25 "
+            f"or 25%) or an integer number of MACs >= 1 ({exc})",
+            param_hint=param,
+        ) from None
+    return b
+
+
+def _parse_value(text: str) -> Any:
+    """JSON (``3``, ``[16, 16]``, ``true``), a comma list (``16,16`` -> tuple) or a string."""
+    try:
+        v = json.loads(text)
+        return tuple(v) if isinstance(v, list) else v
+    except ValueError:
+        pass
+    if "," in text:
+        return tuple(_parse_value(p.strip()) for p in text.split(","))
+    if text.lower() in ("none", "null"):
+        return None
+    return text
+
+
+def _parse_kv(text: str, param: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise click.BadParameter(f"{text!r} is not KEY=VALUE", param_hint=param)
+    k, v = text.split("=", 1)
+    if not k.strip():
+        raise click.BadParameter(f"{text!r} has an empty KEY", param_hint=param)
+    return k.strip(), _parse_value(v.strip())
+
+
+def _check_format(name: str, param: str = "--format") -> str:
+    from .formats.base import get_format
+
+    try:
+        return get_format(name).format_name
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint=param) from None
+
+
+# ------------------------------------------------------------------------------- output
+def _jsonable(v: Any) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    if v is None or v is pd.NA:
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(float(v)) else None
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "tolist"):
+        return _jsonable(v.tolist())
+    return v if isinstance(v, str) else str(v)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(_jsonable(obj), indent=1, allow_nan=False))
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    import pandas as pd
+
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                 specs: dict[str, str] | None = None) -> None:
+    """Left-aligned text columns, right-aligned numbers."""
+    specs = specs or {}
+    cells = [[_fmt(r.get(c), specs.get(c, ".4g")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    numeric = [bool(rows) and all(_is_num(r.get(c)) for r in rows) for c in columns]
+
+    def line(vals: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric,
+                                                                    strict=True)
+        ).rstrip()
+
+    click.echo(line(list(columns)))
+    click.echo(line(["-" * w for w in widths]))
+    for row in cells:
+        click.echo(line(row))
+
+
+def _is_num(v: Any) -> bool:
+    import numpy as np
+
+    return v is None or (isinstance(v, (int, float, np.integer, np.floating))
+                         and not isinstance(v, bool))
+
+
+def _print_kv(d: dict[str, Any]) -> None:
+    w = max(len(k) for k in d)
+    for k, v in d.items():
+        click.echo(f"{k.ljust(w)}  {_fmt(v, '.6g')}")
+
+
+# ---------------------------------------------------------------------------- commands
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on failure.")
+@click.version_option(package_name="gblr_approx", prog_name="gblr-approx")
+def main(debug: bool) -> None:
+    """Structured matrix approximation: sweeps, spectra and projections of real weights.
+
+    Budgets are a fraction of the dense cost m*n in (0, 1] (e.g. 0.25 or 25%) or an
+    integer number of multiply-accumulates (MACs). Every subcommand accepts --json.
+    """
+
+
+def _open(path: Path, include: Sequence[str], exclude: Sequence[str], *,
+          reshape_conv: bool = False, matrices_only: bool = True):
+    from .io import load_weights
+
+    return load_weights(path, list(include) or None, list(exclude) or None,
+                        reshape_conv=reshape_conv, matrices_only=matrices_only)
+
+
+_path_arg = click.Path(exists=True, path_type=Path)
+_include_opt = click.option("--include", "-i", multiple=True, metavar="PATTERN",
+                            help="Keep tensors whose name matches (glob; 're:' prefix for a "
+                                 "regex). Repeatable.")
+_exclude_opt = click.option("--exclude", "-x", multiple=True, metavar="PATTERN",
+                            help="Drop tensors whose name matches (glob or 're:regex'). "
+                                 "Repeatable.")
+_json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@main.command()
+@click.argument("path", type=_path_arg)
+@_include_opt
+@_exclude_opt
+@click.option("--matrices", "matrices_only", is_flag=True,
+              help="List only 2-D floating-point tensors (what sweep and spectrum read).")
+@click.option("--reshape-conv", is_flag=True, help="Show 4-D conv kernels as out x (in*kh*kw).")
+@_json_opt
+def inspect(path: Path, include, exclude, matrices_only, reshape_conv, as_json) -> None:
+    """List the tensors of a checkpoint: names, shapes, dtypes, sizes (no values read)."""
+    store = _open(path, include, exclude, reshape_conv=reshape_conv, matrices_only=matrices_only)
+    rows = [
+        {"name": i.name, "shape": "x".join(map(str, i.shape)) or "scalar", "dtype": i.dtype,
+         "params": i.numel, "MB": i.nbytes / 1e6, "matrix": "yes" if i.is_matrix else "no",
+         "file": i.file}
+        for i in store.infos()
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    _print_table(rows, ["name", "shape", "dtype", "params", "MB", "matrix"], {"MB": ".3f"})
+    n_mat = sum(r["matrix"] == "yes" for r in rows)
+    click.echo(f"\n{len(rows)} tensors ({n_mat} matrices), "
+               f"{sum(r['params'] for r in rows):,} numbers, "
+               f"{sum(r['MB'] for r in rows):.1f} MB in {len(store.files)} file(s)")
+
+
+@main.command()
+@click.argument("path", type=_path_arg, required=False)
+@click.option("--formats", "-f", multiple=True, metavar="F[,F...]",
+              help="Formats (comma-separated or repeated). Default: lowrank, blocksparse, "
+                   "blocklowrank, monarch and gblr, those installed.")
+@click.option("--budgets", "-b", multiple=True, metavar="B[,B...]",
+              help="Budgets: fractions in (0, 1] (0.25 or 25%) or integer MACs. "
+                   "Default: 0.1,0.25,0.5.")
+@_include_opt
+@_exclude_opt
+@click.option("--option", "-o", "options", multiple=True, metavar="FORMAT.KEY=VALUE",
+              help="Format option, e.g. blocksparse.block_shape=16,16. Repeatable.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for rows.csv and sweep.json; rerunning resumes.")
+@click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel worker processes.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads per worker.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--reshape-conv", is_flag=True, help="Sweep 4-D conv kernels as out x (in*kh*kw).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: when stderr is a terminal).")
+@_json_opt
+def sweep(path, formats, budgets, include, exclude, options, out, workers, threads, seed,
+          reshape_conv, progress, as_json) -> None:
+    """Error versus budget of every format for every matrix of a checkpoint.
+
+    Without PATH, runs on the five embedded MiniLM layers. Prints relative Frobenius errors
+    (rows: matrix and format, columns: budget); --json prints every row with all columns.
+    """
+    from .analysis.sweep import DEFAULT_BUDGETS, default_formats
+    from .analysis.sweep import sweep as run_sweep
+
+    fmts = [_check_format(f, "--formats") for f in _split(formats)] or default_formats()
+    blist = [_parse_budget(b, "--budgets") for b in _split(budgets)] or list(DEFAULT_BUDGETS)
+    opts: dict[str, dict[str, Any]] = {}
+    for o in options:
+        k, v = _parse_kv(o, "--option")
+        if "." not in k:
+            raise click.BadParameter(f"{o!r}: write FORMAT.KEY=VALUE, e.g. "
+                                     "blocksparse.block_shape=16,16", param_hint="--option")
+        f, key = k.split(".", 1)
+        f = _check_format(f, "--option")
+        if f not in fmts:
+            raise click.BadParameter(f"{o!r} is for format {f!r}, which is not swept ({fmts})",
+                                     param_hint="--option")
+        opts.setdefault(f, {})[key] = v
+    if path is None:
+        from .datasets import minilm_sample
+
+        matrices: Any = minilm_sample()
+        source = _SAMPLE
+    else:
+        matrices = _open(path, include, exclude, reshape_conv=reshape_conv)
+        source = str(path)
+    if path is None and (include or exclude):
+        from .io import match_names
+
+        keep = set(match_names(matrices, list(include) or None, list(exclude) or None))
+        matrices = {k: v for k, v in matrices.items() if k in keep}
+        if not matrices:
+            raise ValueError(f"the filters match none of the sample matrices {list(keep)}")
+    t0 = time.perf_counter()
+    df = run_sweep(matrices, fmts, blist, options=opts, out=out, workers=workers, seed=seed,
+                   progress=progress, threads_per_worker=threads)
+    wall = time.perf_counter() - t0
+    if as_json:
+        _print_json(df.to_dict(orient="records"))
+        return
+    _print_sweep(df, blist)
+    counts = df["status"].value_counts()
+    click.echo(
+        f"\n{len(df)} fits of {df['matrix'].nunique()} matrices from {source}: "
+        f"{counts.get('ok', 0)} ok, {counts.get('infeasible', 0)} infeasible, "
+        f"{counts.get('failed', 0)} failed; {wall:.1f} s wall"
+        + (f"; rows in {out / 'rows.csv'}" if out else "")
+    )
+    for _, r in df[df["status"] != "ok"].drop_duplicates("message").head(5).iterrows():
+        click.echo(f"  {r['status']}: {r['matrix']} {r['format']} {r['budget']}: {r['message']}")
+
+
+def _print_sweep(df, budgets) -> None:
+    rows = []
+    for (mat, fmt), g in df.groupby(["matrix", "format"], sort=False):
+        row: dict[str, Any] = {"matrix": mat, "shape": g["shape"].iloc[0], "format": fmt}
+        for _, r in g.iterrows():
+            key = f"{r['budget']:g}" if isinstance(r["budget"], float) else str(r["budget"])
+            row[key] = (f"{r['rel_error']:.4f}" if r["status"] == "ok" else r["status"])
+        rows.append(row)
+    bcols = [f"{b:g}" if isinstance(b, float) else str(b) for b in budgets]
+    click.echo("relative Frobenius error ||W - A||_F / ||W||_F by budget (fraction of dense "
+               "MACs or MACs):")
+    _print_table(rows, ["matrix", "shape", "format", *bcols])
+
+
+def _pick(store, name: str | None):
+    names = list(store)
+    if name is not None:
+        if name not in store:
+            raise click.BadParameter(
+                f"no matrix {name!r} in the checkpoint; matrices are: "
+                f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}", param_hint="--name")
+        return name
+    if len(names) != 1:
+        raise click.UsageError(
+            f"the checkpoint holds {len(names)} matrices; choose one with --name "
+            f"(e.g. --name {names[0]})")
+    return names[0]
+
+
+def _result_record(name: str, W, A, seconds: float, out: Path | None) -> dict[str, Any]:
+    from .metrics import relative_error
+
+    m, n = W.shape
+    return {
+        "matrix": name, "shape": f"{m}x{n}", "format": A.format_name,
+        "budget": A.info.get("budget"), "flops": int(A.flops),
+        "budget_fraction": A.flops / (m * n), "params": int(A.num_params),
+        "rel_error": relative_error(W, A), "rel_error_2": relative_error(W, A, ord=2),
+        "seconds": seconds, "file": str(out) if out else None,
+    }
+
+
+@main.command()
+@click.argument("path", type=_path_arg)
+@click.option("--format", "-f", "fmt", required=True, help="Target format, e.g. lowrank.")
+@click.option("--budget", "-b", required=True, help="Fraction in (0, 1] or integer MACs.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output .safetensors file (read back with gblr_approx.load).")
+@click.option("--name", "-n", help="Tensor to project (needed when PATH holds several).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Format option, e.g. block_shape=16,16. Repeatable.")
+@_json_opt
+def project(path, fmt, budget, out, name, options, as_json) -> None:
+    """Best approximation of one matrix of PATH in a format within a budget; saves it."""
+    from .projection import project as run_project
+
+    fmt = _check_format(fmt)
+    b = _parse_budget(budget)
+    opts = dict(_parse_kv(o, "--option") for o in options)
+    store = _open(path, (), ())
+    name = _pick(store, name)
+    W = store[name]
+    t0 = time.perf_counter()
+    A = run_project(W, fmt, b, **opts)
+    seconds = time.perf_counter() - t0
+    A.save(out)
+    rec = _result_record(name, W, A, seconds, out)
+    _print_json(rec) if as_json else _print_kv(rec)
+
+
+@main.command()
+@click.argument("path", type=_path_arg)
+@click.option("--budget", "-b", required=True, help="Fraction in (0, 1] or integer MACs.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output .safetensors file.")
+@click.option("--name", "-n", help="Tensor to fit (needed when PATH holds several).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimisation steps (format default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="GBLR fit option, e.g. rank_per_component=2. Repeatable.")
+@_json_opt
+def fit(path, budget, out, name, steps, seed, options, as_json) -> None:
+    """Fit a GBLR matrix to one matrix of PATH within a budget; saves it."""
+    import gblr_approx as ga
+
+    b = _parse_budget(budget)
+    opts = dict(_parse_kv(o, "--option") for o in options)
+    store = _open(path, (), ())
+    name = _pick(store, name)
+    W = store[name]
+    t0 = time.perf_counter()
+    fit_gblr = getattr(ga, "fit_gblr", None)
+    if fit_gblr is not None:
+        res = fit_gblr(W, b, steps=steps, seed=seed, **opts)
+        A = res.matrix
+    else:  # GBLR not installed: ga.project reports the unknown format
+        if steps is not None:
+            opts["steps"] = steps
+        A = ga.project(W, "gblr", b, seed=seed, **opts)
+    seconds = time.perf_counter() - t0
+    A.save(out)
+    rec = _result_record(name, W, A, seconds, out)
+    _print_json(rec) if as_json else _print_kv(rec)
+
+
+@main.command()
+@click.argument("path", type=_path_arg, required=False)
+@_include_opt
+@_exclude_opt
+@click.option("--min-tail", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Fewest eigenvalues in the power-law tail.")
+@click.option("--values", is_flag=True, help="With --json, include the singular values.")
+@_json_opt
+def spectrum(path, include, exclude, min_tail, values, as_json) -> None:
+    """Spectral statistics of every matrix of PATH (default: the embedded MiniLM sample).
+
+    Norms, stable rank, effective (entropy) rank, ranks for 90/95/99 % of the energy and the
+    power-law exponent alpha of the eigenvalues of W^T W.
+    """
+    from .analysis.spectrum import POWERLAW_METHOD
+    from .analysis.spectrum import spectrum as run_spectrum
+
+    if path is None:
+        from .datasets import minilm_sample
+
+        store: Any = minilm_sample()
+        if include or exclude:
+            from .io import match_names
+
+            keep = set(match_names(store, list(include) or None, list(exclude) or None))
+            store = {k: v for k, v in store.items() if k in keep}
+            if not store:
+                raise ValueError("the filters match none of the sample matrices")
+    else:
+        store = _open(path, include, exclude)
+    rows = []
+    for name in store:
+        rep = run_spectrum(store[name], min_tail=min_tail)
+        s = rep.summary()
+        rec = {"matrix": name, "shape": f"{s['rows']}x{s['cols']}", **s}
+        if values:
+            rec["singular_values"] = rep.singular_values.tolist()
+        rows.append(rec)
+    if as_json:
+        _print_json(rows)
+        return
+    _print_table(rows, ["matrix", "shape", "spectral_norm", "fro_norm", "stable_rank",
+                        "effective_rank", "rank_90", "rank_95", "rank_99", "alpha", "alpha_std",
+                        "n_tail"],
+                 {"stable_rank": ".2f", "effective_rank": ".1f", "alpha": ".3f",
+                  "alpha_std": ".3f"})
+    click.echo(f"\nalpha: {POWERLAW_METHOD}")
+    for r in rows:
+        if r["powerlaw_status"] != "ok":
+            click.echo(f"  {r['matrix']}: no power-law fit ({r['powerlaw_status']})")
+
+
+@main.command()
+@click.argument("file", type=_path_arg)
+@click.option("--to", "target", required=True, help="Target format, e.g. gblr.")
+@click.option("--budget", "-b", help="Budget for a lossy conversion (fraction or MACs).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the converted matrix here (.safetensors).")
+@_json_opt
+def convert(file, target, budget, out, as_json) -> None:
+    """Convert a saved structured matrix (from `project`/`fit`) to another format."""
+    from .formats.base import load
+
+    target = _check_format(target, "--to")
+    b = _parse_budget(budget) if budget is not None else None
+    try:
+        from .convert import convert as run_convert
+    except ModuleNotFoundError as exc:
+        if exc.name != "gblr_approx.convert":
+            raise
+        raise click.ClickException(
+            "format conversion is not available in this installation "
+            "(gblr_approx.convert is missing)") from None
+    A = load(file)
+    t0 = time.perf_counter()
+    B = run_convert(A, target, budget=b)
+    seconds = time.perf_counter() - t0
+    if out is not None:
+        B.save(out)
+    from .metrics import relative_error
+
+    m, n = A.shape
+    rec = {
+        "source_format": A.format_name, "target_format": B.format_name, "shape": f"{m}x{n}",
+        "source_flops": int(A.flops), "flops": int(B.flops),
+        "budget_fraction": B.flops / (m * n), "params": int(B.num_params),
+        "rel_error_to_source": relative_error(A.to_dense(), B), "seconds": seconds,
+        "file": str(out) if out else None,
+    }
+    _print_json(rec) if as_json else _print_kv(rec)
+
+
+# The `plot` subcommand is written in gblr_approx/plot/command.py; it is registered below.
+
+if __name__ == "__main__":
+    main()
