@@ -1,0 +1,127 @@
+"""Helpers shared by the figure modules (private)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .style import root_figure, style_context
+
+#: Axis labels (with units) used across figures.
+BUDGET_LABEL = "budget (fraction of dense MACs)"
+ERROR_LABELS = {
+    "rel_error": r"relative error $\|W - A\|_F\,/\,\|W\|_F$",
+    "rel_error_2": r"relative error $\|W - A\|_2\,/\,\|W\|_2$",
+}
+
+SWEEP_COLUMNS = ("matrix", "format", "budget_fraction")
+
+
+def error_label(error: str) -> str:
+    """Axis label for an error column of a sweep table."""
+    return ERROR_LABELS.get(error, error.replace("_", " "))
+
+
+@contextlib.contextmanager
+def maybe_style(apply: bool) -> Iterator[None]:
+    """The gblr style when we create the figure; the caller's style when they pass ``ax``."""
+    if apply:
+        with style_context():
+            yield
+    else:
+        yield
+
+
+def figure_of(ax: Any) -> Any:
+    """The root Figure holding ``ax`` (an Axes or a sequence of Axes)."""
+    if isinstance(ax, (list, tuple, np.ndarray)):
+        ax = np.asarray(ax, dtype=object).ravel()[0]
+    return root_figure(ax)
+
+
+def is_axes(obj: Any) -> bool:
+    from matplotlib.axes import Axes
+
+    return isinstance(obj, Axes)
+
+
+def to_numpy(x: Any, *, dtype: Any = np.float64) -> np.ndarray:
+    """A torch tensor / array-like as a numpy array (detached, on the CPU)."""
+    if hasattr(x, "detach"):
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        x = x.numpy()
+    arr = np.asarray(x)
+    return arr.astype(dtype, copy=False) if dtype is not None else arr
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Shorter layer names for tick labels and panel titles.
+
+    Drops a ``.weight`` suffix and the dotted prefix that every name shares
+    (``encoder.layer.0.attention.self.query.weight`` -> ``attention.self.query`` when all
+    names start with ``encoder.layer.0.``). Names stay unique.
+    """
+    names = [str(n) for n in names]
+    stripped = [n[: -len(".weight")] if n.endswith(".weight") else n for n in names]
+    if len(stripped) > 1:
+        parts = [s.split(".") for s in stripped]
+        k = 0
+        while all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1:
+            k += 1
+        stripped = [".".join(p[k:]) for p in parts]
+    if len(set(stripped)) != len(set(names)):
+        return names
+    return stripped
+
+
+def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df") -> Any:
+    """Validate a sweep table and return its rows with status "ok" (if a status is given)."""
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(
+            f"{what} must be a pandas DataFrame of sweep results (ga.sweep / ga.load_sweep); "
+            f"got {type(df).__name__}"
+        )
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{what} lacks column(s) {missing}; a sweep table has columns matrix, rows, cols, "
+            f"format, budget, flops, budget_fraction, rel_error, rel_error_2, seconds, status; "
+            f"got {list(df.columns)}"
+        )
+    if "status" in df.columns:
+        df = df[df["status"].astype(str) == "ok"]
+    return df
+
+
+def select(df: Any, column: str, values: Any) -> Any:
+    """Rows of ``df`` whose ``column`` is in ``values`` (a str or a sequence); checks they exist."""
+    if values is None:
+        return df
+    if isinstance(values, (str, os.PathLike)):
+        values = [values]
+    values = [str(v) for v in values]
+    present = set(df[column].astype(str))
+    unknown = [v for v in values if v not in present]
+    if unknown:
+        raise ValueError(
+            f"{column} {unknown} not in the table; available: {sorted(present)}"
+        )
+    return df[df[column].astype(str).isin(values)]
+
+
+def ordered_unique(values: Iterable[Any]) -> list[Any]:
+    """Unique values in first-seen order."""
+    seen: dict[Any, None] = {}
+    for v in values:
+        seen.setdefault(v, None)
+    return list(seen)

@@ -1,0 +1,149 @@
+"""Small multiples: error versus budget for every layer of a model, one panel per layer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    BUDGET_LABEL,
+    check_sweep,
+    error_label,
+    figure_of,
+    maybe_style,
+    ordered_unique,
+    select,
+    short_names,
+)
+from .error_budget import _select_formats, draw_error_curves, format_handles
+from .style import format_sort_key
+
+__all__ = ["layer_grid"]
+
+
+def layer_grid(
+    df: Any,
+    ax: Any = None,
+    *,
+    matrix: str | Sequence[str] | None = None,
+    formats: str | Sequence[str] | None = None,
+    error: str = "rel_error",
+    logy: bool = False,
+    logx: bool = False,
+    ncols: int | None = None,
+    sharey: bool = True,
+    legend: bool = True,
+    width: str | float = "double",
+    height: float | None = None,
+    panel_height: float = 1.35,
+) -> Any:
+    """Error versus budget per layer: one small panel per matrix, shared axes and legend.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Sweep table (see :func:`error_vs_budget`); rows whose ``status`` is not ``"ok"`` are
+        left out.
+    ax : sequence of Axes, optional
+        Axes to draw into, one per matrix (your style is kept; no shared labels are added).
+        Default: a new figure in the gblr style.
+    matrix : str or sequence of str, optional
+        Matrices to show, in this order; default all, in table order.
+    formats : str or sequence of str, optional
+        Formats to show; default all.
+    error : {"rel_error", "rel_error_2"} or str
+        Error column.
+    logy, logx : bool
+        Logarithmic axes.
+    ncols : int, optional
+        Panels per row; default 4 at double width, 2 at single width (at most the number of
+        matrices).
+    sharey : bool
+        Share the y axis across panels (compare layers at a glance).
+    legend : bool
+        One legend of formats above the panels.
+    width : {"single", "double"} or float
+        Width of a new figure.
+    height : float, optional
+        Height of a new figure in inches; default ``panel_height`` per row plus the legend.
+    panel_height : float
+        Inches per row of panels when ``height`` is not given.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axes per matrix, titled with its (shortened) name; one line per format in each.
+    """
+    table = check_sweep(df, ["matrix", "format", "budget_fraction", error])
+    table = select(table, "matrix", matrix)
+    table = _select_formats(table, formats)
+    table = table[np.isfinite(table[error].astype(float))]
+    if logy:
+        table = table[table[error].astype(float) > 0]
+    if logx:
+        table = table[table["budget_fraction"].astype(float) > 0]
+    if matrix is not None:
+        names = [matrix] if isinstance(matrix, str) else [str(m) for m in matrix]
+    else:
+        names = ordered_unique(table["matrix"].astype(str))
+    if not names:
+        raise ValueError("nothing to plot: the table has no successful fits")
+    titles = short_names(names)
+    k = len(names)
+    fmts = sorted(ordered_unique(table["format"].astype(str)), key=format_sort_key)
+
+    with maybe_style(ax is None):
+        if ax is None:
+            from .style import WIDTHS, new_figure
+
+            wide = (WIDTHS.get(width, 7.0) if isinstance(width, str) else float(width)) >= 5
+            ncols = min(ncols or (4 if wide else 2), k)
+            nrows = math.ceil(k / ncols)
+            h = height or nrows * panel_height + 0.55
+            fig, grid = new_figure(width, h, nrows=nrows, ncols=ncols, squeeze=False,
+                                   sharex=True, sharey=sharey)
+            panels = list(grid.ravel()[:k])
+            for a in grid.ravel()[k:]:
+                a.remove()
+            own = True
+        else:
+            panels = list(np.asarray(ax, dtype=object).ravel())
+            if len(panels) < k:
+                raise ValueError(f"{k} matrices need {k} Axes; got {len(panels)}")
+            fig = figure_of(panels[0])
+            ncols = ncols or k
+            own = False
+        for a, name, t in zip(panels, names, titles, strict=False):
+            sub = table[table["matrix"].astype(str) == name]
+            draw_error_curves(a, sub, aggregate="none", error=error, band=False,
+                              linewidth=1.0, markersize=2.5)
+            a.set_title(t, fontsize="small")
+            if logy:
+                a.set_yscale("log")
+            if logx:
+                a.set_xscale("log")
+        if not logx:
+            panels[0].set_xlim(left=0)
+        if not logy:
+            for a in panels:
+                a.set_ylim(bottom=0)
+        if own:
+            # A panel with no panel below it shows its x tick labels (shared x hides them).
+            for j, a in enumerate(panels):
+                if j + ncols >= k:
+                    a.xaxis.set_tick_params(labelbottom=True)
+            fig.supxlabel(BUDGET_LABEL, fontsize="medium")
+            fig.supylabel(error_label(error), fontsize="medium")
+            if legend and fmts:
+                fig.legend(handles=format_handles(fmts), loc="outside upper center",
+                           ncols=min(len(fmts), 7))
+        else:
+            for a in panels[:k]:
+                a.set_xlabel(BUDGET_LABEL)
+                a.set_ylabel(error_label(error))
+            if legend and fmts:
+                panels[0].legend(handles=format_handles(fmts), loc="best")
+    return fig
