@@ -3,6 +3,15 @@
 __version__ = "0.1.0"
 
 from . import datasets
+from .analysis import (
+    SpectrumReport,
+    block_energy,
+    block_ranks,
+    gblr_coverage,
+    load_sweep,
+    spectrum,
+    sweep,
+)
 from .budget import InfeasibleBudgetError, resolve_budget
 from .formats import (
     FORMATS,
@@ -15,6 +24,7 @@ from .formats import (
     get_format,
     load,
 )
+from .io import load_weights
 from .metrics import relative_error
 from .projection import project
 
@@ -34,4 +44,12 @@ __all__ = [
     "Monarch",
     "relative_error",
     "project",
+    "load_weights",
+    "sweep",
+    "load_sweep",
+    "spectrum",
+    "SpectrumReport",
+    "block_energy",
+    "block_ranks",
+    "gblr_coverage",
 ]
