@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import datasets
+from . import datasets, plot
 from .analysis import (
     SpectrumReport,
     block_energy,
@@ -31,6 +31,7 @@ from .projection import project
 __all__ = [
     "__version__",
     "datasets",
+    "plot",
     "InfeasibleBudgetError",
     "resolve_budget",
     "FORMATS",
