@@ -31,6 +31,7 @@ from .projection import project
 __all__ = [
     "__version__",
     "datasets",
+    "nn",
     "plot",
     "InfeasibleBudgetError",
     "resolve_budget",

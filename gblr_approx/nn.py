@@ -1,0 +1,155 @@
+"""Torch modules: structured drop-in replacements for :class:`torch.nn.Linear`.
+
+:class:`StructuredLinear` wraps any :class:`~gblr_approx.StructuredMatrix`; its floating-point
+tensors become trainable :class:`torch.nn.Parameter` objects, and the forward pass uses the
+structured product (never the dense matrix). :func:`compress_linear` and :func:`compress_model`
+project pretrained ``nn.Linear`` layers into a format at a budget.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+from torch import nn
+
+from .formats.base import StructuredMatrix, get_format
+from .metrics import relative_error
+from .projection import project
+
+__all__ = ["StructuredLinear", "compress_linear", "compress_model"]
+
+
+class StructuredLinear(nn.Module):
+    """``y = x @ A.T + bias`` with ``A`` stored in a structured format.
+
+    Parameters
+    ----------
+    matrix : StructuredMatrix, shape (out_features, in_features)
+        Its floating-point tensors become parameters of this module (trainable); integer index
+        tensors and the configuration (intervals, grids) stay fixed.
+    bias : Tensor of shape (out_features,), optional
+
+    Notes
+    -----
+    Cost per input row: ``matrix.flops`` MACs (plus ``out_features`` additions for the bias).
+    Inputs of shape ``(..., in_features)`` are flattened to ``(N, in_features)``.
+    """
+
+    def __init__(self, matrix: StructuredMatrix, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(matrix, StructuredMatrix):
+            raise TypeError(f"matrix must be a StructuredMatrix; got {type(matrix).__name__}")
+        self.format_name = matrix.format_name
+        self.out_features, self.in_features = matrix.shape
+        self._config = matrix._config()
+        self.info = dict(matrix.info)
+        self._names: list[str] = []
+        for name, t in matrix._tensors().items():
+            key = f"factor_{name}"
+            if t.is_floating_point():
+                self.register_parameter(key, nn.Parameter(t.detach().clone()))
+            else:
+                self.register_buffer(key, t.detach().clone())
+            self._names.append(name)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(
+                    f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}"
+                )
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def matrix(self) -> StructuredMatrix:
+        """The current structured matrix (sharing storage with the parameters)."""
+        tensors = {name: getattr(self, f"factor_{name}") for name in self._names}
+        cls = get_format(self.format_name)
+        return cls._from_state(tensors, self._config, (self.out_features, self.in_features))
+
+    @property
+    def flops(self) -> int:
+        """MACs of one input row."""
+        return self.matrix.flops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has {x.shape[-1]} features but the layer expects {self.in_features}"
+            )
+        lead = x.shape[:-1]
+        X = x.reshape(-1, self.in_features).T
+        Y = self.matrix._matmul(X.to(self.matrix.dtype)).T
+        if self.bias is not None:
+            Y = Y + self.bias
+        return Y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.format_name}, flops={self.flops}, bias={self.bias is not None}"
+        )
+
+
+def compress_linear(
+    layer: nn.Linear, format: str, budget: float | int, **options: Any
+) -> StructuredLinear:
+    """Project an ``nn.Linear`` weight into ``format`` within ``budget``.
+
+    Returns a :class:`StructuredLinear` whose ``info`` records the relative Frobenius error.
+    """
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"layer must be a torch.nn.Linear; got {type(layer).__name__}")
+    W = layer.weight.detach()
+    A = project(W, format, budget, **options)
+    A.info["rel_error"] = relative_error(W, A)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    return StructuredLinear(A.to(dtype=W.dtype), bias)
+
+
+def compress_model(
+    model: nn.Module,
+    format: str,
+    budget: float | int,
+    *,
+    include: str | list[str] = "*",
+    exclude: str | list[str] | None = None,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """Replace the ``nn.Linear`` layers of ``model`` (in place) by structured ones.
+
+    Parameters
+    ----------
+    include, exclude : glob pattern(s) on the module names (``model.named_modules()``).
+
+    Returns
+    -------
+    dict
+        Module name -> ``{"format", "flops", "dense_flops", "rel_error"}`` for each layer replaced.
+    """
+    inc = [include] if isinstance(include, str) else list(include)
+    exc = [] if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+        and any(fnmatch.fnmatchcase(name, p) for p in inc)
+        and not any(fnmatch.fnmatchcase(name, p) for p in exc)
+    ]
+    if not targets:
+        raise ValueError(f"no nn.Linear module matches include={include!r}, exclude={exclude!r}")
+    report = {}
+    for name, mod in targets:
+        new = compress_linear(mod, format, budget, **options)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        report[name] = {
+            "format": new.format_name,
+            "flops": new.flops,
+            "dense_flops": mod.in_features * mod.out_features,
+            "rel_error": new.info["rel_error"],
+        }
+    return report

@@ -1,0 +1,62 @@
+"""Structured drop-ins for nn.Linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from catalogue import CATALOGUE
+from torch import nn
+
+import gblr_approx as ga
+from gblr_approx.nn import StructuredLinear, compress_linear, compress_model
+
+
+@pytest.mark.parametrize("fmt", sorted(CATALOGUE))
+def test_forward_matches_dense_and_trains(fmt):
+    g = torch.Generator().manual_seed(0)
+    A = CATALOGUE[fmt]((24, 40), torch.float64, g)
+    bias = torch.randn(24, dtype=torch.float64, generator=g)
+    layer = StructuredLinear(A, bias)
+    x = torch.randn(2, 5, 40, dtype=torch.float64, generator=g)
+    y = layer(x)
+    torch.testing.assert_close(y, x @ A.to_dense().T + bias, rtol=1e-12, atol=1e-12)
+    assert layer.flops == A.flops
+    # gradients reach every stored factor that influences the output
+    y.pow(2).sum().backward()
+    grads = [p.grad for n, p in layer.named_parameters() if n.startswith("factor_")]
+    assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
+def test_compress_model_replaces_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 64), nn.Linear(64, 10))
+    x = torch.randn(8, 64)
+    before = model(x)
+    report = compress_model(model, "lowrank", 0.5, exclude="2")
+    assert set(report) == {"0", "3"}
+    assert isinstance(model[0], StructuredLinear) and isinstance(model[2], nn.Linear)
+    assert all(r["flops"] <= 0.5 * r["dense_flops"] for r in report.values())
+    assert all(0 < r["rel_error"] < 1 for r in report.values())
+    after = model(x)
+    assert after.shape == before.shape and torch.isfinite(after).all()
+
+
+def test_compress_linear_exact_when_budget_allows():
+    lin = nn.Linear(30, 20).double()
+    new = compress_linear(lin, "lowrank", 1.0)  # rank 12 = floor(600/50) < 20: not exact
+    assert new.info["rel_error"] > 0
+    W = torch.randn(20, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64)
+    lin.weight.data = W
+    new = compress_linear(lin, "lowrank", 150)
+    x = torch.randn(4, 30, dtype=torch.float64)
+    torch.testing.assert_close(new(x), lin(x), rtol=1e-9, atol=1e-9)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="layer must be a torch.nn.Linear"):
+        compress_linear(nn.ReLU(), "lowrank", 0.5)
+    with pytest.raises(ValueError, match="no nn.Linear module matches"):
+        compress_model(nn.Sequential(nn.ReLU()), "lowrank", 0.5)
+    layer = StructuredLinear(ga.project(torch.randn(6, 8), "lowrank", 0.9))
+    with pytest.raises(ValueError, match="input has 7 features but the layer expects 8"):
+        layer(torch.randn(2, 7))
