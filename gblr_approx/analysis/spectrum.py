@@ -16,9 +16,12 @@ Definitions (``sigma_1 >= ... >= sigma_p``, ``p = min(m, n)``, the singular valu
   ``alpha = 1 + n / sum_{lambda_i >= xmin} ln(lambda_i / xmin)``, with ``xmin`` chosen among
   the eigenvalues to minimise the Kolmogorov–Smirnov distance between the tail's empirical
   CDF and the fitted one, ``F(x) = 1 - (x / xmin)^(1 - alpha)``. Standard error
-  ``(alpha - 1) / sqrt(n)``. Eigenvalues below ``p * eps * lambda_max`` (numerically zero)
-  are left out. Same estimator as the ``powerlaw`` package (``Fit(..., discrete=False)``)
-  used by WeightWatcher, which may restrict ``xmin`` differently.
+  ``(alpha - 1) / sqrt(n)``. Numerically zero eigenvalues are left out (see below). Same
+  estimator as the ``powerlaw`` package (``Fit(..., discrete=False)``) used by WeightWatcher,
+  which may restrict ``xmin`` differently.
+- numerical rank: singular values above ``max(m, n) * eps * sigma_1`` with ``eps`` the machine
+  epsilon of the *input* dtype (so rounding noise of a float16 checkpoint does not count);
+  only the eigenvalues of these enter the power-law fit.
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ class SpectrumReport:
         approximation.
     energy_ranks : dict[float, int]
         Level -> smallest rank reaching it (levels 0.9, 0.95, 0.99 by default).
+    numerical_rank : int
+        Singular values above ``max(m, n) * eps(input dtype) * sigma_1``.
     powerlaw : PowerLawFit
         Tail exponent of the eigenvalues of ``W^T W``.
     """
@@ -159,6 +164,7 @@ class SpectrumReport:
     effective_rank: float
     energy: torch.Tensor
     energy_ranks: dict[float, int]
+    numerical_rank: int
     powerlaw: PowerLawFit
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -184,6 +190,7 @@ class SpectrumReport:
         out: dict[str, Any] = {
             "rows": m, "cols": n, "fro_norm": self.fro_norm, "spectral_norm": self.spectral_norm,
             "stable_rank": self.stable_rank, "effective_rank": self.effective_rank,
+            "numerical_rank": self.numerical_rank,
         }
         for lvl, r in self.energy_ranks.items():
             out[f"rank_{round(lvl * 100):d}"] = r
@@ -240,6 +247,7 @@ def spectrum(
     -----
     Cost: one exact SVD, ``O(m n min(m, n))``, plus ``O(min(m, n)^2)`` for the power-law fit.
     """
+    eps = _input_eps(W)
     W = as_matrix(W, "W")
     for lvl in levels:
         if not (0.0 < float(lvl) <= 1.0):
@@ -255,12 +263,23 @@ def spectrum(
     eff = float(torch.exp(-(q * q.log()).sum()))
     energy = torch.cumsum(s**2, 0) / total2
     ranks = {float(lvl): _rank_for(energy, float(lvl)) for lvl in levels}
-    lam = (s**2).numpy()
-    tol = lam.size * np.finfo(np.float64).eps * lam[0]
-    pl = powerlaw_fit(lam[lam > tol], min_tail=min_tail)
     m, n = W.shape
+    nrank = int((s > max(m, n) * eps * s1).sum())
+    lam = (s[:nrank] ** 2).numpy()
+    pl = powerlaw_fit(lam, min_tail=min_tail)
     return SpectrumReport(
         shape=(int(m), int(n)), singular_values=s, fro_norm=fro, spectral_norm=s1,
         stable_rank=total2 / s1**2, effective_rank=eff, energy=energy, energy_ranks=ranks,
-        powerlaw=pl,
+        numerical_rank=nrank, powerlaw=pl,
     )
+
+
+def _input_eps(W: Any) -> float:
+    """Machine epsilon of the input's floating dtype (float64 when unknown)."""
+    dt = getattr(W, "dtype", None)
+    if isinstance(dt, torch.dtype) and dt.is_floating_point:
+        return float(torch.finfo(dt).eps)
+    try:
+        return float(np.finfo(np.dtype(dt)).eps)
+    except (TypeError, ValueError):
+        return float(np.finfo(np.float64).eps)

@@ -1,0 +1,181 @@
+"""Checkpoint readers: every format, filters, conv reshape, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import gblr_approx as ga
+from gblr_approx.io import WeightStore, match_names
+
+
+@pytest.fixture
+def state():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "enc.0.attn.q.weight": torch.randn(12, 8, generator=g),
+        "enc.0.attn.q.bias": torch.randn(12, generator=g),
+        "enc.1.mlp.fc.weight": torch.randn(6, 8, generator=g, dtype=torch.float64),
+        "enc.1.mlp.fc.half": torch.randn(5, 4, generator=g).to(torch.bfloat16),
+        "conv.weight": torch.randn(4, 3, 2, 2, generator=g),
+        "pos_ids": torch.arange(10).reshape(1, 10),
+    }
+
+
+MATRICES = ["enc.0.attn.q.weight", "enc.1.mlp.fc.weight", "enc.1.mlp.fc.half"]
+
+
+def _check(store: WeightStore, state):
+    assert sorted(store) == sorted(MATRICES)
+    for k in MATRICES:
+        t = store[k]
+        assert t.dtype == state[k].dtype
+        assert torch.equal(t, state[k])
+    assert store.info("enc.1.mlp.fc.weight").shape == (6, 8)
+    assert store.info("enc.1.mlp.fc.weight").nbytes == 6 * 8 * 8
+
+
+def test_safetensors_lazy_and_exact(tmp_path, state):
+    p = tmp_path / "m.safetensors"
+    save_file(state, str(p))
+    store = ga.load_weights(p)
+    assert isinstance(store, WeightStore)
+    _check(store, state)
+    # every tensor, in file order, with matrices_only=False
+    full = ga.load_weights(p, matrices_only=False)
+    assert len(full) == 6
+    assert full.info("pos_ids").dtype == "int64"
+    assert not full.info("pos_ids").is_matrix
+
+
+def test_torch_state_dict_mmap_and_legacy(tmp_path, state):
+    p = tmp_path / "m.pt"
+    torch.save(state, p)
+    _check(ga.load_weights(p), state)
+    q = tmp_path / "legacy.bin"
+    torch.save(state, q, _use_new_zipfile_serialization=False)
+    _check(ga.load_weights(q), state)
+    nested = tmp_path / "nested.pth"
+    torch.save({"state_dict": {"lin.weight": state["enc.0.attn.q.weight"]}, "epoch": 3}, nested)
+    s = ga.load_weights(nested)
+    assert list(s) == ["state_dict.lin.weight"]
+    assert torch.equal(s["state_dict.lin.weight"], state["enc.0.attn.q.weight"])
+
+
+def test_torch_file_without_state_dict(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save([1, 2, 3], p)
+    with pytest.raises(ValueError, match="not a state dict"):
+        ga.load_weights(p)
+
+
+def test_npz_and_npy_and_folder(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = np.ones((2, 5), dtype=np.float64)
+    np.savez(tmp_path / "w.npz", a=a, vec=np.ones(3))
+    s = ga.load_weights(tmp_path / "w.npz")
+    assert list(s) == ["a"]
+    assert torch.equal(s["a"], torch.from_numpy(a))
+    d = tmp_path / "npy"
+    d.mkdir()
+    np.save(d / "first.npy", a)
+    np.save(d / "second.npy", b)
+    s = ga.load_weights(d)
+    assert list(s) == ["first", "second"]
+    assert s["second"].dtype == torch.float64 and float(s["second"].sum()) == 10.0
+
+
+def test_folder_prefers_safetensors(tmp_path, state):
+    save_file(state, str(tmp_path / "model.safetensors"))
+    torch.save(state, tmp_path / "pytorch_model.bin")  # the same tensors: must not collide
+    (tmp_path / "config.json").write_text("{}")
+    s = ga.load_weights(tmp_path)
+    assert [f.name for f in s.files] == ["model.safetensors"]
+    _check(s, state)
+
+
+def test_folder_duplicate_names_refused(tmp_path, state):
+    save_file({"w": state["enc.0.attn.q.weight"]}, str(tmp_path / "a.safetensors"))
+    save_file({"w": state["enc.0.attn.q.weight"]}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match="appears in both"):
+        ga.load_weights(tmp_path)
+
+
+def test_filters_glob_and_regex(tmp_path, state):
+    p = tmp_path / "m.safetensors"
+    save_file(state, str(p))
+    assert sorted(ga.load_weights(p, include="enc.*.weight")) == sorted(MATRICES[:2])
+    assert sorted(ga.load_weights(p, include="re:mlp")) == sorted(MATRICES[1:])
+    assert list(ga.load_weights(p, exclude=["*half", "re:^enc\\.0"])) == ["enc.1.mlp.fc.weight"]
+    assert sorted(ga.load_weights(p, include=["*q*", "*fc.weight"])) == sorted(MATRICES[:2])
+    # a glob matches the whole name, a regex anywhere
+    assert match_names(["a.weight", "b.weight.x"], "*.weight") == ["a.weight"]
+    assert match_names(["a.weight", "b.weight.x"], "re:weight") == ["a.weight", "b.weight.x"]
+
+
+def test_filter_matching_nothing(tmp_path, state):
+    p = tmp_path / "m.safetensors"
+    save_file(state, str(p))
+    with pytest.raises(ValueError, match=r"match none of the 3 matrices.*enc\.0\.attn\.q\.weight"):
+        ga.load_weights(p, include="decoder.*")
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        ga.load_weights(p, include="re:(")
+
+
+def test_reshape_conv(tmp_path, state):
+    p = tmp_path / "m.safetensors"
+    save_file(state, str(p))
+    s = ga.load_weights(p, include="conv.*", reshape_conv=True)
+    w = s["conv.weight"]
+    assert w.shape == (4, 12)
+    assert torch.equal(w, state["conv.weight"].reshape(4, 12))
+    assert s.info("conv.weight").stored_shape == (4, 3, 2, 2)
+    with pytest.raises(ValueError, match="match none"):
+        ga.load_weights(p, include="conv.*")  # 4-D kernels are not matrices by default
+
+
+def test_truncated_safetensors(tmp_path, state):
+    p = tmp_path / "m.safetensors"
+    save_file(state, str(p))
+    data = p.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) - 40])
+    with pytest.raises(ValueError, match=r"cut\.safetensors is not a readable \.safetensors"):
+        ga.load_weights(bad)
+    bad.write_bytes(data[:6])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ga.load_weights(bad)
+
+
+def test_truncated_pt_and_npz(tmp_path, state):
+    p = tmp_path / "m.pt"
+    torch.save(state, p)
+    (tmp_path / "cut.pt").write_bytes(p.read_bytes()[:300])
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        ga.load_weights(tmp_path / "cut.pt")
+    np.savez(tmp_path / "w.npz", a=np.ones((3, 3)))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "w.npz").read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        ga.load_weights(tmp_path / "cut.npz")
+
+
+def test_missing_and_unsupported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        ga.load_weights(tmp_path / "nope.safetensors")
+    (tmp_path / "w.txt").write_text("1 2 3")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'"):
+        ga.load_weights(tmp_path / "w.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no checkpoint file"):
+        ga.load_weights(empty)
+
+
+def test_unknown_key_error_lists_names(tmp_path, state):
+    p = tmp_path / "m.safetensors"
+    save_file(state, str(p))
+    s = ga.load_weights(p)
+    with pytest.raises(KeyError, match="enc.0.attn.q.weight"):
+        s["missing"]
