@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import datasets, plot
+from . import datasets, nn, plot
 from .analysis import (
     SpectrumReport,
     block_energy,
