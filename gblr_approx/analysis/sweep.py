@@ -336,7 +336,9 @@ def _fit_row(task: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the table
 def _frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Build the sweep DataFrame with fixed column order and dtypes."""
-    df = pd.DataFrame.from_records(list(records), columns=list(COLUMNS))
+    records = list(records)
+    budgets = [r["budget"] for r in records]  # before pandas unifies int and float
+    df = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     for c in _INT_COLS:
         df[c] = df[c].astype("int64")
     for c in _NULLABLE_INT_COLS:
@@ -345,7 +347,6 @@ def _frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         df[c] = df[c].astype("float64")
     for c in _STR_COLS:
         df[c] = df[c].fillna("").astype(str)
-    budgets = list(df["budget"])
     if budgets and all(isinstance(b, int) for b in budgets):
         df["budget"] = df["budget"].astype("int64")
     elif budgets and all(isinstance(b, float) for b in budgets):
