@@ -1,0 +1,457 @@
+"""Figures of ga.plot and the `gblr-approx plot` command, rendered headlessly (Agg).
+
+No pixel comparisons: each figure is written to PNG and PDF and checked for what a reader
+relies on (one line / bar / patch per format or component, labels with units, the same colour
+for a format in every figure, embedded TrueType fonts).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+import gblr_approx as ga  # noqa: E402
+from gblr_approx import plot as gp  # noqa: E402
+from gblr_approx.plot.command import plot as plot_command  # noqa: E402
+from gblr_approx.plot.command import read_results  # noqa: E402
+
+FORMATS = ["lowrank", "blocksparse", "gblr"]
+MATRICES = ["encoder.layer.0.q.weight", "encoder.layer.0.k.weight", "encoder.layer.0.v.weight"]
+BUDGETS = [0.1, 0.25, 0.5]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures(monkeypatch):
+    """No figure may be shown; every figure is closed after the test."""
+
+    def _no_show(*a, **k):  # pragma: no cover - failing path
+        raise AssertionError("plotting functions must not call plt.show()")
+
+    monkeypatch.setattr(plt, "show", _no_show)
+    yield
+    plt.close("all")
+
+
+def _sweep_table() -> pd.DataFrame:
+    """A deterministic sweep table of the contract's shape (3 matrices x 3 formats x 3 budgets),
+    plus one infeasible and one failed row that must not be drawn."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, name in enumerate(MATRICES):
+        for j, fmt in enumerate(FORMATS):
+            for b in BUDGETS:
+                frac = b * (1 - 0.02 * j)
+                err = (1 - b) ** (1 + 0.3 * j) * (1 + 0.05 * i) + 0.01 * rng.random()
+                rows.append(dict(matrix=name, rows=64, cols=96, format=fmt, budget=b,
+                                 flops=int(frac * 64 * 96), budget_fraction=frac,
+                                 rel_error=err, rel_error_2=0.8 * err, seconds=0.01,
+                                 status="ok", message=""))
+    rows.append(dict(matrix=MATRICES[0], rows=64, cols=96, format="monarch", budget=0.1,
+                     flops=np.nan, budget_fraction=np.nan, rel_error=np.nan,
+                     rel_error_2=np.nan, seconds=0.0, status="infeasible",
+                     message="smallest feasible budget is 0.2"))
+    rows.append(dict(matrix=MATRICES[1], rows=64, cols=96, format="blast", budget=0.5,
+                     flops=100, budget_fraction=0.5, rel_error=0.1, rel_error_2=0.1,
+                     seconds=0.0, status="failed", message="boom"))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    return _sweep_table()
+
+
+def _check_saved(fig, tmp_path, name: str) -> None:
+    png = gp.save_figure(fig, tmp_path / f"{name}.png", dpi=100)
+    pdf = gp.save_figure(fig, tmp_path / f"{name}.pdf")
+    assert png.stat().st_size > 2000 and pdf.stat().st_size > 2000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF")
+    assert b"/FontFile2" in data, "fonts must be embedded as TrueType (pdf.fonttype 42)"
+    assert b"/Type3" not in data
+
+
+def _lines(ax):
+    """Data lines of an axes (not reference lines), by legend label."""
+    return {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+
+
+# ----------------------------------------------------------------------------------- style
+def test_format_colours_fixed_distinct_and_colour_blind_palette():
+    keys = list(gp.FORMAT_COLORS)
+    assert set(keys) == {"dense", "lowrank", "blocksparse", "blocklowrank", "monarch", "gblr",
+                         "blast"}
+    assert len(set(gp.FORMAT_COLORS.values())) == len(keys)
+    okabe_ito = {"#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
+                 "#CC79A7"}
+    assert set(gp.FORMAT_COLORS.values()) <= okabe_ito
+    assert len(set(gp.FORMAT_MARKERS.values())) == len(keys)
+    assert gp.format_color("Block-Low_Rank") == gp.FORMAT_COLORS["blocklowrank"]
+    assert gp.format_color("myformat") == gp.format_color("myformat")  # stable for unknowns
+    assert gp.format_label("gblr") == "GBLR"
+
+
+def test_style_sheet_ships_and_sets_paper_defaults():
+    assert gp.STYLE_PATH.is_file()
+    rc = matplotlib.rc_params_from_file(str(gp.STYLE_PATH), use_default_template=False)
+    assert rc["pdf.fonttype"] == 42 and rc["ps.fonttype"] == 42
+    assert 7 <= rc["font.size"] <= 9
+    assert rc["axes.spines.top"] is False and rc["axes.spines.right"] is False
+    assert gp.figsize("single")[0] == pytest.approx(3.3)
+    assert gp.figsize("double", 3.0) == (7.0, 3.0)
+    with pytest.raises(ValueError, match="width"):
+        gp.figsize("triple")
+
+
+def test_import_does_not_load_pyplot():
+    code = "import sys, gblr_approx; print('matplotlib.pyplot' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------ error vs budget
+def test_error_vs_budget_one_matrix(table, tmp_path):
+    fig = gp.error_vs_budget(table, matrix=MATRICES[0])
+    assert isinstance(fig, matplotlib.figure.Figure)
+    ax = fig.axes[0]
+    lines = _lines(ax)
+    assert set(lines) == {"Low-rank", "Block-sparse", "GBLR"}  # failed/infeasible rows dropped
+    for fmt in FORMATS:
+        ln = lines[gp.format_label(fmt)]
+        assert to_hex(ln.get_color()).upper() == gp.format_color(fmt).upper()
+        rows = table[(table.matrix == MATRICES[0]) & (table.format == fmt)]
+        np.testing.assert_allclose(ln.get_xdata(), np.sort(rows.budget_fraction))
+    assert "budget" in ax.get_xlabel() and "MACs" in ax.get_xlabel()
+    assert "relative error" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Low-rank", "Block-sparse",
+                                                                   "GBLR"]
+    assert fig.get_size_inches()[0] == pytest.approx(3.3)
+    _check_saved(fig, tmp_path, "evb1")
+
+
+def test_error_vs_budget_median_with_iqr_band(table, tmp_path):
+    fig = gp.error_vs_budget(table, logy=True, error="rel_error_2", width="double")
+    ax = fig.axes[0]
+    lines = _lines(ax)
+    assert len(lines) == 3 and len(ax.collections) == 3  # one band per format
+    g = table[(table.format == "gblr") & (table.status == "ok")]
+    med = g.groupby("budget")["rel_error_2"].median().sort_index().to_numpy()
+    np.testing.assert_allclose(lines["GBLR"].get_ydata(), med)
+    band = ax.collections[-1].get_paths()[0].vertices[:, 1]
+    q1 = g.groupby("budget")["rel_error_2"].quantile(0.25).min()
+    q3 = g.groupby("budget")["rel_error_2"].quantile(0.75).max()
+    assert band.min() == pytest.approx(q1) and band.max() == pytest.approx(q3)
+    assert ax.get_yscale() == "log" and "_2" in ax.get_ylabel()
+    assert fig.get_size_inches()[0] == pytest.approx(7.0)
+    _check_saved(fig, tmp_path, "evb_agg")
+
+
+def test_error_vs_budget_per_matrix_curves_and_given_axes(table):
+    fig0, ax = plt.subplots()
+    n_before = len(plt.get_fignums())
+    fig = gp.error_vs_budget(table, ax=ax, aggregate="none", formats=["gblr", "lowrank"],
+                             legend=False)
+    assert fig is fig0 and len(plt.get_fignums()) == n_before
+    assert len(ax.get_lines()) == 2 * len(MATRICES)
+    assert len(_lines(ax)) == 2 and ax.get_legend() is None
+
+
+def test_error_vs_budget_rejects_bad_input(table):
+    with pytest.raises(ValueError, match="columns|column"):
+        gp.error_vs_budget(table.drop(columns="budget_fraction"))
+    with pytest.raises(ValueError, match="not in the table"):
+        gp.error_vs_budget(table, matrix="nope")
+    with pytest.raises(ValueError, match="aggregate"):
+        gp.error_vs_budget(table, aggregate="max")
+    with pytest.raises(TypeError, match="DataFrame"):
+        gp.error_vs_budget([1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- layer grid
+def test_layer_grid_one_panel_per_layer(table, tmp_path):
+    fig = gp.layer_grid(table, ncols=2)
+    assert len(fig.axes) == len(MATRICES)
+    for ax in fig.axes:
+        assert len(ax.get_lines()) == len(FORMATS)
+    assert [ax.get_title() for ax in fig.axes] == ["q", "k", "v"]  # shared prefix dropped
+    legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend_texts == ["Low-rank", "Block-sparse", "GBLR"]
+    assert any("budget" in t.get_text() for t in fig.texts)  # one shared x label
+    _check_saved(fig, tmp_path, "grid")
+
+
+# ------------------------------------------------------------------------------- spectrum
+def test_spectrum_overlay_matches_svd(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    mats = {"a": torch.randn(40, 30, generator=g), "b": torch.randn(30, 50, generator=g),
+            "c": torch.randn(20, 20, generator=g).numpy()}
+    fig = gp.spectrum(mats, energy_levels=(0.9,))
+    assert len(fig.axes) == 2
+    sing, energy = fig.axes
+    assert len(sing.get_lines()) == 3 and sing.get_yscale() == "log"
+    assert len(_lines(energy)) == 3
+    sv = torch.linalg.svdvals(mats["a"].double()).numpy()
+    np.testing.assert_allclose(sing.get_lines()[0].get_ydata(), sv / sv[0], rtol=1e-10)
+    np.testing.assert_allclose(sing.get_lines()[0].get_xdata(), np.arange(1, 31))
+    e = energy.get_lines()[1].get_ydata()
+    assert e[-1] == pytest.approx(1.0) and np.all(np.diff(e) >= 0)
+    assert energy.get_legend() is not None
+    _check_saved(fig, tmp_path, "spectrum")
+
+
+def test_spectrum_accepts_reports_singular_values_and_axes():
+    W = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
+    stand_in = types.SimpleNamespace(singular_values=torch.linalg.svdvals(W))
+    _, ax = plt.subplots()
+    fig = gp.spectrum(stand_in, ax=ax)  # one Axes: singular values only
+    assert len(fig.axes) == 1 and len(ax.get_lines()) == 1
+    report = ga.spectrum(W)
+    fig = gp.spectrum({"W": report, "sv": torch.linalg.svdvals(W)}, kind="energy", x="fraction")
+    a = fig.axes[0]
+    np.testing.assert_allclose(a.get_lines()[0].get_ydata(), a.get_lines()[1].get_ydata(),
+                               rtol=1e-6)
+    assert a.get_lines()[0].get_xdata()[-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="Axes"):
+        gp.spectrum(W, ax=[ax], kind="both")
+    with pytest.raises(ValueError, match="matrix"):
+        gp.spectrum(torch.zeros(2, 2, 2))
+
+
+def test_spectrum_small_multiples(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    mats = {f"layer.{i}.weight": torch.randn(16, 12, generator=g) for i in range(5)}
+    fig = gp.spectrum(mats, layout="grid", ncols=3)
+    assert len(fig.axes) == 5
+    assert [a.get_title() for a in fig.axes] == [str(i) for i in range(5)]
+    fig = gp.spectrum(mats, layout="grid", kind="both", ncols=3)
+    assert len(fig.axes) == 10
+    _check_saved(fig, tmp_path, "spectrum_grid")
+
+
+# ---------------------------------------------------------------------------- GBLR layout
+def _stand_in_gblr():
+    # 4 components on a 20 x 30 matrix; #1 wraps in columns, #2 in rows, #3 in both.
+    return types.SimpleNamespace(
+        shape=(20, 30),
+        row_start=torch.tensor([0, 5, 15, 18]), row_width=torch.tensor([10, 4, 10, 4]),
+        col_start=torch.tensor([0, 25, 10, 28]), col_width=torch.tensor([12, 10, 5, 4]),
+        ranks=torch.tensor([1, 2, 1, 3]))
+
+
+def _brute_coverage(G):
+    m, n = G.shape
+    cov = np.zeros((m, n), dtype=int)
+    for k in range(len(G.row_start)):
+        rows = [(int(G.row_start[k]) + t) % m for t in range(int(G.row_width[k]))]
+        cols = [(int(G.col_start[k]) + t) % n for t in range(int(G.col_width[k]))]
+        cov[np.ix_(rows, cols)] += 1
+    return cov
+
+
+def test_gblr_layout_wraparound_pieces_and_overlap(tmp_path):
+    G = _stand_in_gblr()
+    np.testing.assert_array_equal(gp.coverage(G), _brute_coverage(G))
+    pieces = gp.component_rectangles(G)
+    assert [len(p) for p in pieces] == [1, 2, 2, 4]
+    # the pieces of a component tile exactly its support
+    for k, p in enumerate(pieces):
+        assert sum(h * w for _, _, h, w in p) == int(G.row_width[k]) * int(G.col_width[k])
+    fig = gp.gblr_layout(G)
+    ax = fig.axes[0]
+    rects = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(rects) == 1 + 2 + 2 + 4
+    assert {to_hex(r.get_edgecolor()).upper() for r in rects} == {gp.format_color("gblr")}
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), _brute_coverage(G))
+    assert len(fig.axes) == 2  # + colour bar
+    assert "row" in ax.get_ylabel() and "column" in ax.get_xlabel()
+    _check_saved(fig, tmp_path, "layout")
+
+
+def test_gblr_layout_rank_weight_and_errors():
+    G = _stand_in_gblr()
+    cov = gp.coverage(G, weight="rank")
+    assert cov.max() >= 3 and cov.sum() == sum(
+        int(G.ranks[k]) * int(G.row_width[k]) * int(G.col_width[k]) for k in range(4))
+    with pytest.raises(TypeError, match="GBLR"):
+        gp.gblr_layout(object())
+
+
+@pytest.mark.skipif(not hasattr(ga, "GBLR"), reason="GBLR format not available yet")
+def test_gblr_layout_real_gblr_matrix():
+    W = ga.datasets.minilm_sample()["encoder.layer.0.attention.self.query.weight"][:64, :96]
+    L = ga.project(W, "lowrank", 0.25)
+    G = ga.GBLR.from_lowrank(L)
+    fig = gp.gblr_layout(G, colorbar=False)
+    ax = fig.axes[0]
+    assert len(fig.axes) == 1
+    assert len(ax.patches) >= len(G.row_start)
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), _brute_coverage(G))
+
+
+# ------------------------------------------------------------------------------ Gaudi mask
+@pytest.mark.skipif(not hasattr(ga, "gaudi_mask"), reason="ga.gaudi_mask not available yet")
+def test_gaudi_mask_figure(tmp_path):
+    fig = gp.gaudi_mask(0.25, 0.8, 64, sigmas=(2.0, 8.0, 32.0))  # wraps around
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 4
+    box = ax.get_lines()[0].get_ydata()
+    expected = np.zeros(64)
+    expected[(51 + np.arange(16)) % 64] = 1
+    np.testing.assert_array_equal(box, expected)
+    sharp = ax.get_lines()[-1].get_ydata()
+    assert np.abs(sharp - expected).max() < 0.5
+    assert len(ax.get_legend().get_texts()) == 4
+    _check_saved(fig, tmp_path, "gaudi")
+
+
+def test_boxcar_is_the_cyclic_interval():
+    from gblr_approx.plot.masks import boxcar
+
+    b = boxcar(0.25, 0.9, 20)  # 5 entries from 18, wrapping around
+    assert list(np.flatnonzero(b)) == [0, 1, 2, 18, 19]
+
+
+# ---------------------------------------------------------------------------- block energy
+def test_block_energy_heat_map(tmp_path):
+    W = torch.ones(30, 40)
+    W[:10, :10] = 3.0
+    fig = gp.block_energy(W, (3, 4))
+    ax = fig.axes[0]
+    img = np.asarray(ax.images[0].get_array())
+    assert img.shape == (3, 4) and img.sum() == pytest.approx(100.0)
+    assert img[0, 0] == pytest.approx(img.max()) and img[0, 0] == pytest.approx(100 * 900 / 2000)
+    assert len(ax.texts) == 12  # small grids are annotated
+    assert "%" in fig.axes[1].get_ylabel()
+    _check_saved(fig, tmp_path, "block_energy")
+    fig = gp.block_energy(W, (3, 4), relative=True, annotate=False)
+    dens = np.asarray(fig.axes[0].images[0].get_array())  # equal blocks: mean density 1
+    assert dens.mean() == pytest.approx(1.0) and not fig.axes[0].texts
+
+
+# ------------------------------------------------------------------------ budget allocation
+def test_budget_allocation_from_sweep(table, tmp_path):
+    fig = gp.budget_allocation(table, target_error=0.6)
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(bars) == len(MATRICES) * len(FORMATS)
+    alloc = gp.allocation_table(table, target_error=0.6)
+    for _, r in alloc.iterrows():
+        ok = table[(table.matrix == r.matrix) & (table.format == r.format)
+                   & (table.rel_error <= 0.6)]
+        assert r.budget_fraction == pytest.approx(ok.budget_fraction.min())
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["q", "k", "v"]
+    _check_saved(fig, tmp_path, "alloc")
+    # an unreachable target: hatched bars and a legend entry saying so
+    fig = gp.budget_allocation(table, target_error=1e-6, formats=["gblr"])
+    ax = fig.axes[0]
+    assert all(p.get_hatch() for p in ax.patches if isinstance(p, Rectangle))
+    assert "not reached" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_budget_allocation_from_fitted_matrices():
+    g = torch.Generator().manual_seed(3)
+    fits = {"a.weight": ga.project(torch.randn(32, 48, generator=g), "lowrank", 0.25),
+            "b.weight": ga.project(torch.randn(48, 32, generator=g), "lowrank", 0.5)}
+    fig = gp.budget_allocation(fits, unit="macs")
+    ax = fig.axes[0]
+    widths = sorted(p.get_width() for p in ax.patches)
+    assert widths == pytest.approx(sorted(A.flops / 1e6 for A in fits.values()))
+    assert "MACs" in ax.get_xlabel()
+
+
+# ------------------------------------------------------------------------ colour across figures
+def test_a_format_keeps_its_colour_across_figures(table):
+    evb = _lines(gp.error_vs_budget(table).axes[0])
+    grid = gp.layer_grid(table).axes[0]
+    alloc = gp.budget_allocation(table, target_error=0.9).axes[0]
+    leg = alloc.get_legend()
+    bar_colour = {t.get_text(): to_hex(h.get_facecolor())
+                  for t, h in zip(leg.get_texts(), leg.legend_handles, strict=True)}
+    for fmt in FORMATS:
+        lab = gp.format_label(fmt)
+        expected = gp.format_color(fmt).lower()
+        assert to_hex(evb[lab].get_color()) == expected
+        assert to_hex(_lines(grid)[lab].get_color()) == expected
+        assert bar_colour[lab] == expected
+    layout_edges = {to_hex(p.get_edgecolor()) for p in
+                    gp.gblr_layout(_stand_in_gblr()).axes[0].patches}
+    assert layout_edges == {gp.format_color("gblr").lower()}
+
+
+# ---------------------------------------------------------------------------- save_figure
+def test_save_figure_formats_and_dpi(table, tmp_path):
+    import matplotlib.image as mpimg
+
+    fig = gp.error_vs_budget(table)
+    png = gp.save_figure(fig, tmp_path / "sub" / "f.png", dpi=120)
+    assert mpimg.imread(png).shape[1] == round(3.3 * 120)
+    svg = gp.save_figure(fig.axes[0], tmp_path / "f.svg")
+    assert b"<svg" in svg.read_bytes()[:500]
+    pdf1 = gp.save_figure(gp.error_vs_budget(table), tmp_path / "a.pdf").read_bytes()
+    pdf2 = gp.save_figure(gp.error_vs_budget(table), tmp_path / "b.pdf").read_bytes()
+    assert pdf1 == pdf2 and b"CreationDate" not in pdf1  # reproducible files
+    with pytest.raises(ValueError, match="suffix"):
+        gp.save_figure(fig, tmp_path / "nosuffix")
+
+
+# -------------------------------------------------------------------------------- command
+def _invoke(args):
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(plot_command, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_command_from_csv_and_json(table, tmp_path):
+    csv = tmp_path / "sweep.csv"
+    table.to_csv(csv, index=False)
+    res = _invoke([csv, "--kind", "error-vs-budget", "--out", tmp_path / "e.pdf", "--logy",
+                   "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output)
+    assert rec["kind"] == "error-vs-budget" and (tmp_path / "e.pdf").stat().st_size > 2000
+    js = tmp_path / "sweep.json"
+    js.write_text(table.to_json(orient="records"))
+    assert len(read_results(js)) == len(table)
+    res = _invoke([js, "--kind", "layer-grid", "--out", tmp_path / "g.png", "--dpi", "80",
+                   "--matrix", "re:\\.q\\.|\\.k\\."])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "g.png").stat().st_size > 2000
+    res = _invoke([csv, "--kind", "budget-allocation", "--target-error", "0.5",
+                   "--out", tmp_path / "b.svg", "--width", "double"])
+    assert res.exit_code == 0, res.output
+    res = _invoke([csv, "--out", tmp_path / "x.pdf", "--matrix", "nope"])
+    assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_command_matrix_kinds(tmp_path):
+    res = _invoke(["--kind", "block-energy", "--grid", "4", "--out", tmp_path / "be.png",
+                   "--matrix", "*query*", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["matrices"] == ["encoder.layer.0.attention.self.query.weight"]
+    res = _invoke(["--kind", "spectrum", "--out", tmp_path / "s.pdf", "--matrix", "*value*"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s.pdf").stat().st_size > 2000
+
+
+def test_command_reads_a_sweep_folder(tmp_path):
+    W = torch.randn(24, 32, generator=torch.Generator().manual_seed(5))
+    ga.sweep({"w": W}, ["lowrank"], [0.25, 0.5], out=tmp_path / "run")
+    res = _invoke([tmp_path / "run", "--out", tmp_path / "f.pdf", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["rows"] == 2
