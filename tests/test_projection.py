@@ -187,3 +187,10 @@ def test_minilm_sample_contents():
     assert shapes["encoder.layer.0.output.dense.weight"] == (384, 1536)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in S.values())
     assert float(np.mean([v.std() for v in S.values()])) > 0.01
+
+
+def test_blocklowrank_buys_no_rank_beyond_the_numerical_rank():
+    A = build_blocklowrank((36, 52), torch.float64, torch.Generator().manual_seed(3))
+    P = ga.project(A.to_dense(), "blocklowrank", 2 * A.flops, grid=A.grid)
+    assert P.flops == A.flops
+    assert torch.equal(P.ranks, A.ranks)

@@ -202,16 +202,26 @@ class BlockLowRank(StructuredMatrix):
             raise InfeasibleBudgetError(
                 "blocklowrank", budget, min_cost, f"one rank-1 term on the {b1}x{b2} grid"
             )
-        svds = {}
-        heap: list[tuple[float, int, int, int]] = []
+        # batched SVD over the blocks of each distinct shape (at most four with balanced splits)
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i in range(b1):
             for j in range(b2):
-                blk = W[rs[i] : rs[i + 1], cs[j] : cs[j + 1]]
-                U, S, Vh = torch.linalg.svd(blk, full_matrices=False)
-                svds[i, j] = (U, S, Vh)
-                cost = (rs[i + 1] - rs[i]) + (cs[j + 1] - cs[j])
-                s2 = S.double().pow(2).cpu()
-                heap.append((-float(s2[0]) / cost, i, j, 0))
+                shape = (rs[i + 1] - rs[i], cs[j + 1] - cs[j])
+                groups.setdefault(shape, []).append((i, j))
+        svds = {}
+        for keys in groups.values():
+            stack = torch.stack([W[rs[i] : rs[i + 1], cs[j] : cs[j + 1]] for i, j in keys])
+            U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
+            for t, key in enumerate(keys):
+                svds[key] = (U[t], S[t], Vh[t])
+        # singular values below the numerical-rank tolerance carry no information: never buy them
+        smax = max(float(S[0]) for _, S, _ in svds.values())
+        tol = torch.finfo(W.dtype).eps * max(m, n) * smax
+        heap: list[tuple[float, int, int, int]] = []
+        for (i, j), (_, S, _) in svds.items():
+            cost = (rs[i + 1] - rs[i]) + (cs[j + 1] - cs[j])
+            if float(S[0]) > tol:
+                heap.append((-float(S[0].double() ** 2) / cost, i, j, 0))
         heapq.heapify(heap)
         ranks = {key: 0 for key in svds}
         used = 0
@@ -223,7 +233,7 @@ class BlockLowRank(StructuredMatrix):
             used += cost
             ranks[i, j] = t + 1
             S = svds[i, j][1]
-            if t + 1 < S.shape[0]:
+            if t + 1 < S.shape[0] and float(S[t + 1]) > tol:
                 heapq.heappush(heap, (-float(S[t + 1].double() ** 2) / cost, i, j, t + 1))
         factors = []
         for i in range(b1):
