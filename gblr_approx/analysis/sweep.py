@@ -49,15 +49,17 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..budget import InfeasibleBudgetError, resolve_budget
 from ..formats.base import FORMATS, StructuredMatrix, get_format
 from ..validation import as_matrix, check_positive_int
+
+if TYPE_CHECKING:  # pandas is imported when a table is built (keeps `import gblr_approx` light)
+    import pandas as pd
 
 __all__ = [
     "sweep",
@@ -336,6 +338,8 @@ def _fit_row(task: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the table
 def _frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Build the sweep DataFrame with fixed column order and dtypes."""
+    import pandas as pd
+
     records = list(records)
     budgets = [r["budget"] for r in records]  # before pandas unifies int and float
     df = pd.DataFrame.from_records(records, columns=list(COLUMNS))
@@ -357,7 +361,9 @@ def _frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def _isna(v: Any) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) or v == ""
+    if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v == ""):
+        return True
+    return type(v).__name__ == "NAType"  # pandas.NA
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple:
