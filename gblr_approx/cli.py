@@ -521,7 +521,10 @@ def convert(file, target, budget, out, as_json) -> None:
     _print_json(rec) if as_json else _print_kv(rec)
 
 
-# The `plot` subcommand is written in gblr_approx/plot/command.py; it is registered below.
+# The `plot` subcommand lives in gblr_approx/plot/command.py (it imports matplotlib lazily).
+from .plot.command import plot  # noqa: E402
+
+main.add_command(plot)
 
 if __name__ == "__main__":
     main()
