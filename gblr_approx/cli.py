@@ -253,9 +253,9 @@ def inspect(path: Path, include, exclude, matrices_only, reshape_conv, as_json) 
                    "Default: 0.1,0.25,0.5.")
 @_include_opt
 @_exclude_opt
-@click.option("--option", "-o", "options", multiple=True, metavar="FORMAT.KEY=VALUE",
+@click.option("--option", "options", multiple=True, metavar="FORMAT.KEY=VALUE",
               help="Format option, e.g. blocksparse.block_shape=16,16. Repeatable.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for rows.csv and sweep.json; rerunning resumes.")
 @click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel worker processes.")

@@ -136,8 +136,8 @@ def test_bad_usage_exit_2(ckpt):
         (["project", str(ckpt), "-f", "lowrank", "-b", "0.5", "-o", "x.st", "-n", "nope"],
          "no matrix 'nope'"),
         (["inspect", "/no/such/file"], "does not exist"),
-        (["sweep", "-o", "lowrank.x"], "KEY=VALUE"),
-        (["sweep", "-o", "rank=3"], "FORMAT.KEY=VALUE"),
+        (["sweep", "--option", "lowrank.x"], "KEY=VALUE"),
+        (["sweep", "--option", "rank=3"], "FORMAT.KEY=VALUE"),
         ([], "Usage"),
     ]:
         res = runner.invoke(main, args)
