@@ -544,7 +544,9 @@ def _run_tasks(
                         row = _fit_row_failed(t, "the worker process died while this fit was "
                                                  "running (killed, or out of memory)")
                         on_row(row)
-        except BaseException:
+        except BaseException:  # Ctrl-C or a bug in on_row: stop the fits in flight now
+            for proc in list(getattr(ex, "_processes", {}).values()):
+                proc.terminate()
             ex.shutdown(wait=False, cancel_futures=True)
             raise
         ex.shutdown(wait=not broken, cancel_futures=broken)
