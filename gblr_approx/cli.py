@@ -229,13 +229,14 @@ def inspect(path: Path, include, exclude, matrices_only, reshape_conv, as_json) 
     store = _open(path, include, exclude, reshape_conv=reshape_conv, matrices_only=matrices_only)
     rows = [
         {"name": i.name, "shape": "x".join(map(str, i.shape)) or "scalar", "dtype": i.dtype,
-         "params": i.numel, "MB": i.nbytes / 1e6, "matrix": "yes" if i.is_matrix else "no",
-         "file": i.file}
+         "params": i.numel, "MB": i.nbytes / 1e6, "matrix": i.is_matrix, "file": i.file}
         for i in store.infos()
     ]
     if as_json:
         _print_json(rows)
         return
+    for r in rows:
+        r["matrix"] = "yes" if r["matrix"] else "no"
     _print_table(rows, ["name", "shape", "dtype", "params", "MB", "matrix"], {"MB": ".3f"})
     n_mat = sum(r["matrix"] == "yes" for r in rows)
     click.echo(f"\n{len(rows)} tensors ({n_mat} matrices), "

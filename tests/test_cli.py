@@ -75,7 +75,7 @@ def test_inspect_and_spectrum_json(ckpt, tmp_path):
     res = CliRunner().invoke(main, ["inspect", str(ckpt), "--json"])
     assert res.exit_code == 0, res.output
     info = {t["name"]: t for t in json.loads(res.output)}
-    assert info["enc.0.q.bias"]["matrix"] == "no" and info["enc.0.q.weight"]["shape"] == "32x24"
+    assert info["enc.0.q.bias"]["matrix"] is False and info["enc.0.q.weight"]["shape"] == "32x24"
     assert info["enc.1.fc.weight"]["params"] == 640
     # spectrum of a matrix with singular values 5, 4, 3, 0, ...
     g = torch.Generator().manual_seed(1)

@@ -173,6 +173,11 @@ def test_checkpoint_input_parallel_matches_serial(tmp_path):
     pd.testing.assert_frame_equal(serial[cols], parallel[cols])
     np.testing.assert_allclose(serial["rel_error"], parallel["rel_error"], rtol=1e-5)
     assert set(serial["dtype"]) == {"float32"}
+    store = ga.load_weights(tmp_path / "m.safetensors")  # an open store, filtered here
+    df = ga.sweep(store, ["lowrank"], [0.5], include="re:layer\\.1\\.")
+    assert df["matrix"].tolist() == ["layer.1.weight"]
+    with pytest.raises(ValueError, match="match none"):
+        ga.sweep(store, ["lowrank"], [0.5], include="nothing*")
 
 
 def test_single_matrix_numpy_and_relative_error_agree():

@@ -185,23 +185,32 @@ def _sources(
 
     if isinstance(matrices, (str, os.PathLike)):
         matrices = load_weights(matrices, include, exclude, reshape_conv=reshape_conv)
-    elif include is not None or exclude is not None:
-        if not isinstance(matrices, WeightStore):
-            from ..io import match_names
+    elif (include is not None or exclude is not None) and not isinstance(matrices, WeightStore):
+        from ..io import match_names
 
-            if not isinstance(matrices, Mapping):
-                raise TypeError("include/exclude filter names; pass a dict or a checkpoint path")
-            keep = set(match_names(list(matrices), include, exclude))
-            if not keep:
-                raise ValueError(
-                    f"the filters include={include!r} exclude={exclude!r} match none of the "
-                    f"matrices {list(matrices)[:5]}"
-                )
-            matrices = {k: v for k, v in matrices.items() if k in keep}
+        if not isinstance(matrices, Mapping):
+            raise TypeError("include/exclude filter names; pass a dict or a checkpoint path")
+        keep = set(match_names(list(matrices), include, exclude))
+        if not keep:
+            raise ValueError(
+                f"the filters include={include!r} exclude={exclude!r} match none of the "
+                f"matrices {list(matrices)[:5]}"
+            )
+        matrices = {k: v for k, v in matrices.items() if k in keep}
 
     if isinstance(matrices, WeightStore):
+        from ..io import match_names
+
+        names = list(matrices)
+        if include is not None or exclude is not None:
+            names = match_names(names, include, exclude)
+            if not names:
+                raise ValueError(
+                    f"the filters include={include!r} exclude={exclude!r} match none of the "
+                    f"{len(matrices)} matrices in {matrices.path}"
+                )
         srcs = []
-        for name in matrices:
+        for name in names:
             info = matrices.info(name)
             if len(info.shape) != 2:
                 raise ValueError(
