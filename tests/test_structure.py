@@ -95,3 +95,23 @@ def test_gblr_coverage_wraps_and_overlaps():
 def test_gblr_coverage_rejects_other_objects():
     with pytest.raises(TypeError, match="row_start"):
         ga.gblr_coverage(ga.LowRank(torch.ones(3, 1), torch.ones(2, 1)))
+
+
+def test_gblr_coverage_of_embedded_formats():
+    try:
+        from gblr_approx.formats.gblr import GBLR
+    except ImportError:
+        pytest.skip("GBLR format not installed yet")
+    g = torch.Generator().manual_seed(0)
+    L = ga.project(torch.randn(12, 10, generator=g), "lowrank", 3 * 22)
+    cov = ga.gblr_coverage(GBLR.from_lowrank(L))
+    assert cov.covered_fraction == 1.0
+    assert (cov.rank_sum == 3).all()  # rank 3 spread over the whole matrix, however split
+    W = torch.zeros(12, 12)
+    W[0:4, 4:8] = 1.0
+    W[8:12, 0:4] = 2.0
+    S = ga.project(W, "blocksparse", 32, block_shape=(4, 4))
+    cov = ga.gblr_coverage(GBLR.from_blocksparse(S))
+    assert cov.overlap_fraction == 0.0
+    assert cov.count[0:4, 4:8].min() == 1 and cov.count[8:12, 0:4].min() == 1
+    assert int((cov.count > 0).sum()) == 32
