@@ -14,6 +14,7 @@ from .analysis import (
 )
 from .budget import InfeasibleBudgetError, resolve_budget
 from .formats import (
+    BLAST,
     FORMATS,
     BlockLowRank,
     BlockSparse,
@@ -44,6 +45,7 @@ __all__ = [
     "BlockSparse",
     "BlockLowRank",
     "Monarch",
+    "BLAST",
     "relative_error",
     "project",
     "load_weights",

@@ -1,6 +1,7 @@
 """Structured matrix formats: one module per format, registered in :data:`FORMATS`."""
 
 from .base import FORMATS, StructuredMatrix, get_format, load, register_format
+from .blast import BLAST
 from .blocklowrank import BlockLowRank
 from .blocksparse import BlockSparse
 from .dense import Dense
@@ -18,4 +19,5 @@ __all__ = [
     "BlockSparse",
     "BlockLowRank",
     "Monarch",
+    "BLAST",
 ]

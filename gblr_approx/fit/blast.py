@@ -1,0 +1,408 @@
+"""Fitting a BLAST matrix to a dense matrix: preconditioned alternating gradient descent.
+
+The model (see :class:`gblr_approx.formats.blast.BLAST`) cuts an ``m x n`` matrix into a
+``b1 x b2`` grid of blocks and writes block ``(i, j)`` as ``B_i diag(s_ij) C_j`` with
+``B_i (p_i, r)``, ``C_j (r, q_j)`` and ``s_ij (r,)``. We minimise
+
+    f(B, C, s) = sum_ij || A_ij - B_i diag(s_ij) C_j ||_F^2
+
+by cycling over the three groups of variables (all ``B_i``, then all ``C_j``, then all
+``s_ij``). For each group the loss is a convex quadratic whose Hessian is block diagonal with
+small symmetric ``r x r`` blocks; each step multiplies the gradient by the inverse of that
+block plus a damping ``eps * I`` with ``eps = damping * ||A - A_hat||_F`` (math.md 6.5):
+
+    B_i  <- B_i  - w_t * grad_B_i (P_i + eps I)^-1,   P_i = sum_j (s_ij s_ij^T) * (C_j C_j^T)
+    C_j  <- C_j  - w_t * (Q_j + eps I)^-1 grad_C_j,   Q_j = sum_i (s_ij s_ij^T) * (B_i^T B_i)
+    s_ij <- s_ij - w_t * (M_ij + eps I)^-1 grad_s_ij, M_ij = (B_i^T B_i) * (C_j C_j^T)
+
+(``*`` is the entry-wise product; gradients are those of ``f`` without a factor 1/2, so
+``w_t = lr_t`` equals the over-relaxation factor ``2 * lr_t`` of an alternating least-squares
+step of the half loss: ``lr = 0.5`` and ``eps = 0`` is exact alternating least squares). The
+step ``lr_t`` decays linearly from ``lr`` to ``lr * end_factor`` over the ``steps`` outer
+iterations. With ``prune > 0`` each rank slice ``s[:, :, t]`` is group-soft-thresholded after
+every step (ranks whose slice reaches zero are dropped at the end, lowering the cost).
+
+Everything is computed from the ``b1 * b2`` blocks with batched products; one outer iteration
+costs ``2 m n r + O((m + n) r^2 + b1 b2 r^3)`` MACs (the residual norm and the loss are
+obtained from Gram matrices, never by forming ``A_hat``). The ``r x r`` systems are symmetric
+positive definite and are solved by batched Cholesky factorisation (batched LU solves return
+garbage on torch 2.13 CPU for batches of systems larger than ~150, math.md 6.5).
+
+The fit starts from the truncated SVD (low rank is contained in BLAST with every ``s_ij = 1``),
+tracks the loss after every iteration and returns the best iterate, so its error is never
+above that of the rank-``r`` truncated SVD.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..linalg import svd
+
+__all__ = ["BlastFitResult", "fit_blast_factors", "balanced_splits", "spd_solve"]
+
+
+def balanced_splits(size: int, parts: int) -> list[int]:
+    """Boundaries ``[0, ..., size]`` of ``parts`` contiguous pieces whose sizes differ by <= 1.
+
+    The first ``size % parts`` pieces are one longer. Requires ``1 <= parts <= size``.
+    """
+    if parts < 1 or parts > size:
+        raise ValueError(f"cannot split {size} indices into {parts} non-empty blocks")
+    base, extra = divmod(size, parts)
+    out = [0]
+    for i in range(parts):
+        out.append(out[-1] + base + (1 if i < extra else 0))
+    return out
+
+
+def spd_solve(P: torch.Tensor, G: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """Solve ``(P + eps I) X = G`` for a batch of symmetric positive semi-definite ``P``.
+
+    Parameters
+    ----------
+    P : (..., r, r)
+        Symmetric positive semi-definite.
+    G : (..., r, k)
+        Right-hand sides.
+    eps : float or 0-d tensor
+        Damping ``>= 0``.
+
+    Uses batched Cholesky (``torch.linalg.cholesky_ex`` + ``torch.cholesky_solve``). If a
+    factorisation fails (``P + eps I`` numerically singular), a jitter of ``1e-6`` (float32) or
+    ``1e-12`` (float64) times the mean diagonal is added and grown tenfold until it succeeds.
+    Batched LU solves are avoided on purpose (wrong results on torch 2.13 CPU, math.md 6.5).
+    """
+    if not (bool(torch.isfinite(P).all()) and math.isfinite(float(eps))):
+        # let the caller's finiteness check see it rather than failing inside LAPACK
+        return torch.full_like(G, float("nan"))
+    r = P.shape[-1]
+    eye = torch.eye(r, dtype=P.dtype, device=P.device)
+    Ps = 0.5 * (P + P.mT)
+    scale = Ps.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(P.dtype).tiny)
+    jitter = (1e-6 if P.dtype != torch.float64 else 1e-12) * scale
+    eps_t = torch.as_tensor(eps, dtype=P.dtype, device=P.device)
+    extra = torch.zeros_like(scale)
+    for _ in range(12):
+        shift = (eps_t + extra)[..., None, None] if extra.ndim else eps_t + extra
+        L, info = torch.linalg.cholesky_ex(Ps + shift * eye)
+        if not bool((info != 0).any()):
+            return torch.cholesky_solve(G, L)
+        extra = torch.where(extra == 0, jitter, extra * 10)
+    raise RuntimeError("Cholesky factorisation of the BLAST preconditioner failed repeatedly")
+
+
+@dataclass
+class BlastFitResult:
+    """Factors of a fitted BLAST matrix and the record of the fit.
+
+    Attributes
+    ----------
+    U : (m, r) tensor
+        Left factors ``B_i`` stacked over the row blocks.
+    V : (n, r) tensor
+        Right factors ``C_j^T`` stacked over the column blocks.
+    S : (b1, b2, r) tensor
+        Diagonal couplings ``s_ij``.
+    row_splits, col_splits : list[int]
+        Block boundaries.
+    history : list[dict]
+        One record per outer iteration: ``step`` (1-based), ``rel_error`` (relative Frobenius
+        error after the iteration), ``lr``, ``damping`` (``eps`` of the last sub-step).
+        ``step = 0`` is the initialisation.
+    best_step : int
+        Iteration whose iterate is returned.
+    rel_error : float
+        Relative Frobenius error of the returned iterate (from the Gram identity; the caller
+        may recompute it densely).
+    stopped : str
+        ``"completed"``, ``"non-finite"`` (iterate became NaN/Inf; the best finite one is
+        returned) or ``"converged"`` (relative error below ``tol``).
+    seconds : float
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+    S: torch.Tensor
+    row_splits: list[int]
+    col_splits: list[int]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_step: int = 0
+    rel_error: float = float("nan")
+    stopped: str = "completed"
+    seconds: float = 0.0
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is not None:
+        return bool(progress)
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _to_blocks(
+    A: torch.Tensor, rs: list[int], cs: list[int]
+) -> tuple[torch.Tensor, int, int]:
+    """Zero-padded block view ``(b1, b2, pmax, qmax)`` of ``A``."""
+    b1, b2 = len(rs) - 1, len(cs) - 1
+    p = max(rs[i + 1] - rs[i] for i in range(b1))
+    q = max(cs[j + 1] - cs[j] for j in range(b2))
+    m, n = A.shape
+    if p * b1 == m and q * b2 == n:
+        blocks = A.reshape(b1, p, b2, q).permute(0, 2, 1, 3).contiguous()
+        return blocks, p, q
+    blocks = A.new_zeros(b1, b2, p, q)
+    for i in range(b1):
+        for j in range(b2):
+            blk = A[rs[i] : rs[i + 1], cs[j] : cs[j + 1]]
+            blocks[i, j, : blk.shape[0], : blk.shape[1]] = blk
+    return blocks, p, q
+
+
+def _pad_rows(X: torch.Tensor, splits: list[int], pmax: int) -> torch.Tensor:
+    """``(size, r)`` -> ``(parts, pmax, r)`` with zero rows after each piece."""
+    parts = len(splits) - 1
+    r = X.shape[1]
+    if pmax * parts == X.shape[0]:
+        return X.reshape(parts, pmax, r).clone()
+    out = X.new_zeros(parts, pmax, r)
+    for i in range(parts):
+        out[i, : splits[i + 1] - splits[i]] = X[splits[i] : splits[i + 1]]
+    return out
+
+
+def _unpad_rows(Xp: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    parts = len(splits) - 1
+    return torch.cat([Xp[i, : splits[i + 1] - splits[i]] for i in range(parts)], dim=0)
+
+
+def fit_blast_factors(
+    A: torch.Tensor,
+    rank: int,
+    row_splits: list[int],
+    col_splits: list[int],
+    *,
+    steps: int = 300,
+    lr: float = 1.8,
+    end_factor: float = 0.0,
+    damping: float = 0.01,
+    prune: float = 0.0,
+    nonnegative: bool = False,
+    init: str | tuple[torch.Tensor, torch.Tensor, torch.Tensor] = "svd",
+    tol: float = 0.0,
+    seed: int = 0,
+    progress: bool | None = None,
+    callback: Callable[[int, float], Any] | None = None,
+) -> BlastFitResult:
+    """Fit ``A`` by a BLAST matrix of rank ``rank`` on the given block grid.
+
+    Parameters
+    ----------
+    A : (m, n) float tensor
+        Validated, finite. Computation happens in its dtype and on its device.
+    rank : int
+        ``r >= 1``.
+    row_splits, col_splits : list[int]
+        Block boundaries ``[0, ..., m]`` and ``[0, ..., n]`` (any sizes).
+    steps : int
+        Outer iterations ``T`` (each updates all ``B_i``, then all ``C_j``, then all ``s_ij``).
+    lr : float
+        Initial step (over-relaxation factor, see the module docstring; ``0.5`` with
+        ``damping=0`` is alternating least squares). Decays linearly to ``lr * end_factor``.
+    end_factor : float
+        Final step as a fraction of ``lr``.
+    damping : float
+        ``delta``: the preconditioners are damped by ``delta * ||A - A_hat||_F`` (computed on
+        ``A / rms(A)``, so ``delta`` is scale-free).
+    prune : float
+        ``lambda >= 0``: group soft-threshold of each rank slice of ``s`` after each step,
+        ``s[..., t] *= max(0, 1 - lambda * lr_t / ||s[..., t]||_F)``. With ``prune > 0`` the
+        last finite iterate is returned (not the one of least error), so the SVD guarantee
+        does not hold.
+    nonnegative : bool
+        Clamp ``s`` at zero after each step.
+    init : "svd", "random" or (U, V, S)
+        ``"svd"``: truncated SVD with ``s_ij = 1`` (ranks beyond ``min(m, n)`` start at small
+        random values); ``"random"``: small Gaussian ``B, C`` and standard normal ``s``;
+        or explicit factors of shapes ``(m, r)``, ``(n, r)``, ``(b1, b2, r)``.
+    tol : float
+        Stop early once the relative error falls below ``tol``.
+    seed : int
+        Seeds the random parts of the initialisation.
+    progress : bool or None
+        tqdm progress bar; ``None``: shown only when stderr is a terminal.
+    callback : callable(step, rel_error), optional
+        Called after every iteration; returning ``True`` stops the fit.
+
+    Returns
+    -------
+    BlastFitResult
+    """
+    t0 = time.perf_counter()
+    m, n = A.shape
+    rs, cs = list(row_splits), list(col_splits)
+    b1, b2 = len(rs) - 1, len(cs) - 1
+    r = int(rank)
+    dt, dev = A.dtype, A.device
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dt).to(dev)
+
+    scale = float(torch.linalg.norm(A)) / math.sqrt(m * n)
+    if scale == 0.0:
+        # the zero matrix is BLAST with s = 0
+        z = BlastFitResult(
+            A.new_zeros(m, r), A.new_zeros(n, r), A.new_zeros(b1, b2, r), rs, cs,
+            history=[{"step": 0, "rel_error": 0.0, "lr": 0.0, "damping": 0.0}],
+            rel_error=0.0, stopped="converged",
+        )
+        return z
+    An = A / scale
+    normA2 = float(torch.sum(An.to(torch.float64) ** 2))
+
+    # ---- initialisation (in normalised units)
+    if isinstance(init, tuple):
+        U0, V0, S0 = (t.to(device=dev, dtype=dt) for t in init)
+        if U0.shape != (m, r) or V0.shape != (n, r) or S0.shape != (b1, b2, r):
+            raise ValueError(
+                f"init factors must have shapes {(m, r)}, {(n, r)}, {(b1, b2, r)}; got "
+                f"{tuple(U0.shape)}, {tuple(V0.shape)}, {tuple(S0.shape)}"
+            )
+        U0, V0, S0 = U0 / math.sqrt(scale), V0 / math.sqrt(scale), S0.clone()
+    elif init == "svd":
+        k = min(r, m, n)
+        Us, sv, Vh = svd(An)
+        sq = sv[:k].clamp_min(0).sqrt()
+        U0 = An.new_zeros(m, r)
+        V0 = An.new_zeros(n, r)
+        U0[:, :k] = Us[:, :k] * sq
+        V0[:, :k] = Vh[:k].T * sq
+        if r > k:
+            small = 1e-3 * float(sq.min()) if k else 1e-3
+            U0[:, k:] = small * randn(m, r - k)
+            V0[:, k:] = small * randn(n, r - k)
+        S0 = An.new_ones(b1, b2, r)
+    elif init == "random":
+        U0 = 1e-3 / math.sqrt(r) * randn(m, r)
+        V0 = 1e-3 / math.sqrt(r) * randn(n, r)
+        S0 = randn(b1, b2, r)
+    else:
+        raise ValueError(f"init must be 'svd', 'random' or a (U, V, S) tuple; got {init!r}")
+
+    Ab, p, q = _to_blocks(An, rs, cs)  # (b1, b2, p, q)
+    Bp = _pad_rows(U0, rs, p)  # (b1, p, r)
+    Cp = _pad_rows(V0, cs, q).transpose(1, 2).contiguous()  # (b2, r, q)
+    S = S0.clone()  # (b1, b2, r)
+
+    def loss_from(d: torch.Tensor, Mq: float) -> float:
+        # ||A||^2 - 2 <A, A_hat> + ||A_hat||^2 with <A, A_hat> = sum d
+        return normA2 - 2.0 * float(d.to(torch.float64).sum()) + Mq
+
+    def full_loss(B: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> float:
+        H = B.mT.unsqueeze(1) @ Ab  # (b1, b2, r, q)
+        d = (H * C.unsqueeze(0)).sum(-1) * s  # (b1, b2, r)
+        Gb = B.mT @ B
+        Gc = C @ C.mT
+        M = Gb.unsqueeze(1) * Gc.unsqueeze(0)
+        quad = float(torch.einsum("ijr,ijrs,ijs->", s, M, s).to(torch.float64))
+        return loss_from(d, quad)
+
+    def rel(loss: float) -> float:
+        return math.sqrt(max(loss, 0.0) / normA2)
+
+    loss0 = full_loss(Bp, Cp, S)
+    best = (loss0, 0, Bp.clone(), Cp.clone(), S.clone())
+    history: list[dict[str, float]] = [
+        {"step": 0, "rel_error": rel(loss0), "lr": 0.0, "damping": 0.0}
+    ]
+    stopped = "completed"
+    show = _progress_enabled(progress)
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"BLAST {b1}x{b2} r={r}", leave=False)
+
+    for t in range(steps):
+        lr_t = lr * (1.0 - (1.0 - end_factor) * t / max(steps, 1))
+        # ---------------- B step
+        Gc = Cp @ Cp.mT  # (b2, r, r)
+        T = Ab @ Cp.mT.unsqueeze(0)  # (b1, b2, p, r) = A_ij C_j^T
+        Y = (T * S.unsqueeze(2)).sum(1)  # (b1, p, r)
+        P = torch.einsum("ijr,ijs,jrs->irs", S, S, Gc)  # (b1, r, r)
+        inner = float((Bp * Y).to(torch.float64).sum())
+        quad = float((((Bp.mT @ Bp) * P).to(torch.float64)).sum())
+        eps = damping * math.sqrt(max(normA2 - 2 * inner + quad, 0.0))
+        G = Bp @ P - Y  # (b1, p, r)
+        Bp = Bp - lr_t * spd_solve(P, G.mT, eps).mT
+        # ---------------- C step
+        Gb = Bp.mT @ Bp  # (b1, r, r)
+        H = Bp.mT.unsqueeze(1) @ Ab  # (b1, b2, r, q) = B_i^T A_ij
+        Z = (H * S.unsqueeze(-1)).sum(0)  # (b2, r, q)
+        Q = torch.einsum("ijr,ijs,irs->jrs", S, S, Gb)  # (b2, r, r)
+        inner = float((Cp * Z).to(torch.float64).sum())
+        quad = float((((Cp @ Cp.mT) * Q).to(torch.float64)).sum())
+        eps = damping * math.sqrt(max(normA2 - 2 * inner + quad, 0.0))
+        G = Q @ Cp - Z
+        Cp = Cp - lr_t * spd_solve(Q, G, eps)
+        # ---------------- s step
+        Gc = Cp @ Cp.mT
+        dvec = (H * Cp.unsqueeze(0)).sum(-1)  # (b1, b2, r) = diag(B_i^T A_ij C_j^T)
+        M = Gb.unsqueeze(1) * Gc.unsqueeze(0)  # (b1, b2, r, r)
+        Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
+        inner = float((S * dvec).to(torch.float64).sum())
+        quad = float((S * Ms).to(torch.float64).sum())
+        eps = damping * math.sqrt(max(normA2 - 2 * inner + quad, 0.0))
+        G = Ms - dvec
+        S = S - lr_t * spd_solve(M, G.unsqueeze(-1), eps).squeeze(-1)
+        if nonnegative:
+            S = S.clamp_min(0)
+        if prune > 0:
+            norms = torch.linalg.vector_norm(S, dim=(0, 1))
+            S = S * (1 - prune * lr_t / norms.clamp_min(1e-30)).clamp_min(0)
+        # ---------------- loss after the iteration (cheap, from Gram matrices)
+        Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
+        loss = loss_from(S * dvec, float((S * Ms).to(torch.float64).sum()))
+        finite = math.isfinite(loss) and bool(torch.isfinite(S).all())
+        if finite:
+            finite = bool(torch.isfinite(Bp).all()) and bool(torch.isfinite(Cp).all())
+        if not finite:
+            stopped = "non-finite"
+            history.append({"step": t + 1, "rel_error": float("nan"), "lr": lr_t,
+                            "damping": eps})
+            break
+        e = rel(loss)
+        history.append({"step": t + 1, "rel_error": e, "lr": lr_t, "damping": eps})
+        if loss < best[0] or prune > 0:
+            # with rank pruning the objective is penalised: keep the latest (pruned) iterate
+            best = (loss, t + 1, Bp.clone(), Cp.clone(), S.clone())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(rel_error=f"{e:.4f}")
+        if callback is not None and callback(t + 1, e):
+            stopped = "callback"
+            break
+        if tol > 0 and e < tol:
+            stopped = "converged"
+            break
+    if bar is not None:
+        bar.close()
+
+    loss_b, step_b, Bb, Cb, Sb = best
+    U = _unpad_rows(Bb, rs) * math.sqrt(scale)
+    V = _unpad_rows(Cb.mT, cs) * math.sqrt(scale)
+    return BlastFitResult(
+        U=U.contiguous(), V=V.contiguous(), S=Sb.contiguous(), row_splits=rs, col_splits=cs,
+        history=history, best_step=step_b, rel_error=rel(loss_b), stopped=stopped,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,410 @@
+"""BLAST matrices (Block-Level Adaptive STructure; Lee, Kwon, Qu & Kim, NeurIPS 2024).
+
+An ``m x n`` matrix is cut into a ``b1 x b2`` grid of contiguous blocks; block ``(i, j)`` is
+
+    A_ij = U_i diag(s_ij) V_j^T,   U_i (p_i, r),  V_j (q_j, r),  s_ij (r,)
+
+so every block row shares its left basis ``U_i``, every block column its right basis
+``V_j``, and the blocks differ only by the diagonal couplings ``s_ij``. (The BLAST paper writes
+``B_i = U_i`` and ``C_j = V_j^T``.) Low rank is the special case ``s_ij = 1``; block-diagonal
+matrices are the case ``s_ij = 0`` for ``i != j``.
+
+Block sizes need not be equal: by default the rows are split into ``b1`` contiguous pieces
+whose sizes differ by at most one (and the columns likewise), so any ``m x n`` with
+``b1 <= m`` and ``b2 <= n`` works; explicit ``row_splits``/``col_splits`` are accepted too.
+Nothing requires divisibility.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..budget import InfeasibleBudgetError
+from ..validation import check_pair, check_positive_int
+from .base import StructuredMatrix, register_format
+
+__all__ = ["BLAST", "BlastFit", "fit_blast"]
+
+#: Block grids tried by ``BLAST.project(..., blocks="auto")`` (kept when they fit the shape
+#: and the budget); the reference BLAST results use the better of these two.
+AUTO_BLOCKS: tuple[tuple[int, int], ...] = ((4, 4), (16, 16))
+
+
+def _check_splits(splits: Any, size: int, parts: int, name: str) -> list[int]:
+    try:
+        s = [int(x) for x in splits]
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a sequence of ints; got {splits!r}") from exc
+    if len(s) != parts + 1 or s[0] != 0 or s[-1] != size:
+        raise ValueError(
+            f"{name} must have {parts + 1} boundaries from 0 to {size}; got {s}"
+        )
+    if any(b <= a for a, b in zip(s[:-1], s[1:], strict=False)):
+        raise ValueError(f"{name} must be strictly increasing (no empty blocks); got {s}")
+    return s
+
+
+@register_format
+class BLAST(StructuredMatrix):
+    """BLAST matrix: ``b1 x b2`` blocks ``A_ij = U_i diag(S[i, j]) V_j^T`` of rank ``r``.
+
+    Parameters
+    ----------
+    U : torch.Tensor, shape (m, r)
+        Left bases ``U_i`` stacked over the row blocks.
+    V : torch.Tensor, shape (n, r)
+        Right bases ``V_j`` stacked over the column blocks.
+    S : torch.Tensor, shape (b1, b2, r)
+        Diagonal couplings ``s_ij``.
+    row_splits, col_splits : sequence of int, optional
+        Block boundaries ``[0, ..., m]`` (length ``b1 + 1``) and ``[0, ..., n]`` (length
+        ``b2 + 1``). Default: balanced (sizes differ by at most one), which needs only
+        ``b1 <= m`` and ``b2 <= n``.
+
+    Notes
+    -----
+    Cost: ``r * (m + n + b1 * b2)`` MACs per mat-vec (``z_j = V_j^T x_j``: ``n r``;
+    ``u_i = sum_j s_ij * z_j``: ``b1 b2 r``; ``y_i = U_i u_i``: ``m r``) and as many
+    parameters. The product never forms the dense matrix.
+    """
+
+    format_name = "blast"
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        S: torch.Tensor,
+        row_splits: Any = None,
+        col_splits: Any = None,
+    ) -> None:
+        for name, t, nd in (("U", U, 2), ("V", V, 2), ("S", S, 3)):
+            if not isinstance(t, torch.Tensor) or t.ndim != nd:
+                raise ValueError(f"{name} must be a {nd}-D torch.Tensor")
+        r = U.shape[1]
+        if V.shape[1] != r or S.shape[2] != r:
+            raise ValueError(
+                "U (m, r), V (n, r) and S (b1, b2, r) must share r; got "
+                f"{tuple(U.shape)}, {tuple(V.shape)}, {tuple(S.shape)}"
+            )
+        m, n = U.shape[0], V.shape[0]
+        b1, b2 = S.shape[0], S.shape[1]
+        if not (1 <= b1 <= m and 1 <= b2 <= n):
+            raise ValueError(f"need 1 <= b1 <= m and 1 <= b2 <= n; got blocks ({b1}, {b2}) "
+                             f"for shape ({m}, {n})")
+        super().__init__((m, n))
+        from ..fit.blast import balanced_splits
+
+        self.row_splits = (balanced_splits(m, b1) if row_splits is None
+                           else _check_splits(row_splits, m, b1, "row_splits"))
+        self.col_splits = (balanced_splits(n, b2) if col_splits is None
+                           else _check_splits(col_splits, n, b2, "col_splits"))
+        self.U, self.V, self.S = U, V, S
+
+    # ------------------------------------------------------------ properties
+    @property
+    def rank(self) -> int:
+        """``r``: the number of columns of every ``U_i`` and ``V_j``."""
+        return int(self.U.shape[1])
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """``(b1, b2)``: block rows by block columns."""
+        return int(self.S.shape[0]), int(self.S.shape[1])
+
+    @property
+    def flops(self) -> int:
+        m, n = self.shape
+        b1, b2 = self.blocks
+        return self.rank * (m + n + b1 * b2)
+
+    @staticmethod
+    def cost(m: int, n: int, blocks: tuple[int, int], rank: int) -> int:
+        """MACs of one mat-vec: ``rank * (m + n + b1 * b2)``."""
+        return int(rank) * (int(m) + int(n) + int(blocks[0]) * int(blocks[1]))
+
+    def _even(self) -> tuple[bool, bool]:
+        """Whether the row / column blocks all have the same size (reshape fast path)."""
+        m, n = self.shape
+        b1, b2 = self.blocks
+        even_r = m % b1 == 0 and self.row_splits == list(range(0, m + 1, m // b1))
+        even_c = n % b2 == 0 and self.col_splits == list(range(0, n + 1, n // b2))
+        return even_r, even_c
+
+    # ----------------------------------------------------------------- hooks
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"U": self.U, "V": self.V, "S": self.S}
+
+    def _config(self) -> dict[str, Any]:
+        return {"row_splits": list(self.row_splits), "col_splits": list(self.col_splits)}
+
+    @classmethod
+    def _from_state(cls, tensors, config, shape):
+        return cls(tensors["U"], tensors["V"], tensors["S"],
+                   config.get("row_splits"), config.get("col_splits"))
+
+    def _col_block_index(self) -> torch.Tensor:
+        cs = self.col_splits
+        sizes = torch.tensor([cs[j + 1] - cs[j] for j in range(len(cs) - 1)])
+        return torch.repeat_interleave(torch.arange(len(cs) - 1), sizes).to(self.S.device)
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense ``(m, n)`` matrix; ``m n r`` MACs, one block row at a time."""
+        cidx = self._col_block_index()
+        rs = self.row_splits
+        rows = []
+        for i in range(self.blocks[0]):
+            Vs = self.V * self.S[i][cidx]  # (n, r): row c scaled by s_{i, block(c)}
+            rows.append(self.U[rs[i] : rs[i + 1]] @ Vs.T)
+        return torch.cat(rows, dim=0)
+
+    def _matmul(self, X: torch.Tensor) -> torch.Tensor:
+        b1, b2 = self.blocks
+        r, k = self.rank, X.shape[1]
+        even_r, even_c = self._even()
+        cs, rs = self.col_splits, self.row_splits
+        # z_j = V_j^T x_j  -> (b2, r, k)
+        if even_c:
+            q = self.shape[1] // b2
+            Z = self.V.reshape(b2, q, r).mT @ X.reshape(b2, q, k)
+        else:
+            Z = torch.stack([self.V[cs[j] : cs[j + 1]].T @ X[cs[j] : cs[j + 1]]
+                             for j in range(b2)])
+        # u_i = sum_j s_ij * z_j  -> (b1, r, k)
+        Uc = torch.einsum("ijr,jrk->irk", self.S, Z)
+        # y_i = U_i u_i
+        if even_r:
+            p = self.shape[0] // b1
+            return (self.U.reshape(b1, p, r) @ Uc).reshape(self.shape[0], k)
+        return torch.cat([self.U[rs[i] : rs[i + 1]] @ Uc[i] for i in range(b1)], dim=0)
+
+    def _transpose(self) -> BLAST:
+        return BLAST(self.V, self.U, self.S.transpose(0, 1).contiguous(),
+                     self.col_splits, self.row_splits)
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        """Dense block ``A_ij = U_i diag(s_ij) V_j^T`` of shape ``(p_i, q_j)``."""
+        rs, cs = self.row_splits, self.col_splits
+        return (self.U[rs[i] : rs[i + 1]] * self.S[i, j]) @ self.V[cs[j] : cs[j + 1]].T
+
+    # ------------------------------------------------------------ embeddings
+    @classmethod
+    def from_lowrank(cls, L: Any, blocks: Any = (1, 1)) -> BLAST:
+        """Exact BLAST form of a low-rank matrix ``U V^T`` (all ``s_ij = 1``).
+
+        Cost ``r (m + n + b1 b2)``: the low-rank cost plus ``r b1 b2``; with the default
+        ``blocks=(1, 1)`` that is ``r`` MACs more than the low-rank matrix.
+        """
+        b1, b2 = check_pair(blocks, "blocks")
+        r = L.U.shape[1]
+        S = L.U.new_ones(b1, b2, r)
+        return cls(L.U.clone(), L.V.clone(), S)
+
+    # ------------------------------------------------------------ projection
+    @classmethod
+    def min_budget(cls, m: int, n: int, blocks: Any = (4, 4), **options: Any) -> int:
+        if blocks is None or blocks == "auto":
+            cands = [b for b in AUTO_BLOCKS if b[0] <= m and b[1] <= n] or [(1, 1)]
+            return min(m + n + b1 * b2 for b1, b2 in cands)
+        b1, b2 = check_pair(blocks, "blocks")
+        return m + n + b1 * b2
+
+    @classmethod
+    def project(
+        cls,
+        W: torch.Tensor,
+        budget: int,
+        *,
+        blocks: Any = "auto",
+        rank: int | None = None,
+        steps: int = 300,
+        lr: float = 1.8,
+        damping: float = 0.01,
+        end_factor: float = 0.0,
+        prune: float = 0.0,
+        init: str = "svd",
+        seed: int = 0,
+        progress: bool | None = None,
+        callback: Callable[[int, float], Any] | None = None,
+    ) -> BLAST:
+        """Fit a BLAST matrix to ``W`` within ``budget`` MACs.
+
+        Preconditioned alternating gradient descent (math.md 6.5; see
+        :mod:`gblr_approx.fit.blast`) started from the truncated SVD, returning the best
+        iterate, so the error is never above the rank-``r`` truncated SVD's.
+
+        Parameters
+        ----------
+        W : (m, n) float tensor
+        budget : int
+            MACs; the rank is ``r = floor(budget / (m + n + b1 b2))``.
+        blocks : (b1, b2), int or "auto"
+            Block grid. ``"auto"`` (default) fits each of ``(4, 4)`` and ``(16, 16)`` that fits
+            the shape and budget and keeps the lower error (both are recorded in ``info``).
+            Blocks need not divide the shape (balanced splits); needs ``b1 <= m``, ``b2 <= n``.
+        rank : int, optional
+            Fix ``r`` instead of deriving it from the budget (must fit the budget).
+        steps : int
+            Outer iterations ``T`` (default 300).
+        lr : float
+            Initial step, decayed linearly to ``lr * end_factor`` (``0.5`` = plain alternating
+            least squares step; larger over-relaxes).
+        damping : float
+            ``delta``: preconditioner damping ``delta * ||W - A||_F`` in units where
+            ``rms(W) = 1``.
+        end_factor : float
+            Final step as a fraction of ``lr``.
+        prune : float
+            ``lambda >= 0``: group shrinkage of each rank slice of ``S`` (rank pruning); ranks
+            that reach zero are dropped, so the cost can end below the budget. The last
+            iterate is then returned, and the error may exceed the truncated SVD's.
+        init : {"svd", "random"}
+            Starting point (``"random"`` mimics the reference code; then the SVD guarantee
+            does not hold).
+        seed : int
+        progress : bool or None
+            tqdm bar; ``None``: only when stderr is a terminal.
+        callback : callable(step, rel_error) -> bool, optional
+            Called after every iteration; returning ``True`` stops the fit.
+
+        Returns
+        -------
+        BLAST
+            ``info`` holds ``history`` (relative Frobenius error per iteration, index 0 = the
+            SVD start), ``best_step``, ``stopped``, ``rel_error``, ``rank``, ``blocks`` and, for
+            ``blocks="auto"``, ``candidates``.
+        """
+        fit = fit_blast(W, budget, blocks=blocks, rank=rank, steps=steps, lr=lr,
+                        damping=damping, end_factor=end_factor, prune=prune, init=init,
+                        seed=seed, progress=progress, callback=callback)
+        return fit.matrix
+
+
+@dataclass
+class BlastFit:
+    """Result of :func:`fit_blast`: the fitted ``matrix`` (BLAST) and its ``history``.
+
+    ``history`` is a list of dicts, one per outer iteration of the kept candidate:
+    ``step`` (0 = initialisation), ``rel_error`` (relative Frobenius), ``lr``, ``damping``.
+    """
+
+    matrix: BLAST
+    history: list[dict[str, float]]
+
+
+def _resolve_blocks(blocks: Any, m: int, n: int, budget: int) -> list[tuple[int, int]]:
+    if blocks is None or (isinstance(blocks, str) and blocks == "auto"):
+        cands = [b for b in AUTO_BLOCKS if b[0] <= m and b[1] <= n
+                 and budget >= m + n + b[0] * b[1]]
+        if not cands:
+            b = (min(4, m), min(4, n))
+            if budget >= m + n + b[0] * b[1]:
+                cands = [b]
+            else:
+                cands = [(1, 1)]
+        return cands
+    if isinstance(blocks, str):
+        raise TypeError(f"blocks must be 'auto', an int or a pair (b1, b2); got {blocks!r}")
+    b1, b2 = check_pair(blocks, "blocks")
+    if b1 > m or b2 > n:
+        raise ValueError(
+            f"blocks={(b1, b2)} needs b1 <= m and b2 <= n (every block non-empty); the matrix "
+            f"is {m} x {n}"
+        )
+    return [(b1, b2)]
+
+
+def fit_blast(
+    W: torch.Tensor,
+    budget: int,
+    *,
+    blocks: Any = "auto",
+    rank: int | None = None,
+    steps: int = 300,
+    lr: float = 1.8,
+    damping: float = 0.01,
+    end_factor: float = 0.0,
+    prune: float = 0.0,
+    init: str = "svd",
+    seed: int = 0,
+    progress: bool | None = None,
+    callback: Callable[[int, float], Any] | None = None,
+) -> BlastFit:
+    """Fit a BLAST matrix to a validated ``(m, n)`` tensor ``W`` within ``budget`` MACs.
+
+    Same options as :meth:`BLAST.project`; returns the matrix together with its history.
+    Raises :class:`~gblr_approx.budget.InfeasibleBudgetError` when even rank 1 does not fit.
+    """
+    from ..fit.blast import balanced_splits, fit_blast_factors
+
+    m, n = W.shape
+    steps = check_positive_int(steps, "steps", minimum=0)
+    for name, v, lo in (("lr", lr, 0.0), ("damping", damping, 0.0),
+                        ("end_factor", end_factor, 0.0), ("prune", prune, 0.0)):
+        if not isinstance(v, (int, float)) or not (v >= lo) or v != v or v == float("inf"):
+            raise ValueError(f"{name} must be a finite number >= {lo}; got {v!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0; got {lr}")
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random'; got {init!r}")
+    cands = _resolve_blocks(blocks, m, n, budget)
+    results = []
+    for b1, b2 in cands:
+        per_rank = m + n + b1 * b2
+        if rank is None:
+            r = budget // per_rank
+            if r < 1:
+                raise InfeasibleBudgetError(
+                    "blast", budget, per_rank, f"rank 1 on a {b1}x{b2} grid costs m+n+b1*b2"
+                )
+        else:
+            r = check_positive_int(rank, "rank")
+            if r * per_rank > budget:
+                raise InfeasibleBudgetError(
+                    "blast", budget, r * per_rank, f"rank={r} on a {b1}x{b2} grid costs "
+                    "r*(m+n+b1*b2)"
+                )
+        res = fit_blast_factors(
+            W, r, balanced_splits(m, b1), balanced_splits(n, b2), steps=steps, lr=lr,
+            end_factor=end_factor, damping=damping, prune=prune, init=init, seed=seed,
+            progress=progress, callback=callback,
+        )
+        results.append(((b1, b2), r, res))
+    (b1, b2), r, res = min(results, key=lambda t: t[2].rel_error)
+    U, V, S = res.U, res.V, res.S
+    pruned = 0
+    if prune > 0:
+        keep = torch.linalg.vector_norm(S, dim=(0, 1)) > 0
+        if not bool(keep.any()):
+            keep[0] = True
+        pruned = int((~keep).sum())
+        U, V, S = U[:, keep].contiguous(), V[:, keep].contiguous(), S[:, :, keep].contiguous()
+    A = BLAST(U, V, S, res.row_splits, res.col_splits)
+    A.info = {
+        "algorithm": "preconditioned alternating gradient descent (BLAST), SVD start",
+        "blocks": [b1, b2],
+        "rank": A.rank,
+        "rel_error": res.rel_error,
+        "best_step": res.best_step,
+        "stopped": res.stopped,
+        "fit_seconds": res.seconds,
+        "steps": steps, "lr": lr, "damping": damping, "end_factor": end_factor,
+        "prune": prune, "init": init, "seed": seed,
+        "history": [h["rel_error"] for h in res.history],
+    }
+    if prune > 0:
+        A.info["pruned_ranks"] = pruned
+    if res.stopped == "non-finite":
+        A.info["warning"] = (
+            f"an iterate became NaN/Inf at step {len(res.history) - 1}; the best finite "
+            f"iterate (step {res.best_step}) was returned"
+        )
+    if len(results) > 1:
+        A.info["candidates"] = [
+            {"blocks": list(b), "rank": rr, "rel_error": rz.rel_error} for b, rr, rz in results
+        ]
+    return BlastFit(matrix=A, history=res.history)
