@@ -24,6 +24,7 @@ params, seed, version, finished_at``:
   :class:`~gblr_approx.budget.InfeasibleBudgetError`; the message names the smallest feasible
   budget); ``"failed"`` (any other exception; the message is ``"ExceptionType: text"``).
   ``message`` also holds warnings raised by an ``ok`` fit, else ``""``.
+- ``dtype``: of the matrix as given or stored (float16/bfloat16 are fitted in float32).
 - ``options``: the format options as JSON; ``seed``: ``torch.manual_seed`` set before the fit
   (and passed as ``seed=`` to formats whose ``project`` takes one); ``version``:
   ``gblr_approx.__version__``; ``finished_at``: UTC time the fit finished.
@@ -245,8 +246,9 @@ def _sources(
             raise TypeError(f"matrix names must be non-empty strings; got {name!r}")
         if isinstance(W, StructuredMatrix):
             W = W.to_dense()
+        stored = str(getattr(W, "dtype", "")).replace("torch.", "")  # before any upcast
         t = as_matrix(W, f"matrices[{name!r}]")
-        srcs.append(_Source(name, (t.shape[0], t.shape[1]), str(t.dtype).replace("torch.", ""),
+        srcs.append(_Source(name, (t.shape[0], t.shape[1]), stored or str(t.dtype),
                             _tensor_fingerprint(t), tensor=t.cpu()))
     return srcs, {"memory": what}
 
