@@ -337,6 +337,23 @@ def _print_sweep(df, budgets) -> None:
     click.echo("relative Frobenius error ||W - A||_F / ||W||_F by budget (fraction of dense "
                "MACs or MACs):")
     _print_table(rows, ["matrix", "shape", "format", *bcols])
+    # cost side by side with the error: what each format achieved against what was asked
+    per = []
+    for fmt, g in df.groupby("format", sort=False):
+        ok = g[g["status"] == "ok"]
+        use = (ok["flops"].astype(float) / ok["budget_macs"]).mean() if len(ok) else math.nan
+        per.append({"format": fmt, "ok": f"{len(ok)}/{len(g)}",
+                    "mean rel_error": float(ok["rel_error"].mean()) if len(ok) else math.nan,
+                    "MACs used / budget": float(use),
+                    "params / dense": float((ok["params"].astype(float)
+                                             / (ok["rows"] * ok["cols"])).mean())
+                    if len(ok) else math.nan,
+                    "fit seconds": float(g["seconds"].sum())})
+    click.echo("")
+    _print_table(per, ["format", "ok", "mean rel_error", "MACs used / budget", "params / dense",
+                       "fit seconds"],
+                 {"mean rel_error": ".4f", "MACs used / budget": ".3f", "params / dense": ".3f",
+                  "fit seconds": ".2f"})
 
 
 def _pick(store, name: str | None):
