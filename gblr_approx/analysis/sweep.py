@@ -530,6 +530,9 @@ def _run_tasks(
                 on_row(_fit_row(t))
         finally:
             torch.set_num_threads(before)
+            _CACHE.clear()  # do not keep the last matrix alive after the sweep
+            _CACHE["key"] = None
+            _STORES.clear()
         return
     todo = list(reversed(tasks))
     ctx = multiprocessing.get_context("spawn")
