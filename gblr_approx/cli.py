@@ -303,9 +303,10 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
         from .io import match_names
 
         keep = set(match_names(matrices, list(include) or None, list(exclude) or None))
+        if not keep:
+            raise ValueError("the filters match none of the sample matrices: "
+                             + ", ".join(matrices))
         matrices = {k: v for k, v in matrices.items() if k in keep}
-        if not matrices:
-            raise ValueError(f"the filters match none of the sample matrices {list(keep)}")
     t0 = time.perf_counter()
     df = run_sweep(matrices, fmts, blist, options=opts, out=out, workers=workers, seed=seed,
                    progress=progress, threads_per_worker=threads)
@@ -472,9 +473,10 @@ def spectrum(path, include, exclude, min_tail, values, as_json) -> None:
             from .io import match_names
 
             keep = set(match_names(store, list(include) or None, list(exclude) or None))
+            if not keep:
+                raise ValueError("the filters match none of the sample matrices: "
+                                 + ", ".join(store))
             store = {k: v for k, v in store.items() if k in keep}
-            if not store:
-                raise ValueError("the filters match none of the sample matrices")
     else:
         store = _open(path, include, exclude)
     rows = []
