@@ -49,13 +49,21 @@ def test_rank_deficient_and_float16():
     rep = ga.spectrum(W)
     assert rep.singular_values.shape == (12,)
     assert rep.energy_ranks[0.99] == 2
-    assert rep.numerical_rank == 2  # float16 rounding noise is below 20 * eps16 * sigma_1
+    assert rep.numerical_rank == 2  # float16 rounding noise is below eps16 * ||W||_F
     assert rep.stable_rank == pytest.approx(1.25, rel=2e-3)  # (16 + 4) / 16, float16 input
     # two non-zero eigenvalues: too few for a tail fit, said so, no NaN
     assert rep.alpha is None
     assert "too few" in rep.powerlaw.status
     s = rep.summary()
     assert s["alpha"] is None and s["rank_90"] == 2 and s["rows"] == 20
+
+
+def test_numerical_rank_of_bfloat16_checkpoint():
+    W = _with_singular_values([4.0, 2.0], 384, 384).to(torch.bfloat16)
+    s = torch.linalg.svdvals(W.double())
+    assert 1e-4 < float(s[2]) < 1e-2  # rounding to bfloat16 made it full rank
+    assert ga.spectrum(W).numerical_rank == 2
+    assert ga.spectrum(W.double()).numerical_rank == 384  # as float64 data, it is full rank
 
 
 def test_powerlaw_mle_formula_and_recovery():

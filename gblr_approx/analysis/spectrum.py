@@ -19,9 +19,12 @@ Definitions (``sigma_1 >= ... >= sigma_p``, ``p = min(m, n)``, the singular valu
   ``(alpha - 1) / sqrt(n)``. Numerically zero eigenvalues are left out (see below). Same
   estimator as the ``powerlaw`` package (``Fit(..., discrete=False)``) used by WeightWatcher,
   which may restrict ``xmin`` differently.
-- numerical rank: singular values above ``max(m, n) * eps * sigma_1`` with ``eps`` the machine
-  epsilon of the *input* dtype (so rounding noise of a float16 checkpoint does not count);
-  only the eigenvalues of these enter the power-law fit.
+- numerical rank: singular values above ``eps * ||W||_F`` with ``eps`` the machine epsilon
+  of the *input* dtype (at least ``max(m, n) * eps(float64) * sigma_1``). Storing ``W`` in that
+  dtype perturbs it by ``E`` with ``|e_ij| <= eps/2 |w_ij|``, so ``||E||_2 <= ||E||_F <=
+  eps ||W||_F``: smaller singular values are not determined by the stored data (e.g. rounding
+  noise of a float16 or bfloat16 checkpoint). Only the eigenvalues of the singular values
+  above this level enter the power-law fit.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ class SpectrumReport:
     energy_ranks : dict[float, int]
         Level -> smallest rank reaching it (levels 0.9, 0.95, 0.99 by default).
     numerical_rank : int
-        Singular values above ``max(m, n) * eps(input dtype) * sigma_1``.
+        Singular values above ``eps(input dtype) * ||W||_F`` (see the module docstring).
     powerlaw : PowerLawFit
         Tail exponent of the eigenvalues of ``W^T W``.
     """
@@ -264,7 +267,8 @@ def spectrum(
     energy = torch.cumsum(s**2, 0) / total2
     ranks = {float(lvl): _rank_for(energy, float(lvl)) for lvl in levels}
     m, n = W.shape
-    nrank = int((s > max(m, n) * eps * s1).sum())
+    tol = max(eps * fro, max(m, n) * float(np.finfo(np.float64).eps) * s1)
+    nrank = int((s > tol).sum())
     lam = (s[:nrank] ** 2).numpy()
     pl = powerlaw_fit(lam, min_tail=min_tail)
     return SpectrumReport(
