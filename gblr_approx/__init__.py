@@ -18,13 +18,17 @@ from .formats import (
     FORMATS,
     BlockLowRank,
     BlockSparse,
+    GBLR,
     Dense,
     LowRank,
     Monarch,
+    Permuted,
     StructuredMatrix,
     get_format,
     load,
 )
+from .fit import FitResult, fit_gblr
+from .gaudi import gaudi_mask
 from .io import load_weights
 from .metrics import relative_error
 from .projection import project
@@ -46,6 +50,11 @@ __all__ = [
     "BlockLowRank",
     "Monarch",
     "BLAST",
+    "Permuted",
+    "GBLR",
+    "gaudi_mask",
+    "fit_gblr",
+    "FitResult",
     "relative_error",
     "project",
     "load_weights",

@@ -76,12 +76,29 @@ def build_monarch(shape, dtype, gen):
     return ga.Monarch(w1, w2)
 
 
+def build_blast(shape, dtype, gen):
+    m, n = shape
+    b1, b2 = min(3, m), min(4, n)  # usually uneven blocks
+    r = max(1, min(m, n) // 2)
+    U = _randn(m, r, dtype=dtype, gen=gen)
+    V = _randn(n, r, dtype=dtype, gen=gen)
+    return ga.BLAST(U, V, _randn(b1, b2, r, dtype=dtype, gen=gen))
+
+
+def build_permuted(shape, dtype, gen):
+    m, n = shape
+    inner = build_blocklowrank(shape, dtype, gen)
+    return ga.Permuted(inner, torch.randperm(m, generator=gen), torch.randperm(n, generator=gen))
+
+
 CATALOGUE: dict[str, Builder] = {
     "dense": build_dense,
     "lowrank": build_lowrank,
     "blocksparse": build_blocksparse,
     "blocklowrank": build_blocklowrank,
     "monarch": build_monarch,
+    "blast": build_blast,
+    "permuted": build_permuted,
 }
 
 

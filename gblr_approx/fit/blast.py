@@ -80,22 +80,26 @@ def spd_solve(P: torch.Tensor, G: torch.Tensor, eps: float | torch.Tensor) -> to
     ``1e-12`` (float64) times the mean diagonal is added and grown tenfold until it succeeds.
     Batched LU solves are avoided on purpose (wrong results on torch 2.13 CPU, math.md 6.5).
     """
-    if not (bool(torch.isfinite(P).all()) and math.isfinite(float(eps))):
+    if not math.isfinite(float(eps)):
+        return torch.full_like(G, float("nan"))
+    Pd = P.clone()
+    Pd.diagonal(dim1=-2, dim2=-1).add_(float(eps))
+    L, info = torch.linalg.cholesky_ex(Pd)
+    if not bool(info.any()):
+        return torch.cholesky_solve(G, L)
+    # rare path: a numerically singular system, or non-finite entries
+    if not bool(torch.isfinite(P).all()):
         # let the caller's finiteness check see it rather than failing inside LAPACK
         return torch.full_like(G, float("nan"))
-    r = P.shape[-1]
-    eye = torch.eye(r, dtype=P.dtype, device=P.device)
-    Ps = 0.5 * (P + P.mT)
-    scale = Ps.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(P.dtype).tiny)
+    scale = P.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(P.dtype).tiny)
     jitter = (1e-6 if P.dtype != torch.float64 else 1e-12) * scale
-    eps_t = torch.as_tensor(eps, dtype=P.dtype, device=P.device)
-    extra = torch.zeros_like(scale)
     for _ in range(12):
-        shift = (eps_t + extra)[..., None, None] if extra.ndim else eps_t + extra
-        L, info = torch.linalg.cholesky_ex(Ps + shift * eye)
-        if not bool((info != 0).any()):
+        Pd = P.clone()
+        Pd.diagonal(dim1=-2, dim2=-1).add_(float(eps) + jitter[..., None])
+        L, info = torch.linalg.cholesky_ex(Pd)
+        if not bool(info.any()):
             return torch.cholesky_solve(G, L)
-        extra = torch.where(extra == 0, jitter, extra * 10)
+        jitter = jitter * 10
     raise RuntimeError("Cholesky factorisation of the BLAST preconditioner failed repeatedly")
 
 
@@ -373,9 +377,8 @@ def fit_blast_factors(
         # ---------------- loss after the iteration (cheap, from Gram matrices)
         Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
         loss = loss_from(S * dvec, float((S * Ms).to(torch.float64).sum()))
+        # a NaN/Inf anywhere in B or C reaches the Gram matrices and hence the loss
         finite = math.isfinite(loss) and bool(torch.isfinite(S).all())
-        if finite:
-            finite = bool(torch.isfinite(Bp).all()) and bool(torch.isfinite(Cp).all())
         if not finite:
             stopped = "non-finite"
             history.append({"step": t + 1, "rel_error": float("nan"), "lr": lr_t,

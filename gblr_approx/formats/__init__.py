@@ -5,8 +5,10 @@ from .blast import BLAST
 from .blocklowrank import BlockLowRank
 from .blocksparse import BlockSparse
 from .dense import Dense
+from .gblr import GBLR
 from .lowrank import LowRank
 from .monarch import Monarch
+from .permuted import Permuted
 
 __all__ = [
     "FORMATS",
@@ -20,4 +22,6 @@ __all__ = [
     "BlockLowRank",
     "Monarch",
     "BLAST",
+    "Permuted",
+    "GBLR",
 ]
