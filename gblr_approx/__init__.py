@@ -18,7 +18,6 @@ from .formats import (
     FORMATS,
     BlockLowRank,
     BlockSparse,
-    GBLR,
     Dense,
     LowRank,
     Monarch,
@@ -27,8 +26,6 @@ from .formats import (
     get_format,
     load,
 )
-from .fit import FitResult, fit_gblr
-from .gaudi import gaudi_mask
 from .io import load_weights
 from .metrics import relative_error
 from .projection import project
@@ -51,10 +48,6 @@ __all__ = [
     "Monarch",
     "BLAST",
     "Permuted",
-    "GBLR",
-    "gaudi_mask",
-    "fit_gblr",
-    "FitResult",
     "relative_error",
     "project",
     "load_weights",

@@ -5,7 +5,6 @@ from .blast import BLAST
 from .blocklowrank import BlockLowRank
 from .blocksparse import BlockSparse
 from .dense import Dense
-from .gblr import GBLR
 from .lowrank import LowRank
 from .monarch import Monarch
 from .permuted import Permuted
@@ -23,5 +22,4 @@ __all__ = [
     "Monarch",
     "BLAST",
     "Permuted",
-    "GBLR",
 ]
