@@ -1,0 +1,308 @@
+"""``fit_gblr``: fit a hard GBLR matrix to a dense matrix within a MAC budget.
+
+Stages (each one only ever keeps an iterate that improves on the best hard matrix so far):
+
+1. **Embedded starts** (:mod:`.candidates`): truncated SVD, block-low-rank on several grids,
+   block-sparse on several block shapes -- all embedded into GBLR exactly -- and the mixed
+   "global low-rank + grid blocks" fits (:mod:`.mixed`). The best is the starting point, so
+   the result is never worse than any format GBLR contains among those tried.
+2. **Structure learning by proximal gradient** on the Gaudi parameters (:mod:`.proximal`):
+   smooth masks, straight-through rounding, width penalty by soft-thresholding, exact budget
+   projection; every step's hard-mask matrix is evaluated and the best one kept.
+3. **Exact polishing** (:mod:`.blocks`): block-coordinate descent with truncated SVDs on the
+   fixed rectangles of the best matrix (monotone in the error).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..budget import resolve_budget
+from ..formats.gblr import GBLR
+from ..validation import as_matrix, check_positive_int
+from .blocks import BlockModel, Rect
+from .candidates import default_block_shapes, default_grids, embedded_candidates, mixed_candidates
+from .result import FitResult
+
+__all__ = ["fit_gblr"]
+
+_ALGORITHMS = ("auto", "embedded", "bcd", "proximal")
+
+
+def _resolve_device(device: Any, W: torch.Tensor) -> torch.device:
+    if device is None:
+        return W.device
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available")
+    return dev
+
+
+def _check_grids(value: Any, name: str, m: int, n: int) -> list[tuple[int, int]]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of (rows, cols) pairs; got {value!r}")
+    out = []
+    for g in value:
+        if not (isinstance(g, (list, tuple)) and len(g) == 2):
+            raise TypeError(f"{name} must be a list of (rows, cols) pairs; got element {g!r}")
+        a = check_positive_int(g[0], f"{name} entry")
+        b = check_positive_int(g[1], f"{name} entry")
+        if a > m or b > n:
+            raise ValueError(f"{name} entry {tuple(g)} does not fit a {m}x{n} matrix")
+        out.append((a, b))
+    return out
+
+
+def _model_from_gblr(W: torch.Tensor, G: GBLR) -> BlockModel:
+    rects, ranks = [], []
+    for k in range(G.num_components):
+        rc = Rect(
+            int(G.row_start[k]), int(G.row_width[k]), int(G.col_start[k]), int(G.col_width[k])
+        )
+        rects.append(rc)
+        ranks.append(int(G.ranks[k]) if not bool(G.is_dense[k]) else rc.dense_rank())
+    return BlockModel(W, rects, ranks)
+
+
+def fit_gblr(
+    W: Any,
+    budget: float | int,
+    *,
+    steps: int | None = None,
+    device: Any = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    rank_per_component: int = 1,
+    components: int | None = None,
+    **options: Any,
+) -> FitResult:
+    """Fit a hard GBLR matrix to ``W`` with cost at most ``budget``.
+
+    Parameters
+    ----------
+    W : Tensor or ndarray, shape (m, n)
+        Target matrix (float16/bfloat16 are computed in float32).
+    budget : float or int
+        Float in (0, 1]: fraction of the dense cost ``m n``; int >= 1: MACs.
+    steps : int, optional
+        Proximal-gradient steps (stage 2). ``None`` picks the default (see ``algorithm``);
+        ``0`` skips the stage.
+    device : str or torch.device, optional
+        Where to compute (default: ``W``'s device). ``"cuda"`` raises if CUDA is absent.
+        The result is returned on ``W``'s device.
+    seed : int
+        Seed of every random choice (restarts, initial locations).
+    progress : bool, optional
+        tqdm progress bar; ``None`` shows it only when stderr is a terminal.
+    callback : callable, optional
+        Called with each history record (a dict, see :class:`FitResult`) as it is made.
+        Returning ``False`` stops the fit early (the best matrix so far is returned).
+    rank_per_component : int
+        Rank of each component in the proximal-gradient stage (components found by the
+        other stages have their own ranks ``r_k``; ranks are per component).
+    components : int, optional
+        Maximal number of components ``K`` (default: no limit beyond what the stages
+        create; the proximal stage uses ``min(m, n) // rank_per_component``).
+    **options
+        ``algorithm`` : {"auto", "embedded", "bcd", "proximal"}, default "auto" --
+        "embedded": stage 1 only; "bcd": stages 1 and 3; "proximal": stages 1, 2, 3;
+        "auto" = "bcd" plus the proximal stage when ``steps`` is given.
+        ``grids`` : list of (b1, b2), block-low-rank / mixed grids (default
+        :func:`~.candidates.default_grids`). ``block_shapes`` : list of (br, bc)
+        (default :func:`~.candidates.default_block_shapes`). ``mixed_iters`` : int (6).
+        ``polish_sweeps`` : int (3). ``dtype`` : torch dtype of the computation (default that
+        of ``W``). Proximal options are documented in :func:`.proximal.proximal_gradient`
+        (``lr``, ``structure_lr``, ``sigma``, ``penalty``).
+
+    Returns
+    -------
+    FitResult
+        ``.matrix`` is a :class:`~gblr_approx.GBLR` with ``flops <= budget`` (always), the
+        best hard iterate seen; ``.history`` the per-step records.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid ``W``, ``budget`` or option (the message names it).
+    """
+    t0 = time.perf_counter()
+    W = as_matrix(W, "W")
+    out_device = W.device
+    m, n = W.shape
+    B = resolve_budget(budget, m, n)
+    opts = dict(options)
+    algorithm = opts.pop("algorithm", "auto")
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {_ALGORITHMS}; got {algorithm!r}")
+    if steps is not None:
+        steps = check_positive_int(steps, "steps", minimum=0)
+    rank_per_component = check_positive_int(rank_per_component, "rank_per_component")
+    if components is not None:
+        components = check_positive_int(components, "components")
+    seed = check_positive_int(seed, "seed", minimum=0)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None; got {progress!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable; got {type(callback).__name__}")
+    dev = _resolve_device(device, W)
+    dtype = opts.pop("dtype", W.dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype!r}")
+    grids = _check_grids(opts.pop("grids", default_grids(m, n)), "grids", m, n)
+    block_shapes = _check_grids(
+        opts.pop("block_shapes", default_block_shapes(m, n)), "block_shapes", m, n
+    )
+    mixed_iters = check_positive_int(opts.pop("mixed_iters", 6), "mixed_iters")
+    polish_sweeps = check_positive_int(opts.pop("polish_sweeps", 3), "polish_sweeps", minimum=0)
+    prox_keys = ("lr", "structure_lr", "sigma", "penalty", "restarts")
+    prox_opts = {k: opts.pop(k) for k in prox_keys if k in opts}
+    if opts:
+        raise TypeError(
+            f"unknown option(s) {sorted(opts)} for fit_gblr; known: algorithm, grids, "
+            f"block_shapes, mixed_iters, polish_sweeps, dtype, {', '.join(prox_keys)}"
+        )
+    if progress is None:
+        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    run_prox = algorithm == "proximal" or (algorithm == "auto" and steps)
+    if run_prox and steps is None:
+        steps = 200
+
+    Wc = W.to(device=dev, dtype=dtype)
+    nrm = float(Wc.double().norm()) or 1.0
+    history: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"best": None, "err": math.inf, "stop": False, "source": None}
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="fit_gblr", unit="step", leave=False)
+
+    def record(stage: str, err: float, flops: int, comps: int, loss: float | None = None) -> None:
+        rec = {
+            "step": len(history),
+            "stage": stage,
+            "loss": err**2 if loss is None else loss,
+            "rel_error": err,
+            "flops": int(flops),
+            "components": int(comps),
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(err=f"{state['err']:.4f}", stage=stage)
+        if callback is not None and callback(rec) is False:
+            state["stop"] = True
+
+    def offer(stage: str, G: GBLR, err: float | None = None) -> None:
+        if G.flops > B:
+            return
+        if err is None:
+            err = float((Wc - G.to_dense()).double().norm()) / nrm
+        if err < state["err"]:
+            state["best"], state["err"], state["source"] = G, err, stage
+        record(stage, err, G.flops, G.num_components)
+
+    try:
+        # ---- stage 1: embedded starts
+        for name, G in embedded_candidates(Wc, B, grids, block_shapes):
+            offer(f"init:{name}", G)
+            if state["stop"]:
+                break
+        best_model: BlockModel | None = None
+        if algorithm != "embedded" and not state["stop"]:
+            for name, model, err in mixed_candidates(
+                Wc, B, grids, iters=mixed_iters, max_components=components
+            ):
+                before = state["err"]
+                offer(f"init:{name}", model.to_gblr(), err)
+                if state["err"] < before:
+                    best_model = model
+                if state["stop"]:
+                    break
+        if state["best"] is None:
+            # tiny budgets: the single best dense entries (1 x 1 components)
+            flat = Wc.abs().flatten()
+            idx = torch.topk(flat, min(B, flat.numel())).indices.tolist()
+            G = GBLR(
+                (m, n),
+                [i // n for i in idx],
+                [1] * len(idx),
+                [i % n for i in idx],
+                [1] * len(idx),
+                [Wc[i // n, i % n].reshape(1, 1) for i in idx],
+            )
+            offer("init:entries", G)
+
+        # ---- stage 2: proximal gradient on Gaudi parameters
+        if run_prox and steps and not state["stop"]:
+            from .proximal import proximal_gradient
+
+            for G, err, loss in proximal_gradient(
+                Wc,
+                B,
+                state["best"],
+                steps=steps,
+                seed=seed,
+                rank_per_component=rank_per_component,
+                components=components,
+                **prox_opts,
+            ):
+                before = state["err"]
+                offer("proximal", G, err)
+                history[-1]["loss"] = loss
+                if state["err"] < before:
+                    best_model = None
+                if state["stop"]:
+                    break
+
+        # ---- stage 3: exact polishing on the best rectangles
+        if algorithm != "embedded" and polish_sweeps and not state["stop"]:
+            model = best_model if best_model is not None else _model_from_gblr(Wc, state["best"])
+            if best_model is None:
+                model.sweep(keep_spectrum=False)  # load the factors (exact for embedded starts)
+            for _ in range(polish_sweeps):
+                err = model.sweep(keep_spectrum=False)
+                offer("bcd", model.to_gblr(), err)
+                if state["stop"]:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    G = state["best"]
+    if G.device != out_device:
+        G = G.to(device=out_device)
+    seconds = time.perf_counter() - t0
+    G.info = {
+        "algorithm": f"fit_gblr ({algorithm})",
+        "start": state["source"],
+        "rel_error": state["err"],
+        "budget_macs": B,
+        "seed": seed,
+        "steps": steps,
+        "seconds": seconds,
+    }
+    assert G.flops <= B, "fit_gblr must respect the budget"
+    return FitResult(
+        matrix=G,
+        history=history,
+        rel_error=state["err"],
+        budget=B,
+        seconds=seconds,
+        info={
+            "algorithm": algorithm,
+            "best_stage": state["source"],
+            "grids": grids,
+            "block_shapes": block_shapes,
+            "options": prox_opts,
+        },
+    )

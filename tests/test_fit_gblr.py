@@ -1,0 +1,92 @@
+"""fit_gblr: budget always respected, never worse than the formats GBLR contains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gblr_approx as ga
+from gblr_approx.budget import InfeasibleBudgetError
+
+
+def kernel_matrix(m, n, c=20.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(m, generator=gen, dtype=torch.float64).sort().values
+    y = torch.rand(n, generator=gen, dtype=torch.float64).sort().values
+    return 1.0 / (1.0 + c * (x[:, None] - y[None, :]).abs())
+
+
+def best_contained_error(W, budget):
+    m, n = W.shape
+    errs = {}
+    tries = [("lowrank", {})]
+    tries += [("blocklowrank", {"grid": g}) for g in [(2, 2), (4, 4), (8, 8), (3, 4)]]
+    tries += [("blocksparse", {"block_shape": b}) for b in [(8, 8), (16, 16), (4, 4)]]
+    for fmt, opts in tries:
+        try:
+            A = ga.project(W, fmt, budget, **opts)
+        except InfeasibleBudgetError:
+            continue
+        errs[f"{fmt}{opts}"] = ga.relative_error(W, A)
+    return min(errs.values())
+
+
+@pytest.mark.parametrize("kind", ["random", "kernel"])
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+def test_never_worse_than_contained_formats(kind, budget):
+    m, n = 48, 64
+    W = (
+        kernel_matrix(m, n)
+        if kind == "kernel"
+        else torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    )
+    res = ga.fit_gblr(W, budget, progress=False)
+    G = res.matrix
+    assert isinstance(G, ga.GBLR)
+    assert G.flops <= ga.resolve_budget(budget, m, n)
+    err = ga.relative_error(W, G)
+    assert abs(err - res.rel_error) < 1e-9
+    assert err <= best_contained_error(W, budget) + 1e-9
+
+
+def test_history_and_callback_and_project():
+    W = torch.randn(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    seen = []
+    res = ga.fit_gblr(W, 0.3, callback=seen.append, progress=False)
+    assert len(seen) == len(res.history) > 3
+    df = res.history_frame()
+    assert {"step", "stage", "loss", "rel_error", "flops", "seconds"} <= set(df.columns)
+    assert (df["flops"] <= res.budget).all()
+    assert res.rel_error == pytest.approx(df["rel_error"].min())
+    A = ga.project(W, "gblr", 0.3)
+    assert isinstance(A, ga.GBLR) and A.flops <= res.budget
+    assert ga.relative_error(W, A) == pytest.approx(res.rel_error, rel=1e-9)
+
+
+def test_callback_can_stop():
+    W = torch.randn(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    res = ga.fit_gblr(W, 0.3, callback=lambda rec: False, progress=False)
+    assert len(res.history) == 1 and res.matrix.flops <= res.budget
+
+
+def test_tiny_budget_still_feasible():
+    W = torch.randn(10, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    res = ga.fit_gblr(W, 5, progress=False)
+    assert 0 < res.matrix.flops <= 5
+    assert res.rel_error < 1.0
+
+
+def test_bad_arguments():
+    W = torch.randn(8, 8)
+    with pytest.raises(ValueError, match="budget"):
+        ga.fit_gblr(W, 1.5)
+    with pytest.raises(ValueError, match="algorithm"):
+        ga.fit_gblr(W, 0.5, algorithm="magic")
+    with pytest.raises(TypeError, match="unknown option"):
+        ga.fit_gblr(W, 0.5, learning_rate=1)
+    with pytest.raises(ValueError, match="rank_per_component"):
+        ga.fit_gblr(W, 0.5, rank_per_component=0)
+    with pytest.raises(ValueError, match="NaN"):
+        ga.fit_gblr(torch.full((4, 4), float("nan")), 0.5)
+    with pytest.raises(ValueError, match="grids"):
+        ga.fit_gblr(W, 0.5, grids=[(9, 1)])
