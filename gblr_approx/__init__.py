@@ -18,6 +18,7 @@ from .formats import (
     FORMATS,
     BlockLowRank,
     BlockSparse,
+    GBLR,
     Dense,
     LowRank,
     Monarch,
@@ -26,6 +27,8 @@ from .formats import (
     get_format,
     load,
 )
+from .fit import FitResult, fit_gblr
+from .gaudi import gaudi_mask
 from .io import load_weights
 from .metrics import relative_error
 from .projection import project
@@ -48,6 +51,10 @@ __all__ = [
     "Monarch",
     "BLAST",
     "Permuted",
+    "GBLR",
+    "gaudi_mask",
+    "fit_gblr",
+    "FitResult",
     "relative_error",
     "project",
     "load_weights",

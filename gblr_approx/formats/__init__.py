@@ -5,6 +5,7 @@ from .blast import BLAST
 from .blocklowrank import BlockLowRank
 from .blocksparse import BlockSparse
 from .dense import Dense
+from .gblr import GBLR
 from .lowrank import LowRank
 from .monarch import Monarch
 from .permuted import Permuted
@@ -22,4 +23,5 @@ __all__ = [
     "Monarch",
     "BLAST",
     "Permuted",
+    "GBLR",
 ]
