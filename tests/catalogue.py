@@ -91,6 +91,21 @@ def build_permuted(shape, dtype, gen):
     return ga.Permuted(inner, torch.randperm(m, generator=gen), torch.randperm(n, generator=gen))
 
 
+def build_gblr(shape, dtype, gen):
+    m, n = shape
+    K = 4
+    rs = torch.randint(0, m, (K,), generator=gen)  # random starts: some intervals wrap around
+    cs = torch.randint(0, n, (K,), generator=gen)
+    rw = torch.randint(1, m + 1, (K,), generator=gen)
+    cw = torch.randint(1, n + 1, (K,), generator=gen)
+    factors = []
+    for k in range(K):
+        h, w = int(rw[k]), int(cw[k])
+        r = 1 + k % 2
+        factors.append((_randn(h, r, dtype=dtype, gen=gen), _randn(w, r, dtype=dtype, gen=gen)))
+    return ga.GBLR(shape, rs, rw, cs, cw, factors)
+
+
 CATALOGUE: dict[str, Builder] = {
     "dense": build_dense,
     "lowrank": build_lowrank,
@@ -99,6 +114,7 @@ CATALOGUE: dict[str, Builder] = {
     "monarch": build_monarch,
     "blast": build_blast,
     "permuted": build_permuted,
+    "gblr": build_gblr,
 }
 
 
