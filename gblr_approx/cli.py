@@ -214,6 +214,16 @@ _exclude_opt = click.option("--exclude", "-x", multiple=True, metavar="PATTERN",
                             help="Drop tensors whose name matches (glob or 're:regex'). "
                                  "Repeatable.")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+_threads_opt = click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Torch threads (per worker for sweep). More than the free cores can make torch's "
+         "SVD far slower on a busy machine.")
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 @main.command()
@@ -260,8 +270,7 @@ def inspect(path: Path, include, exclude, matrices_only, reshape_conv, as_json) 
               help="Folder for rows.csv and sweep.json; rerunning resumes.")
 @click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel worker processes.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Torch threads per worker.")
+@_threads_opt
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--reshape-conv", is_flag=True, help="Sweep 4-D conv kernels as out x (in*kh*kw).")
 @click.option("--progress/--no-progress", default=None,
@@ -372,13 +381,14 @@ def _pick(store, name: str | None):
     return names[0]
 
 
-def _result_record(name: str, W, A, seconds: float, out: Path | None) -> dict[str, Any]:
+def _result_record(name: str, W, A, budget: float | int, seconds: float,
+                   out: Path | None) -> dict[str, Any]:
     from .metrics import relative_error
 
     m, n = W.shape
     return {
         "matrix": name, "shape": f"{m}x{n}", "format": A.format_name,
-        "budget": A.info.get("budget"), "flops": int(A.flops),
+        "budget": budget, "flops": int(A.flops),
         "budget_fraction": A.flops / (m * n), "params": int(A.num_params),
         "rel_error": relative_error(W, A), "rel_error_2": relative_error(W, A, ord=2),
         "seconds": seconds, "file": str(out) if out else None,
@@ -394,10 +404,13 @@ def _result_record(name: str, W, A, seconds: float, out: Path | None) -> dict[st
 @click.option("--name", "-n", help="Tensor to project (needed when PATH holds several).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Format option, e.g. block_shape=16,16. Repeatable.")
+@_threads_opt
 @_json_opt
-def project(path, fmt, budget, out, name, options, as_json) -> None:
+def project(path, fmt, budget, out, name, options, threads, as_json) -> None:
     """Best approximation of one matrix of PATH in a format within a budget; saves it."""
     from .projection import project as run_project
+
+    _set_threads(threads)
 
     fmt = _check_format(fmt)
     b = _parse_budget(budget)
@@ -409,7 +422,7 @@ def project(path, fmt, budget, out, name, options, as_json) -> None:
     A = run_project(W, fmt, b, **opts)
     seconds = time.perf_counter() - t0
     A.save(out)
-    rec = _result_record(name, W, A, seconds, out)
+    rec = _result_record(name, W, A, b, seconds, out)
     _print_json(rec) if as_json else _print_kv(rec)
 
 
@@ -423,10 +436,13 @@ def project(path, fmt, budget, out, name, options, as_json) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="GBLR fit option, e.g. rank_per_component=2. Repeatable.")
+@_threads_opt
 @_json_opt
-def fit(path, budget, out, name, steps, seed, options, as_json) -> None:
+def fit(path, budget, out, name, steps, seed, options, threads, as_json) -> None:
     """Fit a GBLR matrix to one matrix of PATH within a budget; saves it."""
     import gblr_approx as ga
+
+    _set_threads(threads)
 
     b = _parse_budget(budget)
     opts = dict(_parse_kv(o, "--option") for o in options)
@@ -444,7 +460,7 @@ def fit(path, budget, out, name, steps, seed, options, as_json) -> None:
         A = ga.project(W, "gblr", b, seed=seed, **opts)
     seconds = time.perf_counter() - t0
     A.save(out)
-    rec = _result_record(name, W, A, seconds, out)
+    rec = _result_record(name, W, A, b, seconds, out)
     _print_json(rec) if as_json else _print_kv(rec)
 
 
@@ -455,8 +471,9 @@ def fit(path, budget, out, name, steps, seed, options, as_json) -> None:
 @click.option("--min-tail", type=click.IntRange(min=2), default=10, show_default=True,
               help="Fewest eigenvalues in the power-law tail.")
 @click.option("--values", is_flag=True, help="With --json, include the singular values.")
+@_threads_opt
 @_json_opt
-def spectrum(path, include, exclude, min_tail, values, as_json) -> None:
+def spectrum(path, include, exclude, min_tail, values, threads, as_json) -> None:
     """Spectral statistics of every matrix of PATH (default: the embedded MiniLM sample).
 
     Norms, stable rank, effective (entropy) rank, ranks for 90/95/99 % of the energy and the
@@ -464,6 +481,8 @@ def spectrum(path, include, exclude, min_tail, values, as_json) -> None:
     """
     from .analysis.spectrum import POWERLAW_METHOD
     from .analysis.spectrum import spectrum as run_spectrum
+
+    _set_threads(threads)
 
     if path is None:
         from .datasets import minilm_sample
@@ -507,10 +526,13 @@ def spectrum(path, include, exclude, min_tail, values, as_json) -> None:
 @click.option("--budget", "-b", help="Budget for a lossy conversion (fraction or MACs).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the converted matrix here (.safetensors).")
+@_threads_opt
 @_json_opt
-def convert(file, target, budget, out, as_json) -> None:
+def convert(file, target, budget, out, threads, as_json) -> None:
     """Convert a saved structured matrix (from `project`/`fit`) to another format."""
     from .formats.base import load
+
+    _set_threads(threads)
 
     target = _check_format(target, "--to")
     b = _parse_budget(budget) if budget is not None else None
