@@ -184,3 +184,23 @@ def test_sweep_killed_and_resumed(tmp_path):
     for key, line in before.items():
         assert final[key] == line.rsplit(",", 1)[1]
     assert rows_file.read_text().count("\n") == 61
+
+
+def test_fit_gblr_in_process(ckpt, tmp_path):
+    import gblr_approx as ga
+
+    if "gblr" not in ga.FORMATS:
+        pytest.skip("GBLR format not installed yet")
+    out = tmp_path / "g.safetensors"
+    res = CliRunner().invoke(main, ["fit", str(ckpt), "-n", "enc.1.fc.weight", "-b", "0.5",
+                                    "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output)
+    assert rec["format"] == "gblr" and rec["budget"] == 0.5 and rec["flops"] <= 320
+    G = ga.load(out)
+    W = ga.load_weights(ckpt)["enc.1.fc.weight"]
+    assert rec["rel_error"] == pytest.approx(ga.relative_error(W, G), rel=1e-6)
+    # GBLR contains low-rank at the same cost: its error is no worse than the SVD's
+    s = torch.linalg.svdvals(W.double())
+    r = 160 // 52
+    assert rec["rel_error"] <= float(s[r:].norm() / s.norm()) + 1e-6

@@ -208,3 +208,12 @@ def test_bad_arguments_fail_before_any_fit(counting):
     with pytest.raises(FileNotFoundError):
         ga.sweep("/no/such/checkpoint.safetensors", ["lowrank"], [0.5])
     assert CALLS == []
+
+
+def test_default_formats_are_the_fast_projections():
+    from gblr_approx.analysis.sweep import default_formats
+
+    fmts = default_formats()
+    assert fmts[:4] == ["lowrank", "blocksparse", "blocklowrank", "monarch"]
+    assert "dense" not in fmts and "blast" not in fmts
+    assert set(fmts) <= set(FORMATS)
