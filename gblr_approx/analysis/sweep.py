@@ -765,7 +765,8 @@ def sweep(
         if writer is not None:
             writer.write(row)
         finished[_row_key(row)] = row
-        bar.set_postfix_str(f"{row['matrix'][-30:]} {row['format']}", refresh=False)
+        name = row["matrix"] if len(row["matrix"]) <= 32 else "..." + row["matrix"][-29:]
+        bar.set_postfix_str(f"{name} {row['format']}", refresh=False)
         bar.update(1)
 
     try:
