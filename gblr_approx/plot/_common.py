@@ -125,3 +125,43 @@ def ordered_unique(values: Iterable[Any]) -> list[Any]:
     for v in values:
         seen.setdefault(v, None)
     return list(seen)
+
+
+def plain_log_labels(axis: Any) -> None:
+    """Label a log axis with plain numbers (0.3, 0.5, 1) instead of 3 x 10^-1.
+
+    Major ticks (powers of ten) are always labelled; minor ticks are labelled when the axis
+    spans at most 1.2 decades (at 2, 3 and 5 times a power of ten; all of them below 0.6
+    decades), else they would crowd.
+    Values outside [0.001, 10^4) are written as powers of ten.
+    """
+    import math
+
+    from matplotlib.ticker import Formatter
+
+    def plain(x: float) -> str:
+        if 1e-3 <= x < 1e4:
+            return f"{x:g}"
+        k = math.log10(x)
+        return f"$10^{{{round(k)}}}$" if abs(k - round(k)) < 1e-9 else f"{x:.0e}"
+
+    class _Plain(Formatter):
+        def __init__(self, minor: bool) -> None:
+            self.minor = minor
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            if not x > 0:
+                return ""
+            if self.minor:
+                lo, hi = self.axis.get_view_interval()
+                span = math.log10(hi / lo) if lo > 0 and hi > lo else math.inf
+                if span > 1.2:
+                    return ""
+                subs = (2, 3, 5) if span > 0.6 else (2, 3, 4, 5, 6, 7, 8, 9)
+                mant = x / 10 ** math.floor(math.log10(x) + 1e-9)
+                if min(abs(mant - s) for s in subs) > 1e-6:
+                    return ""
+            return plain(x)
+
+    axis.set_major_formatter(_Plain(minor=False))
+    axis.set_minor_formatter(_Plain(minor=True))

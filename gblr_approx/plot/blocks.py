@@ -286,10 +286,12 @@ def budget_allocation(
         if ax is None:
             from .style import new_figure
 
-            h = height or min(0.9 + 0.16 * len(order) * max(nf, 1.5), 9.0)
+            h = height or min(1.1 + 0.085 * len(order) * max(nf, 2.5), 9.0)
             fig, ax = new_figure(width, h)
+            own = True
         else:
             fig = figure_of(ax)
+            own = False
         bar_h = 0.8 / nf
         seen: set[str] = set()
         for i, name in enumerate(order):
@@ -328,9 +330,12 @@ def budget_allocation(
                 labs.append("not reached")
             head = (f"cheapest fit with {_error_symbol(error)} $\\leq$ {target_error:g}"
                     if target_error is not None else None)
-            ax.legend(handles, labs, loc="lower left", bbox_to_anchor=(0.0, 1.0),
-                      ncols=min(len(labs), 3), title=head, alignment="left",
-                      borderaxespad=0.2)
+            ncols = min(len(labs), 3)
+            if own:  # centred above the whole figure: never clipped by long layer names
+                fig.legend(handles, labs, loc="outside upper center", ncols=ncols, title=head)
+            else:
+                ax.legend(handles, labs, loc="lower left", bbox_to_anchor=(0.0, 1.0),
+                          ncols=ncols, title=head, alignment="left", borderaxespad=0.2)
     return fig
 
 

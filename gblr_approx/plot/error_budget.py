@@ -14,6 +14,7 @@ from ._common import (
     figure_of,
     maybe_style,
     ordered_unique,
+    plain_log_labels,
     select,
 )
 from .style import format_color, format_key, format_label, format_marker, format_sort_key
@@ -201,6 +202,7 @@ def _set_scales(ax: Any, *, logx: bool, logy: bool) -> None:
         ax.set_xlim(left=0)
     if logy:
         ax.set_yscale("log")
+        plain_log_labels(ax.yaxis)
     else:
         ax.set_ylim(bottom=0)
 

@@ -15,6 +15,7 @@ from ._common import (
     figure_of,
     maybe_style,
     ordered_unique,
+    plain_log_labels,
     select,
     short_names,
 )
@@ -123,6 +124,7 @@ def layer_grid(
             a.set_title(t, fontsize="small")
             if logy:
                 a.set_yscale("log")
+                plain_log_labels(a.yaxis)
             if logx:
                 a.set_xscale("log")
         if not logx:

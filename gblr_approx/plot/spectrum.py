@@ -200,15 +200,16 @@ def spectrum(
                 a.set_xlabel(INDEX_LABELS[x])
                 a.set_xlim(left=0)
                 if layout == "grid" and label and q == 0:
-                    a.set_title(label)
+                    a.set_title(label, fontsize="small")
         for a in panels[:n_panels_needed]:
             if a.get_ylabel() == ENERGY_LABEL:
                 for lv in energy_levels:
                     a.axhline(float(lv), color="#888888", linewidth=0.5, linestyle=":",
                               zorder=1, label="_nolegend_")
-                    a.annotate(f"{100 * float(lv):g} %", xy=(1.0, float(lv)),
-                               xycoords=("axes fraction", "data"), xytext=(-2, -2),
-                               textcoords="offset points", ha="right", va="top",
+                    # at the left, where energy curves (rising from 0) leave room
+                    a.annotate(f"{100 * float(lv):g} %", xy=(0.0, float(lv)),
+                               xycoords=("axes fraction", "data"), xytext=(3, -1.5),
+                               textcoords="offset points", ha="left", va="top",
                                fontsize="x-small", color="#555555")
         if layout == "grid":
             _outer_labels_only(panels[:n_panels_needed], ncols, len(quantities))
