@@ -105,6 +105,16 @@ def default_formats() -> list[str]:
     return [f for f in _DEFAULT_FORMAT_ORDER if f in FORMATS and _has_projection(FORMATS[f])]
 
 
+def _takes_seed(cls: type[StructuredMatrix]) -> bool:
+    """Whether ``cls.project`` takes ``seed=``: a named parameter, or documented in its
+    docstring when it forwards ``**options`` (e.g. GBLR to ``fit_gblr``)."""
+    params = inspect.signature(cls.project).parameters
+    if "seed" in params:
+        return True
+    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return forwards and "``seed``" in (cls.project.__doc__ or "")
+
+
 def _has_projection(cls: type[StructuredMatrix]) -> bool:
     return cls.project.__func__ is not StructuredMatrix.project.__func__
 
@@ -655,7 +665,10 @@ def sweep(
         is restarted. Formats registered at run time (not on import) exist only with
         ``workers=1``.
     seed : int, default 0
-        ``torch.manual_seed(seed)`` before every fit, and ``seed=`` for formats that take it.
+        ``torch.manual_seed(seed)`` before every fit, and ``seed=`` for formats whose
+        ``project`` takes it (a named parameter, or a documented ``seed`` option of a
+        projection forwarding ``**options``, such as gblr's); an explicit ``seed`` in
+        ``options`` wins.
     progress : bool, optional
         Overall tqdm progress bar on stderr; default: only when stderr is a terminal.
     include, exclude : str or sequence of str, optional
@@ -733,8 +746,7 @@ def sweep(
         raise ValueError("matrix names must be unique")
 
     plan = _Plan(sources, canon, blist, opts, seed,
-                 pass_seed={f: "seed" in inspect.signature(FORMATS[f].project).parameters
-                            for f in canon})
+                 pass_seed={f: _takes_seed(FORMATS[f]) for f in canon})
     tasks = list(plan.tasks())
 
     finished: dict[tuple, dict[str, Any]] = {}
