@@ -361,7 +361,9 @@ def test_budget_allocation_from_sweep(table, tmp_path):
     fig = gp.budget_allocation(table, target_error=1e-6, formats=["gblr"])
     ax = fig.axes[0]
     assert all(p.get_hatch() for p in ax.patches if isinstance(p, Rectangle))
-    assert "not reached" in [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = fig.legends[0]  # above the figure, titled with the target
+    assert "not reached" in [t.get_text() for t in legend.get_texts()]
+    assert "1e-06" in legend.get_title().get_text()
 
 
 def test_budget_allocation_from_fitted_matrices():
@@ -379,8 +381,7 @@ def test_budget_allocation_from_fitted_matrices():
 def test_a_format_keeps_its_colour_across_figures(table):
     evb = _lines(gp.error_vs_budget(table).axes[0])
     grid = gp.layer_grid(table).axes[0]
-    alloc = gp.budget_allocation(table, target_error=0.9).axes[0]
-    leg = alloc.get_legend()
+    leg = gp.budget_allocation(table, target_error=0.9).legends[0]
     bar_colour = {t.get_text(): to_hex(h.get_facecolor())
                   for t, h in zip(leg.get_texts(), leg.legend_handles, strict=True)}
     for fmt in FORMATS:
