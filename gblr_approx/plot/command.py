@@ -184,7 +184,7 @@ def _load_weights(path: Path | None, include: Sequence[str], exclude: Sequence[s
 @click.option("--best", is_flag=True, help="budget-allocation: only the cheapest format per layer.")
 @click.option("--grid", "grid_text", default="8,8", show_default=True,
               help="block-energy: row blocks x column blocks.")
-@click.option("--x", "x_axis", type=click.Choice(["index", "fraction"]), default="index",
+@click.option("--x-axis", "x_axis", type=click.Choice(["index", "fraction"]), default="index",
               show_default=True, help="spectrum: x axis as index i or i / min(m, n).")
 @click.option("--layout", type=click.Choice(["overlay", "grid"]), default="overlay",
               show_default=True, help="spectrum: overlay layers or one panel per layer.")

@@ -170,7 +170,10 @@ def gblr_layout(
         else:
             fig = figure_of(ax)
         base = colormaps[cmap]
-        colors = ["#FFFFFF"] + [base(0.2 + 0.7 * (i - 1) / max(vmax - 1, 1))
+        # 0 is white; 1..vmax run from light to mid-dark (never black, so the outlines and
+        # the structure stay visible when most of the matrix is covered several times).
+        top = 0.45 + 0.35 * min(vmax - 1, 4) / 4
+        colors = ["#FFFFFF"] + [base(0.18 + (top - 0.18) * (i - 1) / max(vmax - 1, 1))
                                 for i in range(1, vmax + 1)]
         cm = ListedColormap(colors)
         norm = BoundaryNorm(np.arange(-0.5, vmax + 1.5), cm.N)
