@@ -13,6 +13,7 @@ from .analysis import (
     sweep,
 )
 from .budget import InfeasibleBudgetError, resolve_budget
+from .convert import convert
 from .formats import (
     BLAST,
     FORMATS,
@@ -51,6 +52,7 @@ __all__ = [
     "Monarch",
     "BLAST",
     "Permuted",
+    "convert",
     "GBLR",
     "gaudi_mask",
     "fit_gblr",

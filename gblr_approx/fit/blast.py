@@ -39,6 +39,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,9 @@ def balanced_splits(size: int, parts: int) -> list[int]:
     return out
 
 
-def spd_solve(P: torch.Tensor, G: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+def spd_solve(
+    P: torch.Tensor, G: torch.Tensor, eps: float | torch.Tensor, overwrite: bool = False
+) -> torch.Tensor:
     """Solve ``(P + eps I) X = G`` for a batch of symmetric positive semi-definite ``P``.
 
     Parameters
@@ -74,6 +77,9 @@ def spd_solve(P: torch.Tensor, G: torch.Tensor, eps: float | torch.Tensor) -> to
         Right-hand sides.
     eps : float or 0-d tensor
         Damping ``>= 0``.
+    overwrite : bool
+        Add ``eps`` to the diagonal of ``P`` in place (saves a copy; ``P`` then holds
+        ``P + eps I`` on return, unless the rare jitter path is taken, which leaves it so too).
 
     Uses batched Cholesky (``torch.linalg.cholesky_ex`` + ``torch.cholesky_solve``). If a
     factorisation fails (``P + eps I`` numerically singular), a jitter of ``1e-6`` (float32) or
@@ -82,11 +88,14 @@ def spd_solve(P: torch.Tensor, G: torch.Tensor, eps: float | torch.Tensor) -> to
     """
     if not math.isfinite(float(eps)):
         return torch.full_like(G, float("nan"))
-    Pd = P.clone()
+    Pd = P if overwrite else P.clone()
     Pd.diagonal(dim1=-2, dim2=-1).add_(float(eps))
     L, info = torch.linalg.cholesky_ex(Pd)
     if not bool(info.any()):
         return torch.cholesky_solve(G, L)
+    if overwrite:
+        P = P.clone()
+        P.diagonal(dim1=-2, dim2=-1).sub_(float(eps))
     # rare path: a numerically singular system, or non-finite entries
     if not bool(torch.isfinite(P).all()):
         # let the caller's finiteness check see it rather than failing inside LAPACK
@@ -144,6 +153,25 @@ class BlastFitResult:
     seconds: float = 0.0
 
 
+#: Below this many MACs per product ``A_blocks @ C^T`` (``m n r``), the fit runs on one thread:
+#: its operations are then too small for intra-op parallelism to pay, and on a busy machine
+#: every parallel region can wait for a time slice (observed: 50x slower with 2 threads).
+SINGLE_THREAD_BELOW = 4_000_000
+
+
+@contextmanager
+def _limit_threads(limit: bool):
+    if not limit or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _progress_enabled(progress: bool | None) -> bool:
     if progress is not None:
         return bool(progress)
@@ -194,6 +222,39 @@ def fit_blast_factors(
     rank: int,
     row_splits: list[int],
     col_splits: list[int],
+    **options: Any,
+) -> BlastFitResult:
+    """Fit ``A`` by a BLAST matrix of rank ``rank`` on the given block grid.
+
+    Parameters
+    ----------
+    A : (m, n) float tensor
+        Validated, finite. Computation happens in its dtype and on its device.
+    rank : int
+        ``r >= 1``.
+    row_splits, col_splits : list[int]
+        Block boundaries ``[0, ..., m]`` and ``[0, ..., n]`` (any sizes).
+    **options
+        ``steps`` (300), ``lr`` (1.8), ``end_factor`` (0.0), ``damping`` (0.01), ``prune``
+        (0.0), ``nonnegative`` (False), ``init`` ("svd"), ``tol`` (0.0), ``seed`` (0),
+        ``progress`` (None), ``callback`` (None); see :func:`_fit` below for their meaning.
+        Small problems (``m n r`` below :data:`SINGLE_THREAD_BELOW`) run on one CPU thread.
+
+    Returns
+    -------
+    BlastFitResult
+    """
+    m, n = A.shape
+    small = A.device.type == "cpu" and m * n * int(rank) < SINGLE_THREAD_BELOW
+    with _limit_threads(small):
+        return _fit(A, rank, row_splits, col_splits, **options)
+
+
+def _fit(
+    A: torch.Tensor,
+    rank: int,
+    row_splits: list[int],
+    col_splits: list[int],
     *,
     steps: int = 300,
     lr: float = 1.8,
@@ -229,7 +290,10 @@ def fit_blast_factors(
         ``A / rms(A)``, so ``delta`` is scale-free).
     prune : float
         ``lambda >= 0``: group soft-threshold of each rank slice of ``s`` after each step,
-        ``s[..., t] *= max(0, 1 - lambda * lr_t / ||s[..., t]||_F)``. With ``prune > 0`` the
+        ``s[..., t] *= max(0, 1 - lambda * lr_t * ||A||_F / ||s[..., t]||_F)`` after moving
+        each rank's scale into ``s`` (unit-norm columns of ``B`` and rows of ``C``), so
+        ``lambda`` is relative to ``||A||_F``; a slice that reaches zero
+        stays zero (the rank is pruned). With ``prune > 0`` the
         last finite iterate is returned (not the one of least error), so the SVD guarantee
         does not hold.
     nonnegative : bool
@@ -303,27 +367,37 @@ def fit_blast_factors(
     else:
         raise ValueError(f"init must be 'svd', 'random' or a (U, V, S) tuple; got {init!r}")
 
-    Ab, p, q = _to_blocks(An, rs, cs)  # (b1, b2, p, q)
+    Ab, p, q = _to_blocks(An, rs, cs)  # (b1, b2, p, q), zero-padded
+    # two layouts of the padded matrix so that the products are few large matmuls
+    A_rows = Ab.permute(0, 2, 1, 3).reshape(b1, p, b2 * q)  # row block i: (p, N)
+    A_cols = Ab.permute(1, 0, 2, 3).reshape(b2, b1 * p, q)  # column block j: (M, q)
+    del Ab
     Bp = _pad_rows(U0, rs, p)  # (b1, p, r)
     Cp = _pad_rows(V0, cs, q).transpose(1, 2).contiguous()  # (b2, r, q)
     S = S0.clone()  # (b1, b2, r)
+    f64 = torch.float64
 
-    def loss_from(d: torch.Tensor, Mq: float) -> float:
-        # ||A||^2 - 2 <A, A_hat> + ||A_hat||^2 with <A, A_hat> = sum d
-        return normA2 - 2.0 * float(d.to(torch.float64).sum()) + Mq
+    def dot(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.sum(x * y, dtype=f64))
+
+    def row_products(B: torch.Tensor) -> torch.Tensor:
+        """``H[i, r, j, q] = (B_i^T A_ij)[r, q]``: ``b1`` products ``(r, p) @ (p, N)``."""
+        return (B.mT @ A_rows).view(b1, r, b2, q)
 
     def full_loss(B: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> float:
-        H = B.mT.unsqueeze(1) @ Ab  # (b1, b2, r, q)
-        d = (H * C.unsqueeze(0)).sum(-1) * s  # (b1, b2, r)
-        Gb = B.mT @ B
-        Gc = C @ C.mT
-        M = Gb.unsqueeze(1) * Gc.unsqueeze(0)
-        quad = float(torch.einsum("ijr,ijrs,ijs->", s, M, s).to(torch.float64))
-        return loss_from(d, quad)
+        H = row_products(B)
+        d = torch.einsum("irjq,jrq->ijr", H, C)  # diag(B_i^T A_ij C_j^T)
+        M = (B.mT @ B).unsqueeze(1) * (C @ C.mT).unsqueeze(0)
+        quad = dot(s, (M @ s.unsqueeze(-1)).squeeze(-1))
+        return normA2 - 2.0 * dot(s, d) + quad
 
     def rel(loss: float) -> float:
         return math.sqrt(max(loss, 0.0) / normA2)
 
+    def damp(inner: float, quad: float) -> float:
+        return damping * math.sqrt(max(normA2 - 2.0 * inner + quad, 0.0))
+
+    alive = torch.ones(r, dtype=torch.bool, device=dev)  # ranks not pruned yet
     loss0 = full_loss(Bp, Cp, S)
     best = (loss0, 0, Bp.clone(), Cp.clone(), S.clone())
     history: list[dict[str, float]] = [
@@ -339,44 +413,47 @@ def fit_blast_factors(
 
     for t in range(steps):
         lr_t = lr * (1.0 - (1.0 - end_factor) * t / max(steps, 1))
-        # ---------------- B step
+        # ---------------- B step: B_i <- B_i - lr (B_i P_i - Y_i)(P_i + eps I)^-1
         Gc = Cp @ Cp.mT  # (b2, r, r)
-        T = Ab @ Cp.mT.unsqueeze(0)  # (b1, b2, p, r) = A_ij C_j^T
-        Y = (T * S.unsqueeze(2)).sum(1)  # (b1, p, r)
+        T = (A_cols @ Cp.mT).view(b2, b1, p, r)  # T[j, i] = A_ij C_j^T
+        Y = torch.einsum("jipr,ijr->ipr", T, S)  # (b1, p, r)
         P = torch.einsum("ijr,ijs,jrs->irs", S, S, Gc)  # (b1, r, r)
-        inner = float((Bp * Y).to(torch.float64).sum())
-        quad = float((((Bp.mT @ Bp) * P).to(torch.float64)).sum())
-        eps = damping * math.sqrt(max(normA2 - 2 * inner + quad, 0.0))
-        G = Bp @ P - Y  # (b1, p, r)
-        Bp = Bp - lr_t * spd_solve(P, G.mT, eps).mT
-        # ---------------- C step
+        eps = damp(dot(Bp, Y), dot(Bp.mT @ Bp, P))
+        G = Bp @ P - Y
+        Bp = Bp - lr_t * spd_solve(P, G.mT, eps, overwrite=True).mT
+        # ---------------- C step: C_j <- C_j - lr (Q_j + eps I)^-1 (Q_j C_j - Z_j)
         Gb = Bp.mT @ Bp  # (b1, r, r)
-        H = Bp.mT.unsqueeze(1) @ Ab  # (b1, b2, r, q) = B_i^T A_ij
-        Z = (H * S.unsqueeze(-1)).sum(0)  # (b2, r, q)
+        H = row_products(Bp)  # H[i, :, j, :] = B_i^T A_ij
+        Z = torch.einsum("irjq,ijr->jrq", H, S)  # (b2, r, q)
         Q = torch.einsum("ijr,ijs,irs->jrs", S, S, Gb)  # (b2, r, r)
-        inner = float((Cp * Z).to(torch.float64).sum())
-        quad = float((((Cp @ Cp.mT) * Q).to(torch.float64)).sum())
-        eps = damping * math.sqrt(max(normA2 - 2 * inner + quad, 0.0))
+        eps = damp(dot(Cp, Z), dot(Cp @ Cp.mT, Q))
         G = Q @ Cp - Z
-        Cp = Cp - lr_t * spd_solve(Q, G, eps)
-        # ---------------- s step
+        Cp = Cp - lr_t * spd_solve(Q, G, eps, overwrite=True)
+        # ---------------- s step: s_ij <- s_ij - lr (M_ij + eps I)^-1 (M_ij s_ij - d_ij)
         Gc = Cp @ Cp.mT
-        dvec = (H * Cp.unsqueeze(0)).sum(-1)  # (b1, b2, r) = diag(B_i^T A_ij C_j^T)
-        M = Gb.unsqueeze(1) * Gc.unsqueeze(0)  # (b1, b2, r, r)
+        dvec = torch.einsum("irjq,jrq->ijr", H, Cp)  # diag(B_i^T A_ij C_j^T)
+        M = Gb.unsqueeze(1) * Gc.unsqueeze(0)  # (b1, b2, r, r) = Gb_i * Gc_j
         Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
-        inner = float((S * dvec).to(torch.float64).sum())
-        quad = float((S * Ms).to(torch.float64).sum())
-        eps = damping * math.sqrt(max(normA2 - 2 * inner + quad, 0.0))
+        eps = damp(dot(S, dvec), dot(S, Ms))
         G = Ms - dvec
-        S = S - lr_t * spd_solve(M, G.unsqueeze(-1), eps).squeeze(-1)
+        S = S - lr_t * spd_solve(M, G.unsqueeze(-1), eps, overwrite=True).squeeze(-1)
+        # M now holds M + eps I
         if nonnegative:
             S = S.clamp_min(0)
         if prune > 0:
+            # put each rank's scale into s (unit-norm columns of B and rows of C; A_hat is
+            # unchanged), so that ||s[..., t]|| measures that rank's weight, then shrink
+            nb = torch.linalg.vector_norm(Bp, dim=(0, 1)).clamp_min(1e-30)
+            nc = torch.linalg.vector_norm(Cp, dim=(0, 2)).clamp_min(1e-30)
+            Bp, Cp, S = Bp / nb, Cp / nc[:, None], S * (nb * nc)
             norms = torch.linalg.vector_norm(S, dim=(0, 1))
-            S = S * (1 - prune * lr_t / norms.clamp_min(1e-30)).clamp_min(0)
+            thresh = prune * lr_t * math.sqrt(normA2)
+            shrink = (1 - thresh / norms.clamp_min(1e-30)).clamp_min(0)
+            alive = alive & (shrink > 0)  # a pruned rank stays pruned
+            S = S * (shrink * alive)
         # ---------------- loss after the iteration (cheap, from Gram matrices)
         Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
-        loss = loss_from(S * dvec, float((S * Ms).to(torch.float64).sum()))
+        loss = normA2 - 2.0 * dot(S, dvec) + dot(S, Ms) - eps * dot(S, S)
         # a NaN/Inf anywhere in B or C reaches the Gram matrices and hence the loss
         finite = math.isfinite(loss) and bool(torch.isfinite(S).all())
         if not finite:
