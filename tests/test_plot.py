@@ -438,6 +438,8 @@ def test_command_from_csv_and_json(table, tmp_path):
     assert res.exit_code == 0, res.output
     res = _invoke([csv, "--out", tmp_path / "x.pdf", "--matrix", "nope"])
     assert res.exit_code == 2 and "nope" in res.output
+    res = _invoke([csv, "--kind", "budget-allocation", "--out", tmp_path / "y.pdf"])
+    assert res.exit_code == 2 and "--target-error" in res.output
 
 
 def test_command_matrix_kinds(tmp_path):

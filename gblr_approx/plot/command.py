@@ -249,6 +249,12 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
             fig = layer_grid(df, matrix=chosen, formats=fmts, error=error, logy=logy, logx=logx,
                              width=width, height=height)
         else:
+            ok = df[df["status"].astype(str) == "ok"] if "status" in df.columns else df
+            if target_error is None and ok.duplicated(["matrix", "format"]).any():
+                raise click.UsageError(
+                    "the table has several fits per layer and format: give --target-error "
+                    "(e.g. --target-error 0.3) to pick the cheapest fit reaching it"
+                )
             fig = budget_allocation(df, target_error=target_error, error=error, formats=fmts,
                                     matrix=chosen, best=best, width=width, height=height,
                                     title=title)
