@@ -481,3 +481,25 @@ def test_gallery_figure_functions(tmp_path):
         assert fig.get_size_inches()[0] == pytest.approx(gp.WIDTHS[width]), name
         assert gp.save_figure(fig, tmp_path / f"{name}.png", dpi=60).stat().st_size > 1000
         plt.close(fig)
+
+
+def test_every_function_draws_into_given_axes(table):
+    """ax= is honoured everywhere: same figure back, nothing new opened."""
+    fig, axes = plt.subplots(3, 3)
+    axes = axes.ravel()
+    n_figs = len(plt.get_fignums())
+    W = torch.randn(24, 32, generator=torch.Generator().manual_seed(7))
+    calls = [
+        lambda: gp.error_vs_budget(table, ax=axes[0]),
+        lambda: gp.spectrum(W, ax=axes[1]),
+        lambda: gp.gblr_layout(_stand_in_gblr(), ax=axes[2], colorbar=False),
+        lambda: gp.block_energy(W, 4, ax=axes[3], colorbar=False),
+        lambda: gp.budget_allocation(table, ax=axes[4], target_error=0.7),
+        lambda: gp.layer_grid(table, ax=axes[5:8]),
+    ]
+    if hasattr(ga, "gaudi_mask"):
+        calls.append(lambda: gp.gaudi_mask(ax=axes[8]))
+    for call in calls:
+        assert call() is fig
+    assert len(plt.get_fignums()) == n_figs
+    assert all(a.has_data() for a in axes[: len(calls) + 2])
