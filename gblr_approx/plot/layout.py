@@ -11,6 +11,8 @@ from .style import format_color
 
 __all__ = ["gblr_layout", "component_rectangles", "coverage"]
 
+_AUTO_OUTLINE_MAX = 40
+
 
 def _params(G: Any) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                              np.ndarray]:
@@ -107,9 +109,9 @@ def gblr_layout(
     ax: Any = None,
     *,
     weight: str = "count",
-    outline: bool = True,
+    outline: bool | None = None,
     colorbar: bool = True,
-    cmap: str = "Greys",
+    cmap: str = "Blues",
     title: str | None = None,
     width: str | float = "single",
     height: float | None = None,
@@ -130,12 +132,14 @@ def gblr_layout(
         Axes to draw into (your style is kept); a new figure in the gblr style otherwise.
     weight : {"count", "rank"}
         Shade by the number of covering components, or by the sum of their ranks.
-    outline : bool
-        Outline each component's rectangle(s).
+    outline : bool, optional
+        Outline each component's rectangle(s) in the GBLR colour. Default: when there are at
+        most 40 non-empty components (beyond that the outlines hide the shading).
     colorbar : bool
         Add a colour bar with integer ticks.
     cmap : str
-        Sequential colour map; 0 is drawn white, more overlap is darker.
+        Sequential colour map for 1, 2, ... covering components (default Blues: light for
+        one, darker for more, away from the vermillion outlines); 0 is drawn white.
     title : str, optional
         Axes title.
     width : {"single", "double"} or float
@@ -170,15 +174,22 @@ def gblr_layout(
         else:
             fig = figure_of(ax)
         base = colormaps[cmap]
-        # 0 is white; 1..vmax run from light to mid-dark (never black, so the outlines and
-        # the structure stay visible when most of the matrix is covered several times).
-        top = 0.45 + 0.35 * min(vmax - 1, 4) / 4
-        colors = ["#FFFFFF"] + [base(0.18 + (top - 0.18) * (i - 1) / max(vmax - 1, 1))
+        # 0 is white; 1..vmax use the whole colour map, so contrast does not fade when many
+        # components overlap (a few levels use its light half only).
+        # The ramp runs from the least to the most covered entry (counts that do not occur
+        # below it take its first colour), so a matrix covered 20 to 40 times still shows
+        # its structure.
+        lo = int(cov[cov > 0].min()) if np.any(cov > 0) else 1
+        span = max(vmax - lo, 1)
+        top = 0.6 + 0.4 * min(vmax - lo, 8) / 8
+        colors = ["#FFFFFF"] + [base(0.25 + (top - 0.25) * max(i - lo, 0) / span)
                                 for i in range(1, vmax + 1)]
         cm = ListedColormap(colors)
         norm = BoundaryNorm(np.arange(-0.5, vmax + 1.5), cm.N)
         im = ax.imshow(cov, cmap=cm, norm=norm, extent=(0, n, m, 0), interpolation="nearest",
                        aspect="equal")
+        if outline is None:
+            outline = sum(1 for p in rects if p) <= _AUTO_OUTLINE_MAX
         if outline:
             edge = format_color("gblr")
             for pieces in rects:
