@@ -165,3 +165,18 @@ def plain_log_labels(axis: Any) -> None:
 
     axis.set_major_formatter(_Plain(minor=False))
     axis.set_minor_formatter(_Plain(minor=True))
+
+
+def legend_columns(labels: Sequence[str], width_in: float, *, fontsize_pt: float = 7.0,
+                   limit: int = 7) -> int:
+    """How many legend columns of ``labels`` (with line+marker handles) fit in ``width_in``.
+
+    A rough estimate (average glyph width 0.55 em, handle and spacing 2.6 em) that errs on
+    the side of fewer columns, so a legend above a single-column figure is not clipped.
+    """
+    if not labels:
+        return 1
+    em = fontsize_pt / 72.0
+    longest = max(len(str(s)) for s in labels)
+    entry = (0.58 * longest + 2.8) * em
+    return max(1, min(len(labels), limit, int(width_in // entry)))

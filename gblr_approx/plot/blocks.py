@@ -11,6 +11,7 @@ from ._common import (
     BUDGET_LABEL,
     check_sweep,
     figure_of,
+    legend_columns,
     maybe_style,
     ordered_unique,
     select,
@@ -330,7 +331,8 @@ def budget_allocation(
                 labs.append("not reached")
             head = (f"cheapest fit with {_error_symbol(error)} $\\leq$ {target_error:g}"
                     if target_error is not None else None)
-            ncols = min(len(labs), 3)
+            ncols = legend_columns(labs, fig.get_size_inches()[0] * (1.0 if own else 0.6),
+                                   limit=3)
             if own:  # centred above the whole figure: never clipped by long layer names
                 fig.legend(handles, labs, loc="outside upper center", ncols=ncols, title=head)
             else:

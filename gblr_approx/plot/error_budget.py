@@ -12,6 +12,7 @@ from ._common import (
     check_sweep,
     error_label,
     figure_of,
+    legend_columns,
     maybe_style,
     ordered_unique,
     plain_log_labels,
@@ -210,8 +211,9 @@ def _set_scales(ax: Any, *, logx: bool, logy: bool) -> None:
 def _place_legend(ax: Any, where: str | bool) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if where == "outside":
+        width = ax.get_position().width * figure_of(ax).get_size_inches()[0]
         ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.01, 1.0, 0.2),
-                  mode="expand", ncols=min(len(labels), 4), borderaxespad=0.0)
+                  mode="expand", ncols=legend_columns(labels, width), borderaxespad=0.0)
     elif where == "right":
         ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:

@@ -13,6 +13,7 @@ from ._common import (
     check_sweep,
     error_label,
     figure_of,
+    legend_columns,
     maybe_style,
     ordered_unique,
     plain_log_labels,
@@ -140,8 +141,10 @@ def layer_grid(
             fig.supxlabel(BUDGET_LABEL, fontsize="medium")
             fig.supylabel(error_label(error), fontsize="medium")
             if legend and fmts:
-                fig.legend(handles=format_handles(fmts), loc="outside upper center",
-                           ncols=min(len(fmts), 7))
+                handles = format_handles(fmts)
+                ncols = legend_columns([h.get_label() for h in handles],
+                                       fig.get_size_inches()[0])
+                fig.legend(handles=handles, loc="outside upper center", ncols=ncols)
         else:
             for a in panels[:k]:
                 a.set_xlabel(BUDGET_LABEL)
