@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/blast.py [--threads 2] [--steps 300] [--layers query,intermediate]
+    python benchmarks/blast.py [--threads 2] [--steps 200] [--layers query,intermediate]
                                [--budgets 0.1,0.25,0.5] [--blocks auto] [--json out.json]
 
 Prints one table row per (layer, budget, format). BLAST is fitted by ``ga.project(W, "blast",
@@ -103,7 +103,7 @@ def markdown(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--layers", default="query,intermediate")
     p.add_argument("--budgets", default="0.1,0.25,0.5")
     p.add_argument("--blocks", default="auto", help="'auto' or e.g. 4x4")

@@ -235,7 +235,7 @@ def fit_blast_factors(
     row_splits, col_splits : list[int]
         Block boundaries ``[0, ..., m]`` and ``[0, ..., n]`` (any sizes).
     **options
-        ``steps`` (300), ``lr`` (1.8), ``end_factor`` (0.0), ``damping`` (0.01), ``prune``
+        ``steps`` (200), ``lr`` (1.8), ``end_factor`` (0.0), ``damping`` (0.01), ``prune``
         (0.0), ``nonnegative`` (False), ``init`` ("svd"), ``tol`` (0.0), ``seed`` (0),
         ``progress`` (None), ``callback`` (None); see :func:`_fit` below for their meaning.
         Small problems (``m n r`` below :data:`SINGLE_THREAD_BELOW`) run on one CPU thread.
@@ -256,7 +256,7 @@ def _fit(
     row_splits: list[int],
     col_splits: list[int],
     *,
-    steps: int = 300,
+    steps: int = 200,
     lr: float = 1.8,
     end_factor: float = 0.0,
     damping: float = 0.01,

@@ -221,7 +221,7 @@ class BLAST(StructuredMatrix):
         *,
         blocks: Any = "auto",
         rank: int | None = None,
-        steps: int = 300,
+        steps: int = 200,
         lr: float = 1.8,
         damping: float = 0.01,
         end_factor: float = 0.0,
@@ -249,7 +249,8 @@ class BLAST(StructuredMatrix):
         rank : int, optional
             Fix ``r`` instead of deriving it from the budget (must fit the budget).
         steps : int
-            Outer iterations ``T`` (default 300).
+            Outer iterations ``T`` (default 200; the reference code uses 300, which buys
+            about 0.002 of relative error on MiniLM layers for 1.5x the time).
         lr : float
             Initial step, decayed linearly to ``lr * end_factor`` (``0.5`` = plain alternating
             least squares step; larger over-relaxes).
@@ -324,7 +325,7 @@ def fit_blast(
     *,
     blocks: Any = "auto",
     rank: int | None = None,
-    steps: int = 300,
+    steps: int = 200,
     lr: float = 1.8,
     damping: float = 0.01,
     end_factor: float = 0.0,
