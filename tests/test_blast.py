@@ -231,3 +231,17 @@ def test_fit_at_preconditioner_sizes_above_150_is_finite():
     assert res.stopped == "completed"
     assert all(math.isfinite(h["rel_error"]) for h in res.history)
     assert res.rel_error <= _svd_error(W, 160) + 1e-4
+
+
+def test_fit_blast_returns_a_fit_result_like_fit_gblr():
+    from gblr_approx.formats.blast import fit_blast
+
+    W = torch.randn(30, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    res = fit_blast(W, 300, blocks=(2, 2), steps=8)
+    assert isinstance(res, ga.FitResult) and isinstance(res.matrix, BLAST)
+    assert res.budget == 300 and res.matrix.flops <= 300
+    assert len(res.history) == 9 and res.history[0]["step"] == 0
+    h = res.history[-1]
+    assert {"step", "stage", "rel_error", "loss", "flops", "seconds"} <= set(h)
+    assert h["stage"] == "blast:2x2"
+    assert math.isclose(res.rel_error, ga.relative_error(W, res.matrix), rel_tol=1e-6)

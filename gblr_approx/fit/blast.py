@@ -128,8 +128,8 @@ class BlastFitResult:
         Block boundaries.
     history : list[dict]
         One record per outer iteration: ``step`` (1-based), ``rel_error`` (relative Frobenius
-        error after the iteration), ``lr``, ``damping`` (``eps`` of the last sub-step).
-        ``step = 0`` is the initialisation.
+        error after the iteration), ``loss`` (its square), ``lr``, ``damping`` (``eps`` of the
+        last sub-step), ``seconds`` (since the start). ``step = 0`` is the initialisation.
     best_step : int
         Iteration whose iterate is returned.
     rel_error : float
@@ -401,7 +401,8 @@ def _fit(
     loss0 = full_loss(Bp, Cp, S)
     best = (loss0, 0, Bp.clone(), Cp.clone(), S.clone())
     history: list[dict[str, float]] = [
-        {"step": 0, "rel_error": rel(loss0), "lr": 0.0, "damping": 0.0}
+        {"step": 0, "rel_error": rel(loss0), "loss": rel(loss0) ** 2, "lr": 0.0,
+         "damping": 0.0, "seconds": time.perf_counter() - t0}
     ]
     stopped = "completed"
     show = _progress_enabled(progress)
@@ -462,7 +463,8 @@ def _fit(
                             "damping": eps})
             break
         e = rel(loss)
-        history.append({"step": t + 1, "rel_error": e, "lr": lr_t, "damping": eps})
+        history.append({"step": t + 1, "rel_error": e, "loss": e * e, "lr": lr_t,
+                        "damping": eps, "seconds": time.perf_counter() - t0})
         if loss < best[0] or prune > 0:
             # with rank pruning the objective is penalised: keep the latest (pruned) iterate
             best = (loss, t + 1, Bp.clone(), Cp.clone(), S.clone())

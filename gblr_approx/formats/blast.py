@@ -18,8 +18,7 @@ Nothing requires divisibility.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,7 +26,10 @@ from ..budget import InfeasibleBudgetError
 from ..validation import check_pair, check_positive_int
 from .base import StructuredMatrix, register_format
 
-__all__ = ["BLAST", "BlastFit", "fit_blast"]
+if TYPE_CHECKING:
+    from ..fit.result import FitResult
+
+__all__ = ["BLAST", "fit_blast"]
 
 #: Block grids tried by ``BLAST.project(..., blocks="auto")`` (kept when they fit the shape
 #: and the budget); the reference BLAST results use the better of these two.
@@ -285,18 +287,6 @@ class BLAST(StructuredMatrix):
         return fit.matrix
 
 
-@dataclass
-class BlastFit:
-    """Result of :func:`fit_blast`: the fitted ``matrix`` (BLAST) and its ``history``.
-
-    ``history`` is a list of dicts, one per outer iteration of the kept candidate:
-    ``step`` (0 = initialisation), ``rel_error`` (relative Frobenius), ``lr``, ``damping``.
-    """
-
-    matrix: BLAST
-    history: list[dict[str, float]]
-
-
 def _resolve_blocks(blocks: Any, m: int, n: int, budget: int) -> list[tuple[int, int]]:
     if blocks is None or (isinstance(blocks, str) and blocks == "auto"):
         cands = [b for b in AUTO_BLOCKS if b[0] <= m and b[1] <= n
@@ -334,10 +324,14 @@ def fit_blast(
     seed: int = 0,
     progress: bool | None = None,
     callback: Callable[[int, float], Any] | None = None,
-) -> BlastFit:
+) -> FitResult:
     """Fit a BLAST matrix to a validated ``(m, n)`` tensor ``W`` within ``budget`` MACs.
 
-    Same options as :meth:`BLAST.project`; returns the matrix together with its history.
+    Same options as :meth:`BLAST.project`. Returns a :class:`~gblr_approx.FitResult`
+    (``.matrix``, ``.history`` with one record per iteration of the kept block grid: ``step``,
+    ``stage`` (``"blast:4x4"``...), ``rel_error``, ``loss``, ``lr``, ``damping``, ``flops``,
+    ``components`` (the rank), ``seconds``; ``.rel_error``, ``.budget``, ``.seconds``,
+    ``.info``), like :func:`~gblr_approx.fit_gblr`.
     Raises :class:`~gblr_approx.budget.InfeasibleBudgetError` when even rank 1 does not fit.
     """
     from ..fit.blast import balanced_splits, fit_blast_factors
@@ -408,4 +402,10 @@ def fit_blast(
         A.info["candidates"] = [
             {"blocks": list(b), "rank": rr, "rel_error": rz.rel_error} for b, rr, rz in results
         ]
-    return BlastFit(matrix=A, history=res.history)
+    from ..fit.result import FitResult
+
+    stage = f"blast:{b1}x{b2}"
+    history = [{**h, "stage": stage, "flops": A.flops, "components": A.rank}
+               for h in res.history]
+    return FitResult(matrix=A, history=history, rel_error=res.rel_error, budget=int(budget),
+                     seconds=sum(rz.seconds for _, _, rz in results), info=dict(A.info))
