@@ -503,3 +503,14 @@ def test_every_function_draws_into_given_axes(table):
         assert call() is fig
     assert len(plt.get_fignums()) == n_figs
     assert all(a.has_data() for a in axes[: len(calls) + 2])
+
+
+def test_gallery_colour_table_matches_the_code():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "gallery.md").read_text()
+    rows = re.findall(r"\|\s*([\w-]+)\s*\|[^|]*\|\s*`(#[0-9A-Fa-f]{6})`\s*\|\s*`(\w)`\s*\|", page)
+    assert len(rows) == len(gp.FORMAT_COLORS)
+    for label, colour, marker in rows:
+        assert gp.format_color(label) == colour and gp.format_marker(label) == marker
