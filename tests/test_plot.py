@@ -510,7 +510,8 @@ def test_gallery_colour_table_matches_the_code():
     from pathlib import Path
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "gallery.md").read_text()
-    rows = re.findall(r"\|\s*([\w-]+)\s*\|[^|]*\|\s*`(#[0-9A-Fa-f]{6})`\s*\|\s*`(\w)`\s*\|", page)
+    row = r"\|\s*([\w-]+)\s*\|[^|]*\|\s*`(#[0-9A-Fa-f]{6})`\s*\|\s*`([^`]+)`\s*\|"
+    rows = re.findall(row, page)
     assert len(rows) == len(gp.FORMAT_COLORS)
     for label, colour, marker in rows:
         assert gp.format_color(label) == colour and gp.format_marker(label) == marker
