@@ -153,10 +153,14 @@ class BlastFitResult:
     seconds: float = 0.0
 
 
-#: Below this many MACs per product ``A_blocks @ C^T`` (``m n r``), the fit runs on one thread:
-#: its operations are then too small for intra-op parallelism to pay, and on a busy machine
-#: every parallel region can wait for a time slice (observed: 50x slower with 2 threads).
-SINGLE_THREAD_BELOW = 4_000_000
+#: Below this many MACs per product ``A_blocks @ C^T`` (``m n r``), the fit runs on one thread.
+#: A fit is hundreds of small operations per iteration (batched r x r Cholesky factorisations,
+#: einsums over the blocks); on a machine shared with other jobs every parallel region can
+#: wait for a scheduler time slice. Measured on the 2-core container with load ~3: each
+#: 0.2-1.5 ms operation took 7.8 or 15.6 ms with 2 threads, and a 384 x 384 fit ran 65x slower
+#: (81.7 s instead of 1.2 s). Up to this size one thread is never much slower when the machine
+#: is quiet; larger fits (big LLM layers) keep torch's thread count.
+SINGLE_THREAD_BELOW = 100_000_000
 
 
 @contextmanager
