@@ -90,3 +90,81 @@ def test_bad_arguments():
         ga.fit_gblr(torch.full((4, 4), float("nan")), 0.5)
     with pytest.raises(ValueError, match="grids"):
         ga.fit_gblr(W, 0.5, grids=[(9, 1)])
+
+
+def test_best_cyclic_interval_matches_brute_force():
+    from gblr_approx.fit.intervals import best_cyclic_interval
+
+    gen = torch.Generator().manual_seed(0)
+    for N in (1, 2, 5, 9):
+        for _ in range(100):
+            a = torch.randn(N, dtype=torch.float64, generator=gen)
+            s, w, v = best_cyclic_interval(a)
+            brute = max(
+                [0.0]
+                + [
+                    float(sum(a[(st + k) % N] for k in range(wd)))
+                    for st in range(N)
+                    for wd in range(1, N + 1)
+                ]
+            )
+            got = float(sum(a[(s + k) % N] for k in range(w)))
+            assert abs(got - brute) < 1e-9 and abs(v - brute) < 1e-9
+
+
+def test_structure_learning_beats_svd_on_minilm_block():
+    # a real weight block: interval ALS must clearly beat the truncated SVD at 50 %
+    W = ga.datasets.minilm_sample()["encoder.layer.0.attention.self.query.weight"][:96, :128]
+    W = W.double()
+    res = ga.fit_gblr(W, 0.5, progress=False)
+    svd = ga.relative_error(W, ga.project(W, "lowrank", 0.5))
+    assert res.info["best_stage"] == "intervals"
+    assert res.rel_error < 0.9 * svd
+    assert res.matrix.flops <= res.budget
+
+
+def test_proximal_algorithm_runs_within_budget():
+    W = torch.randn(24, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    start = ga.fit_gblr(W, 0.3, steps=0, progress=False)
+    res = ga.fit_gblr(W, 0.3, algorithm="proximal", steps=5, progress=False)
+    prox = [h for h in res.history if h["stage"] == "proximal"]
+    assert len(prox) == 5 and all(h["flops"] <= res.budget for h in prox)
+    assert res.rel_error <= start.rel_error + 1e-12
+
+
+def exact_gblr(m, n, seed, K=3):
+    """A few overlapping low-rank blocks at random positions, the first one wrapped."""
+    gen = torch.Generator().manual_seed(seed)
+    rs, rw, cs, cw, fac = [], [], [], [], []
+    for k in range(K):
+        h = int(torch.randint(m // 4, 3 * m // 4, (1,), generator=gen))
+        w = int(torch.randint(n // 4, 3 * n // 4, (1,), generator=gen))
+        r0 = int(torch.randint(0, m, (1,), generator=gen))
+        c0 = int(torch.randint(0, n, (1,), generator=gen))
+        if k == 0:
+            r0, c0 = m - h // 2, n - w // 3
+        r = 1 + k % 2
+        rs.append(r0)
+        rw.append(h)
+        cs.append(c0)
+        cw.append(w)
+        fac.append(
+            (
+                torch.randn(h, r, generator=gen, dtype=torch.float64),
+                torch.randn(w, r, generator=gen, dtype=torch.float64),
+            )
+        )
+    return ga.GBLR((m, n), rs, rw, cs, cw, fac)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 3 target not met yet: median error ~0.4, not < 0.05")
+def test_recovers_exact_gblr_structure():
+    import statistics
+
+    errs = []
+    for seed in range(10):
+        G = exact_gblr(48, 64, seed)
+        res = ga.fit_gblr(G.to_dense(), G.flops, progress=False)
+        assert res.matrix.flops <= G.flops
+        errs.append(res.rel_error)
+    assert statistics.median(errs) < 0.05

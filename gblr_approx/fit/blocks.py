@@ -101,6 +101,15 @@ class BlockModel:
             for p, q, op in c.cols:
                 self.R[a:b, p:q].add_(X[oa : oa + b - a, op : op + q - p], alpha=alpha)
 
+    def set_factors(self, i: int, U: torch.Tensor, Vh: torch.Tensor) -> None:
+        """Set component ``i`` to ``U @ Vh`` (``U`` carries the singular values)."""
+        c = self.comps[i]
+        if c.P is not None:
+            self._add(c, c.P, 1.0)
+        c.U, c.Vh = U.contiguous(), Vh.contiguous()
+        c.P = c.U @ c.Vh
+        self._add(c, c.P, -1.0)
+
     def drop_inactive(self) -> None:
         """Forget rank-0 components (their spectra are then no longer tracked)."""
         for c in self.comps:

@@ -9,6 +9,7 @@ started from the best of them can only improve on all of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +22,13 @@ from ..formats.lowrank import LowRank
 from .blocks import BlockModel
 from .mixed import lowrank_plus_blocks
 
-__all__ = ["default_grids", "default_block_shapes", "embedded_candidates", "mixed_candidates"]
+__all__ = [
+    "default_grids",
+    "default_mixed_grids",
+    "default_block_shapes",
+    "embedded_candidates",
+    "mixed_candidates",
+]
 
 
 def default_grids(m: int, n: int) -> list[tuple[int, int]]:
@@ -34,6 +41,23 @@ def default_grids(m: int, n: int) -> list[tuple[int, int]]:
             if grid[0] <= m and grid[1] <= n and grid not in out:
                 out.append(grid)
     return out
+
+
+def default_mixed_grids(
+    m: int, n: int, budget: int | None = None, max_pieces: int = 2000
+) -> list[tuple[int, int]]:
+    """One fine grid for the low-rank + blocks start.
+
+    Square blocks of side ``b = max(min(m, n) // 48, 4)``, enlarged to
+    ``ceil(budget / (2 max_pieces))`` so that about ``max_pieces`` rank-1 pieces fit the budget
+    (the cost of interval ALS grows with their number). Fine blocks give the structure learning
+    (:mod:`.intervals`) many small pieces to move and resize; measured on the MiniLM layers they
+    start it far better than coarse grids.
+    """
+    b = max(min(m, n) // 48, 4)
+    if budget is not None:
+        b = max(b, math.ceil(budget / (2 * max_pieces)))
+    return [(max(1, min(m, round(m / b))), max(1, min(n, round(n / b))))]
 
 
 def default_block_shapes(m: int, n: int) -> list[tuple[int, int]]:

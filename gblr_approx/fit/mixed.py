@@ -133,6 +133,7 @@ def lowrank_plus_blocks(
     Bm = torch.zeros_like(W)
     L_cur = torch.zeros_like(W)
     best: tuple[float, int, torch.Tensor] = (math.inf, 0, torch.zeros(b1 * b2, dtype=torch.long))
+    fac: tuple[torch.Tensor, ...] = ()
     maxb = None if max_components is None else max(max_components - 1, 0)
     for _it in range(iters):
         U1, S1, Vh1 = torch.linalg.svd(W - Bm, full_matrices=False)
@@ -149,7 +150,9 @@ def lowrank_plus_blocks(
         err = float((W - L_cur - Bm).double().pow(2).sum()) / nrm2
         if err < best[0]:
             best = (err, k1, ranks.clone())
-    _, k1, ranks = best
+            fac = (U1[:, :k1] * S1[:k1], Vh1[:k1], U2 * S2.unsqueeze(-2), Vh2)
+    err, k1, ranks = best
+    GU, GVh, BU, BVh = fac
     rects = [Rect(0, m, 0, n)]
     rk = [k1]
     for i in range(b1):
@@ -157,8 +160,12 @@ def lowrank_plus_blocks(
             rects.append(Rect(rs[i], rs[i + 1] - rs[i], cs[j], cs[j + 1] - cs[j]))
             rk.append(int(ranks[i * b2 + j]))
     model = BlockModel(W, rects, rk)
+    model.set_factors(0, GU, GVh)
+    for i in range(b1):
+        for j in range(b2):
+            b = i * b2 + j
+            r, p, q = int(ranks[b]), rs[i + 1] - rs[i], cs[j + 1] - cs[j]
+            if r > 0:
+                model.set_factors(1 + b, BU[b, :p, :r], BVh[b, :r, :q])
     model.drop_inactive()
-    e = math.inf
-    for _ in range(3):
-        e = model.sweep(keep_spectrum=False)
-    return model, e
+    return model, math.sqrt(err)

@@ -27,12 +27,19 @@ from ..budget import resolve_budget
 from ..formats.gblr import GBLR
 from ..validation import as_matrix, check_positive_int
 from .blocks import BlockModel, Rect
-from .candidates import default_block_shapes, default_grids, embedded_candidates, mixed_candidates
+from .candidates import (
+    default_block_shapes,
+    default_grids,
+    default_mixed_grids,
+    embedded_candidates,
+    mixed_candidates,
+)
+from .intervals import interval_stage
 from .result import FitResult
 
 __all__ = ["fit_gblr"]
 
-_ALGORITHMS = ("auto", "embedded", "bcd", "proximal")
+_ALGORITHMS = ("auto", "intervals", "embedded", "bcd", "proximal")
 
 
 def _resolve_device(device: Any, W: torch.Tensor) -> torch.device:
@@ -159,20 +166,26 @@ def fit_gblr(
     block_shapes = _check_grids(
         opts.pop("block_shapes", default_block_shapes(m, n)), "block_shapes", m, n
     )
+    mixed_grids = _check_grids(
+        opts.pop("mixed_grids", default_mixed_grids(m, n, B)), "mixed_grids", m, n
+    )
     mixed_iters = check_positive_int(opts.pop("mixed_iters", 6), "mixed_iters")
+    tol = opts.pop("tol", 1e-3)
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+        raise ValueError(f"tol must be a float in [0, 1) or None; got {tol!r}")
     polish_sweeps = check_positive_int(opts.pop("polish_sweeps", 3), "polish_sweeps", minimum=0)
     prox_keys = ("lr", "structure_lr", "sigma", "penalty", "restarts")
     prox_opts = {k: opts.pop(k) for k in prox_keys if k in opts}
     if opts:
         raise TypeError(
             f"unknown option(s) {sorted(opts)} for fit_gblr; known: algorithm, grids, "
-            f"block_shapes, mixed_iters, polish_sweeps, dtype, {', '.join(prox_keys)}"
+            f"block_shapes, mixed_grids, mixed_iters, tol, polish_sweeps, dtype, "
+            f"{', '.join(prox_keys)}"
         )
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    run_prox = algorithm == "proximal" or (algorithm == "auto" and steps)
-    if run_prox and steps is None:
-        steps = 200
+    if steps is None:
+        steps = 200 if algorithm == "proximal" else 25
 
     Wc = W.to(device=dev, dtype=dtype)
     nrm = float(Wc.double().norm()) or 1.0
@@ -220,7 +233,7 @@ def fit_gblr(
         best_model: BlockModel | None = None
         if algorithm != "embedded" and not state["stop"]:
             for name, model, err in mixed_candidates(
-                Wc, B, grids, iters=mixed_iters, max_components=components
+                Wc, B, mixed_grids, iters=mixed_iters, max_components=components
             ):
                 before = state["err"]
                 offer(f"init:{name}", model.to_gblr(), err)
@@ -242,8 +255,21 @@ def fit_gblr(
             )
             offer("init:entries", G)
 
-        # ---- stage 2: proximal gradient on Gaudi parameters
-        if run_prox and steps and not state["stop"]:
+        # ---- stage 2: structure learning by interval ALS (exact prox-type updates)
+        if algorithm in ("auto", "intervals") and steps and not state["stop"]:
+            for G, err, cost in interval_stage(Wc, B, state["best"], steps, components, tol=tol):
+                before = state["err"]
+                if G is None:
+                    record("intervals", err, cost, -1)
+                else:
+                    offer("intervals", G, err)
+                if state["err"] < before:
+                    best_model = None
+                if state["stop"]:
+                    break
+
+        # ---- stage 3: proximal gradient on Gaudi parameters
+        if algorithm == "proximal" and steps and not state["stop"]:
             from .proximal import proximal_gradient
 
             for G, err, loss in proximal_gradient(
@@ -264,11 +290,9 @@ def fit_gblr(
                 if state["stop"]:
                     break
 
-        # ---- stage 3: exact polishing on the best rectangles
-        if algorithm != "embedded" and polish_sweeps and not state["stop"]:
+        # ---- stage 4: exact polishing on the best rectangles
+        if algorithm == "bcd" and polish_sweeps and not state["stop"]:
             model = best_model if best_model is not None else _model_from_gblr(Wc, state["best"])
-            if best_model is None:
-                model.sweep(keep_spectrum=False)  # load the factors (exact for embedded starts)
             for _ in range(polish_sweeps):
                 err = model.sweep(keep_spectrum=False)
                 offer("bcd", model.to_gblr(), err)
