@@ -21,7 +21,7 @@ from .base import StructuredMatrix, get_format, register_format
 
 __all__ = ["Permuted"]
 
-_PREFIX = "inner."
+_PREFIX = "inner__"  # no "." (torch module buffer names cannot contain one)
 
 
 def _check_perm(p: Any, size: int, name: str) -> torch.Tensor | None:
