@@ -32,38 +32,41 @@ __all__ = [
 
 
 def default_grids(m: int, n: int) -> list[tuple[int, int]]:
-    """Grids with roughly square blocks of 1/2 .. 1/8 of the shorter side, plus (2, 2), (4, 4)."""
+    """Grids with roughly square blocks of 1/2 .. 1/8 of the shorter side, plus (2, 2)."""
     a = max(1, round(m / n)) if m >= n else 1
     b = max(1, round(n / m)) if n > m else 1
     out: list[tuple[int, int]] = []
     for g in (2, 4, 8):
-        for grid in ((g * a, g * b), (g, g)):
+        for grid in ((g * a, g * b), (g, g)) if g == 2 else ((g * a, g * b),):
             if grid[0] <= m and grid[1] <= n and grid not in out:
                 out.append(grid)
     return out
 
 
 def default_mixed_grids(
-    m: int, n: int, budget: int | None = None, max_pieces: int = 2000
+    m: int, n: int, budget: int | None = None, max_pieces: int | None = None
 ) -> list[tuple[int, int]]:
     """One fine grid for the low-rank + blocks start.
 
     Square blocks of side ``b = max(min(m, n) // 48, 4)``, enlarged to
     ``ceil(budget / (2 max_pieces))`` so that about ``max_pieces`` rank-1 pieces fit the budget
-    (the cost of interval ALS grows with their number). Fine blocks give the structure learning
+    (the cost of interval ALS grows with their number; default ``1600 (m + n) / 768``).
+    Fine blocks give the structure learning
     (:mod:`.intervals`) many small pieces to move and resize; measured on the MiniLM layers they
     start it far better than coarse grids.
     """
     b = max(min(m, n) // 48, 4)
+    if max_pieces is None:
+        max_pieces = max(1, round(1600 * (m + n) / 768))
     if budget is not None:
         b = max(b, math.ceil(budget / (2 * max_pieces)))
     return [(max(1, min(m, round(m / b))), max(1, min(n, round(n / b))))]
 
 
 def default_block_shapes(m: int, n: int) -> list[tuple[int, int]]:
-    """Square blocks of side 8, 16, 32, 64 (clipped to the matrix)."""
+    """Square blocks of side 8, 16, 32 (clipped to the matrix)."""
     out: list[tuple[int, int]] = []
-    for b in (8, 16, 32, 64):
+    for b in (8, 16, 32):
         s = (min(b, m), min(b, n))
         if s not in out:
             out.append(s)

@@ -1,16 +1,21 @@
 """``fit_gblr``: fit a hard GBLR matrix to a dense matrix within a MAC budget.
 
-Stages (each one only ever keeps an iterate that improves on the best hard matrix so far):
+Stages (only iterates within the budget that improve on the best hard matrix so far are
+kept, so the result is the best hard iterate seen):
 
 1. **Embedded starts** (:mod:`.candidates`): truncated SVD, block-low-rank on several grids,
-   block-sparse on several block shapes -- all embedded into GBLR exactly -- and the mixed
-   "global low-rank + grid blocks" fits (:mod:`.mixed`). The best is the starting point, so
-   the result is never worse than any format GBLR contains among those tried.
-2. **Structure learning by proximal gradient** on the Gaudi parameters (:mod:`.proximal`):
-   smooth masks, straight-through rounding, width penalty by soft-thresholding, exact budget
-   projection; every step's hard-mask matrix is evaluated and the best one kept.
-3. **Exact polishing** (:mod:`.blocks`): block-coordinate descent with truncated SVDs on the
-   fixed rectangles of the best matrix (monotone in the error).
+   block-sparse on several block shapes -- all embedded into GBLR exactly -- and a "global
+   low-rank + fine grid of low-rank blocks" fit (:mod:`.mixed`). The result is therefore never
+   worse than any of those formats at the same budget.
+2. **Structure learning by interval ALS** (:mod:`.intervals`, default): every component, split
+   into rank-1 pieces, gets its exact best cyclic row interval and factor, then column interval
+   and factor, under a price per MAC (the proximal soft-threshold of the width penalty) and
+   the budget; widths shrink, grow and move, components vanish.
+3. **Proximal gradient on Gaudi parameters** (:mod:`.proximal`, ``algorithm="proximal"``):
+   smooth masks, straight-through rounding, soft-thresholded widths, exact budget projection
+   by bisection. Measured worse and slower than stage 2 on the benchmark layers, hence opt-in.
+4. **Exact polishing** (:mod:`.blocks`, ``algorithm="bcd"``): block-coordinate descent with
+   truncated SVDs on the fixed rectangles of the best start.
 """
 
 from __future__ import annotations
@@ -99,8 +104,9 @@ def fit_gblr(
     budget : float or int
         Float in (0, 1]: fraction of the dense cost ``m n``; int >= 1: MACs.
     steps : int, optional
-        Proximal-gradient steps (stage 2). ``None`` picks the default (see ``algorithm``);
-        ``0`` skips the stage.
+        Structure-learning steps: interval-ALS sweeps (default 25, fewer when ``tol`` stops
+        it) or, with ``algorithm="proximal"``, gradient steps (default 200). ``0`` keeps the
+        best start.
     device : str or torch.device, optional
         Where to compute (default: ``W``'s device). ``"cuda"`` raises if CUDA is absent.
         The result is returned on ``W``'s device.
@@ -112,21 +118,24 @@ def fit_gblr(
         Called with each history record (a dict, see :class:`FitResult`) as it is made.
         Returning ``False`` stops the fit early (the best matrix so far is returned).
     rank_per_component : int
-        Rank of each component in the proximal-gradient stage (components found by the
-        other stages have their own ranks ``r_k``; ranks are per component).
+        Rank of each component in the proximal-gradient stage. Elsewhere ranks are per
+        component: starts keep their blocks' ranks, interval ALS uses rank-1 pieces.
     components : int, optional
-        Maximal number of components ``K`` (default: no limit beyond what the stages
-        create; the proximal stage uses ``min(m, n) // rank_per_component``).
+        Cap on the number of blocks of the mixed start and on the components of the
+        proximal stage (default: no cap).
     **options
-        ``algorithm`` : {"auto", "embedded", "bcd", "proximal"}, default "auto" --
-        "embedded": stage 1 only; "bcd": stages 1 and 3; "proximal": stages 1, 2, 3;
-        "auto" = "bcd" plus the proximal stage when ``steps`` is given.
-        ``grids`` : list of (b1, b2), block-low-rank / mixed grids (default
-        :func:`~.candidates.default_grids`). ``block_shapes`` : list of (br, bc)
-        (default :func:`~.candidates.default_block_shapes`). ``mixed_iters`` : int (6).
-        ``polish_sweeps`` : int (3). ``dtype`` : torch dtype of the computation (default that
-        of ``W``). Proximal options are documented in :func:`.proximal.proximal_gradient`
-        (``lr``, ``structure_lr``, ``sigma``, ``penalty``).
+        ``algorithm`` : {"auto", "intervals", "embedded", "bcd", "proximal"}, default
+        "auto" (= "intervals": stages 1-2); "embedded": the exact embeddings only; "bcd":
+        stage 1 + 4; "proximal": stage 1 + 3. ``grids`` : list of (b1, b2), block-low-rank
+        starts (default :func:`~.candidates.default_grids`). ``mixed_grids`` : grids of the
+        low-rank + blocks start (default :func:`~.candidates.default_mixed_grids`).
+        ``block_shapes`` : list of (br, bc) (default
+        :func:`~.candidates.default_block_shapes`). ``mixed_iters`` : int (6). ``tol`` : float
+        or None (1e-3): interval ALS stops when the best error improved by less than this
+        fraction over 5 sweeps. ``polish_sweeps`` : int (3). ``dtype`` : torch dtype of the
+        computation (default that of ``W``). Proximal options are documented in
+        :func:`.proximal.proximal_gradient` (``lr``, ``structure_lr``, ``sigma``,
+        ``penalty``).
 
     Returns
     -------
@@ -139,6 +148,33 @@ def fit_gblr(
     TypeError, ValueError
         Invalid ``W``, ``budget`` or option (the message names it).
     """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        # measured: the fit is made of many small products, SVDs of blocks and O(m) scans;
+        # intra-op threads bring little and stall by 10-100x on a loaded machine, so the fit
+        # runs single-threaded and restores the caller's setting afterwards
+        torch.set_num_threads(1)
+    try:
+        return _fit_gblr(W, budget, steps=steps, device=device, seed=seed, progress=progress,
+                         callback=callback, rank_per_component=rank_per_component,
+                         components=components, **options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_gblr(
+    W: Any,
+    budget: float | int,
+    *,
+    steps: int | None,
+    device: Any,
+    seed: int,
+    progress: bool | None,
+    callback: Callable[[dict[str, Any]], Any] | None,
+    rank_per_component: int,
+    components: int | None,
+    **options: Any,
+) -> FitResult:
     t0 = time.perf_counter()
     W = as_matrix(W, "W")
     out_device = W.device
