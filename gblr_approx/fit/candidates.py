@@ -32,13 +32,14 @@ __all__ = [
 
 
 def default_grids(m: int, n: int) -> list[tuple[int, int]]:
-    """Grids with roughly square blocks of 1/2 .. 1/8 of the shorter side, plus (2, 2)."""
+    """Block-low-rank starts: ``g x g`` grids and grids of roughly square blocks, ``g`` in
+    2, 4, 8, 16 (blocks of at least 2 x 2 entries). Each costs one batched per-block SVD."""
     a = max(1, round(m / n)) if m >= n else 1
     b = max(1, round(n / m)) if n > m else 1
     out: list[tuple[int, int]] = []
-    for g in (2, 4, 8):
-        for grid in ((g * a, g * b), (g, g)) if g == 2 else ((g * a, g * b),):
-            if grid[0] <= m and grid[1] <= n and grid not in out:
+    for g in (2, 4, 8, 16):
+        for grid in ((g, g), (g * a, g * b)):
+            if m // grid[0] >= 2 and n // grid[1] >= 2 and grid not in out:
                 out.append(grid)
     return out
 
