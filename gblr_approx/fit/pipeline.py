@@ -41,6 +41,7 @@ from .candidates import (
 )
 from .intervals import interval_stage
 from .result import FitResult
+from .support import support_candidates
 
 __all__ = ["fit_gblr"]
 
@@ -266,6 +267,10 @@ def _fit_gblr(
             offer(f"init:{name}", G)
             if state["stop"]:
                 break
+        if algorithm != "embedded" and not state["stop"]:
+            # matrices with exact zeros: components read off the non-zero pattern
+            for name, G in support_candidates(Wc, B):
+                offer(f"init:{name}", G)
         best_model: BlockModel | None = None
         if algorithm != "embedded" and not state["stop"]:
             for name, model, err in mixed_candidates(
