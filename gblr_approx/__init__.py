@@ -14,12 +14,13 @@ from .analysis import (
 )
 from .budget import InfeasibleBudgetError, resolve_budget
 from .convert import convert
+from .fit import FitResult, fit_gblr
 from .formats import (
     BLAST,
     FORMATS,
+    GBLR,
     BlockLowRank,
     BlockSparse,
-    GBLR,
     Dense,
     LowRank,
     Monarch,
@@ -28,7 +29,6 @@ from .formats import (
     get_format,
     load,
 )
-from .fit import FitResult, fit_gblr
 from .gaudi import gaudi_mask
 from .io import load_weights
 from .metrics import relative_error
