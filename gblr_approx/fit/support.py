@@ -81,18 +81,20 @@ def support_candidates(
     max_blocks: int = 4,
     max_rank: int = 4,
     iters: int = 40,
+    min_zero_fraction: float = 0.05,
 ) -> Iterator[tuple[str, GBLR]]:
     """Yield ``("support", G)`` GBLR starts derived from the exact-zero pattern of ``W``.
 
-    Yields nothing when ``W`` has no exact zeros, when the pattern has more than
-    ``max_boundaries`` boundaries per side, or when no cover with at most ``max_blocks``
-    rectangles exists. Cost: a few hundred small SVDs at most.
+    Yields nothing when fewer than ``min_zero_fraction`` of the entries of ``W`` are exact
+    zeros, when the pattern has more than ``max_boundaries`` boundaries per side, or when no
+    cover with at most ``max_blocks`` rectangles exists. Cost: one SVD per block per BCD
+    sweep for each cover and rank assignment tried (at most 20 covers, ranks <= max_rank).
     """
     m, n = W.shape
     Wd = W.detach().to("cpu", torch.float64)
     Z = (Wd != 0).numpy()
-    if Z.all() or not Z.any():
-        return
+    if not Z.any() or Z.mean() > 1 - min_zero_fraction:
+        return  # (almost) dense data: a few stray zeros carry no block structure
     rb, cb = _boundaries(Z), _boundaries(Z.T)
     if len(rb) > max_boundaries or len(cb) > max_boundaries:
         return
