@@ -161,28 +161,19 @@ def exact_gblr(m, n, seed, K=3):
     return ga.GBLR((m, n), rs, rw, cs, cw, fac)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3 target not met: median error 0.15-0.24, not < 0.05")
-def test_recovers_exact_gblr_structure():
+@pytest.mark.parametrize("shape", [(48, 64), (48, 48)])
+def test_recovers_exact_gblr_structure(shape):
+    """Issue 3: median error < 0.05 over 10 seeds at the matrix's own cost."""
     import statistics
 
     errs = []
     for seed in range(10):
-        G = exact_gblr(48, 64, seed)
+        G = exact_gblr(*shape, seed)
         res = ga.fit_gblr(G.to_dense(), G.flops, progress=False)
         assert res.matrix.flops <= G.flops
         errs.append(res.rel_error)
     assert statistics.median(errs) < 0.05
-
-
-def test_support_start_recovers_blocks_visible_in_the_zero_pattern():
-    """Blocks whose edges show in the non-zero pattern are found exactly."""
-    exact = 0
-    for seed in range(10):
-        G = exact_gblr(48, 64, seed)
-        res = ga.fit_gblr(G.to_dense(), G.flops, progress=False)
-        assert res.matrix.flops <= G.flops
-        exact += res.rel_error < 1e-4
-    assert exact >= 4
+    assert sum(e < 1e-6 for e in errs) >= 3  # several structures found exactly
 
 
 def test_support_start_yields_nothing_on_dense_data():

@@ -18,6 +18,7 @@ It costs nothing on dense data (real weights have no exact zeros): it yields no 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -73,81 +74,137 @@ def _bcd(
     return err, factors
 
 
+def _span_boundaries(W: torch.Tensor, window: int) -> list[int]:
+    """Columns j where the active blocks change, seen in the values (not only the zeros).
+
+    Column ``j`` starts something new when it leaves the span of the ``window`` columns
+    before it; column ``j - 1`` ends something when it leaves the span of the ``window``
+    columns from ``j`` on. Exact for exactly block-structured data when every block is at
+    least ``window`` wide and ``window`` exceeds the summed rank of the active blocks.
+    """
+    m, n = W.shape
+    L = min(window, n - 1)
+    if L < 1:
+        return []
+    idx = torch.arange(n)
+    prev = (idx[:, None] - L + torch.arange(L)[None, :]) % n  # (n, L)
+    nxt = (idx[:, None] + torch.arange(L)[None, :]) % n
+    found = set()
+    for win, col in ((prev, idx), (nxt, (idx - 1) % n)):
+        U, S, _ = torch.linalg.svd(W[:, win].permute(1, 0, 2), full_matrices=False)  # (n, m, L)
+        keep = S > 1e-9 * S[:, :1].clamp_min(1e-300)
+        U = U * keep[:, None, :]
+        v = W[:, col].T  # (n, m)
+        res = v - torch.einsum("jmk,jk->jm", U, torch.einsum("jmk,jm->jk", U, v))
+        out = res.norm(dim=1) > 1e-7 * v.norm(dim=1).clamp_min(1e-300)
+        found.update(int(j) for j in torch.nonzero(out & (v.norm(dim=1) > 0)).flatten())
+    return sorted(found)
+
+
 def support_candidates(
     W: torch.Tensor,
     budget: int,
     *,
-    max_boundaries: int = 10,
+    max_boundaries: int = 12,
     max_blocks: int = 4,
-    max_rank: int = 4,
-    iters: int = 40,
+    max_rank: int = 3,
+    window: int = 8,
+    max_covers: int = 3000,
+    time_limit: float = 5.0,
+    iters: int = 60,
     min_zero_fraction: float = 0.05,
 ) -> Iterator[tuple[str, GBLR]]:
-    """Yield ``("support", G)`` GBLR starts derived from the exact-zero pattern of ``W``.
+    """Yield ``("support", G)`` GBLR starts derived from the block structure of ``W``.
+
+    Steps: boundaries from the zero pattern and from column/row span changes
+    (:func:`_span_boundaries`); candidate rectangles = pairs of cyclic arcs between
+    boundaries lying inside the support; every cover of the support by at most
+    ``max_blocks`` candidates whose cost fits the budget (depth-first, at most ``max_covers``);
+    for each cover and rank assignment (ranks <= ``max_rank``) a short block coordinate descent,
+    refined when promising; stops at an exact fit or after ``time_limit`` seconds.
 
     Yields nothing when fewer than ``min_zero_fraction`` of the entries of ``W`` are exact
-    zeros, when the pattern has more than ``max_boundaries`` boundaries per side, or when no
-    cover with at most ``max_blocks`` rectangles exists. Cost: one SVD per block per BCD
-    sweep for each cover and rank assignment tried (at most 20 covers, ranks <= max_rank).
+    zeros (dense data, e.g. real weights: the step then costs nothing) or when there are more
+    than ``max_boundaries`` boundaries per side.
     """
+    t0 = time.perf_counter()
     m, n = W.shape
     Wd = W.detach().to("cpu", torch.float64)
     Z = (Wd != 0).numpy()
     if not Z.any() or Z.mean() > 1 - min_zero_fraction:
         return  # (almost) dense data: a few stray zeros carry no block structure
-    rb, cb = _boundaries(Z), _boundaries(Z.T)
+    rb = sorted(set(_boundaries(Z)) | set(_span_boundaries(Wd.T, window)))
+    cb = sorted(set(_boundaries(Z.T)) | set(_span_boundaries(Wd, window)))
     if len(rb) > max_boundaries or len(cb) > max_boundaries:
         return
-    rects = []
+    cands = []
     for rs, rw in _arcs(rb, m):
         ri = _indices(rs, rw, m)
         sub = Z[ri]
         for cs, cw in _arcs(cb, n):
             ci = _indices(cs, cw, n)
-            if sub[:, ci].all():
+            if sub[:, ci].all() and min(rw + cw, rw * cw) <= budget:
                 mask = np.zeros((m, n), dtype=bool)
                 mask[np.ix_(ri, ci)] = True
-                rects.append(((rs, rw, cs, cw), ri, ci, _bits(mask)))
-    # keep maximal rectangles
-    maximal = [
-        R
-        for R in rects
-        if not any(S is not R and R[3] & ~S[3] == 0 and S[3] != R[3] for S in rects)
-    ]
-    if len(maximal) > 40:
+                cands.append(((rs, rw, cs, cw), ri, ci, mask.ravel(), min(rw + cw, rw * cw)))
+    if not cands:
         return
-    target = _bits(Z)
-    covers = []
-    for size in range(1, max_blocks + 1):
-        for combo in itertools.combinations(maximal, size):
-            u = 0
-            for R in combo:
-                u |= R[3]
-            if u == target:
-                covers.append(combo)
-        if covers:
-            break
-    best = None  # (err, key, ranks, factors)
-    for combo in covers[:20]:
-        sizes = [(len(R[1]), len(R[2])) for R in combo]
-        options = [range(1, min(max_rank, h, w) + 1) for h, w in sizes]
-        for ranks in itertools.product(*options):
+    masks = np.stack([c[3] for c in cands])
+    support = Z.ravel()
+    covers: set[tuple[int, ...]] = set()
+
+    def search(chosen: list[int], covered: np.ndarray, cost: int) -> None:
+        if len(covers) >= max_covers:
+            return
+        uncovered = np.nonzero(support & ~covered)[0]
+        if uncovered.size == 0:
+            covers.add(tuple(sorted(chosen)))
+            return
+        if len(chosen) >= max_blocks:
+            return
+        if len(chosen) == max_blocks - 1:  # the last rectangle must cover everything left
+            costs = np.array([c[4] for c in cands])
+            last = np.nonzero(masks[:, uncovered].all(axis=1) & (cost + costs <= budget))[0]
+            covers.update(tuple(sorted([*chosen, int(k)])) for k in last)
+            return
+        # branch on the uncovered entry that the fewest candidates contain
+        e = uncovered[int(np.argmin(masks[:, uncovered].sum(axis=0)))]
+        for k in np.nonzero(masks[:, e])[0]:
+            if cost + cands[k][4] <= budget:
+                search([*chosen, int(k)], covered | masks[k], cost + cands[k][4])
+
+    search([], np.zeros_like(support), 0)
+    best = None  # (err, combo, ranks)
+    for cover in sorted(covers, key=len):
+        combo = [cands[k] for k in cover]
+        rects = [(c[1], c[2]) for c in combo]
+        sizes = [(len(r), len(c)) for r, c in rects]
+        options = []
+        for ranks in itertools.product(*[range(1, min(max_rank, h, w) + 1) for h, w in sizes]):
             cost = sum(min(r * (h + w), h * w) for r, (h, w) in zip(ranks, sizes, strict=True))
-            if cost > budget:
-                continue
-            err, factors = _bcd(Wd, [(R[1], R[2]) for R in combo], list(ranks), iters=8)
+            if cost <= budget:
+                options.append((cost, ranks))
+        # the costliest rank assignments first: an exact structure uses the budget it is given
+        for _, ranks in sorted(options, reverse=True):
+            err, _ = _bcd(Wd, rects, list(ranks), iters=3)
+            if err < 1e-2:
+                err, _ = _bcd(Wd, rects, list(ranks), iters=iters)
             if best is None or err < best[0]:
-                best = (err, combo, list(ranks), factors)
+                best = (err, combo, list(ranks))
+            if best[0] < 1e-8 or time.perf_counter() - t0 > time_limit:
+                break
+        if best is not None and (best[0] < 1e-8 or time.perf_counter() - t0 > time_limit):
+            break
     if best is None:
         return
-    _, combo, ranks, _ = best
-    _, factors = _bcd(Wd, [(R[1], R[2]) for R in combo], ranks, iters=iters)
+    _, combo, ranks = best
+    _, factors = _bcd(Wd, [(c[1], c[2]) for c in combo], ranks, iters=iters)
     G = GBLR(
         (m, n),
-        [R[0][0] for R in combo],
-        [R[0][1] for R in combo],
-        [R[0][2] for R in combo],
-        [R[0][3] for R in combo],
+        [c[0][0] for c in combo],
+        [c[0][1] for c in combo],
+        [c[0][2] for c in combo],
+        [c[0][3] for c in combo],
         [(U.to(W.dtype).to(W.device), V.to(W.dtype).to(W.device)) for U, V in factors],
     )
     if G.flops <= budget:
