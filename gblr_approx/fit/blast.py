@@ -45,23 +45,10 @@ from typing import Any
 
 import torch
 
+from ..formats.blocklowrank import balanced_splits
 from ..linalg import svd
 
 __all__ = ["BlastFitResult", "fit_blast_factors", "balanced_splits", "spd_solve"]
-
-
-def balanced_splits(size: int, parts: int) -> list[int]:
-    """Boundaries ``[0, ..., size]`` of ``parts`` contiguous pieces whose sizes differ by <= 1.
-
-    The first ``size % parts`` pieces are one longer. Requires ``1 <= parts <= size``.
-    """
-    if parts < 1 or parts > size:
-        raise ValueError(f"cannot split {size} indices into {parts} non-empty blocks")
-    base, extra = divmod(size, parts)
-    out = [0]
-    for i in range(parts):
-        out.append(out[-1] + base + (1 if i < extra else 0))
-    return out
 
 
 def spd_solve(

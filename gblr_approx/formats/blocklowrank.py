@@ -20,8 +20,10 @@ def balanced_splits(length: int, parts: int) -> list[int]:
     """Boundaries cutting ``length`` into ``parts`` contiguous pieces whose sizes differ by <= 1.
 
     The first ``length % parts`` pieces are one longer. Returns ``parts + 1`` boundaries
-    starting at 0 and ending at ``length``.
+    starting at 0 and ending at ``length``. Requires ``1 <= parts <= length``.
     """
+    if parts < 1 or parts > length:
+        raise ValueError(f"cannot split {length} indices into {parts} non-empty blocks")
     q, r = divmod(length, parts)
     out = [0]
     for i in range(parts):
