@@ -450,14 +450,7 @@ def fit(path, budget, out, name, steps, seed, options, threads, as_json) -> None
     name = _pick(store, name)
     W = store[name]
     t0 = time.perf_counter()
-    fit_gblr = getattr(ga, "fit_gblr", None)
-    if fit_gblr is not None:
-        res = fit_gblr(W, b, steps=steps, seed=seed, **opts)
-        A = res.matrix
-    else:  # GBLR not installed: ga.project reports the unknown format
-        if steps is not None:
-            opts["steps"] = steps
-        A = ga.project(W, "gblr", b, seed=seed, **opts)
+    A = ga.fit_gblr(W, b, steps=steps, seed=seed, **opts).matrix
     seconds = time.perf_counter() - t0
     A.save(out)
     rec = _result_record(name, W, A, b, seconds, out)
@@ -536,14 +529,8 @@ def convert(file, target, budget, out, threads, as_json) -> None:
 
     target = _check_format(target, "--to")
     b = _parse_budget(budget) if budget is not None else None
-    try:
-        from .convert import convert as run_convert
-    except ModuleNotFoundError as exc:
-        if exc.name != "gblr_approx.convert":
-            raise
-        raise click.ClickException(
-            "format conversion is not available in this installation "
-            "(gblr_approx.convert is missing)") from None
+    from .convert import convert as run_convert
+
     A = load(file)
     t0 = time.perf_counter()
     B = run_convert(A, target, budget=b)
