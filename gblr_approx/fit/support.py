@@ -63,12 +63,13 @@ def _bcd(
     idx = [(torch.as_tensor(r), torch.as_tensor(c)) for r, c in rects]
     for _ in range(iters):
         for k, ((ri, ci), r) in enumerate(zip(idx, ranks, strict=True)):
-            sub = (W - approx)[ri][:, ci] + parts[k]
+            block = (ri.unsqueeze(1), ci.unsqueeze(0))
+            sub = W[block] - approx[block] + parts[k]
             U, S, Vh = torch.linalg.svd(sub, full_matrices=False)
             s = S[:r].sqrt()
             Uk, Vk = U[:, :r] * s, Vh[:r].T * s
             new = Uk @ Vk.T
-            approx[ri.unsqueeze(1), ci.unsqueeze(0)] += new - parts[k]
+            approx[block] += new - parts[k]
             parts[k], factors[k] = new, (Uk, Vk)
     err = float(torch.linalg.norm(W - approx) / torch.linalg.norm(W).clamp_min(1e-300))
     return err, factors
@@ -150,6 +151,7 @@ def support_candidates(
     if not cands:
         return
     masks = np.stack([c[3] for c in cands])
+    costs = np.array([c[4] for c in cands])
     support = Z.ravel()
     covers: set[tuple[int, ...]] = set()
 
@@ -163,7 +165,6 @@ def support_candidates(
         if len(chosen) >= max_blocks:
             return
         if len(chosen) == max_blocks - 1:  # the last rectangle must cover everything left
-            costs = np.array([c[4] for c in cands])
             last = np.nonzero(masks[:, uncovered].all(axis=1) & (cost + costs <= budget))[0]
             covers.update(tuple(sorted([*chosen, int(k)])) for k in last)
             return
