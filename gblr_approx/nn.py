@@ -69,6 +69,28 @@ class StructuredLinear(nn.Module):
         cls = get_format(self.format_name)
         return cls._from_state(tensors, self._config, (self.out_features, self.in_features))
 
+    def _forward_matrix(self) -> StructuredMatrix:
+        """:attr:`matrix`, cached while no gradient is needed (inference).
+
+        Rebuilding the matrix object costs more than a small product, so inference reuses it
+        until a parameter changes (in place, or replaced by ``.to()`` / ``load_state_dict``).
+        With gradients on, the matrix is rebuilt
+        at every call so that autograd sees fresh operations on the parameters.
+        """
+        params = [getattr(self, f"factor_{name}") for name in self._names]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._matrix_cache = None
+            return self.matrix
+        key = (
+            torch.is_inference_mode_enabled(),
+            tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in params),
+        )
+        cache = getattr(self, "_matrix_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, self.matrix)
+            self._matrix_cache = cache
+        return cache[1]
+
     @property
     def flops(self) -> int:
         """MACs of one input row."""
@@ -81,7 +103,8 @@ class StructuredLinear(nn.Module):
             )
         lead = x.shape[:-1]
         X = x.reshape(-1, self.in_features).T
-        Y = self.matrix._matmul(X.to(self.matrix.dtype)).T
+        A = self._forward_matrix()
+        Y = A._matmul(X.to(A.dtype)).T
         if self.bias is not None:
             Y = Y + self.bias
         return Y.reshape(*lead, self.out_features)

@@ -18,16 +18,57 @@ constructors embed them exactly at their own cost (math.md 4.1-4.3).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .base import StructuredMatrix, register_format
+from .gblr_plan import GBLRPlan, build_plan
 
 __all__ = ["GBLR"]
 
 Factor = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+
+
+_PLAN_CACHE: OrderedDict[tuple, GBLRPlan] = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
+def cached_plan(G: GBLR, device: torch.device) -> GBLRPlan:
+    """The plan of ``G``'s structure on ``device``, from a small LRU cache keyed by structure.
+
+    Matrices that share a structure (a ``StructuredLinear`` rebuilt at every step, copies,
+    reloads) share one plan; building one costs ``O(S log S)`` Python work for ``S`` slots.
+    """
+    key = (
+        G.shape,
+        str(device),
+        tuple(
+            t.numpy().tobytes()
+            for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
+        ),
+    )
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = build_plan(
+            G.shape,
+            G.row_start.tolist(),
+            G.row_width.tolist(),
+            G.col_start.tolist(),
+            G.col_width.tolist(),
+            G.ranks.tolist(),
+            G.is_dense.tolist(),
+        )
+        if torch.device(device).type != "cpu":
+            plan = plan.to(torch.device(device))
+        _PLAN_CACHE[key] = plan
+        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
+    return plan
 
 
 def _long(x: Any, name: str, K: int | None = None) -> torch.Tensor:
@@ -79,8 +120,10 @@ class GBLR(StructuredMatrix):
     factors: for a dense component ``(block, I_{w_k})``.
 
     Cost: ``flops = sum_k min(r_k (h_k + w_k), h_k w_k)`` MACs per mat-vec, equal to
-    ``num_params``. ``A @ X`` gathers ``X[I_k^in]``, applies the small factors (or block) and
-    scatter-adds into the rows ``I_k^out``: ``O(flops * k)`` for ``X`` of shape ``(n, k)``.
+    ``num_params``. Storage is packed: every factor lives in two flat buffers (``U``, ``V``;
+    the saved layout). ``A @ X`` runs the cached :attr:`plan`: the components' rank-1 slots
+    packed into tiled batched GEMMs (:mod:`gblr_approx.formats.gblr_plan`), a few kernel
+    launches whatever ``K`` is, exact, differentiable in the factors, and free of host syncs.
     """
 
     format_name = "gblr"
@@ -107,21 +150,11 @@ class GBLR(StructuredMatrix):
         self.row_width = _long(row_width, "row_width", K)
         self.col_start = _long(col_start, "col_start", K)
         self.col_width = _long(col_width, "col_width", K)
-        for name, t, side in (
-            ("row_start", self.row_start, m),
-            ("col_start", self.col_start, n),
-        ):
-            if K and (int(t.min()) < 0 or int(t.max()) >= side):
-                raise ValueError(f"{name} must lie in [0, {side}); got values {t.tolist()}")
-        for name, t, side in (
-            ("row_width", self.row_width, m),
-            ("col_width", self.col_width, n),
-        ):
-            if K and (int(t.min()) < 0 or int(t.max()) > side):
-                raise ValueError(f"{name} must lie in [0, {side}]; got values {t.tolist()}")
+        self._check_intervals()
         Us: list[torch.Tensor] = []
-        Vs: list[torch.Tensor | None] = []
+        Vs: list[torch.Tensor] = []
         ranks: list[int] = []
+        dense: list[bool] = []
         for k, f in enumerate(factors):
             h, w = int(self.row_width[k]), int(self.col_width[k])
             if isinstance(f, torch.Tensor):
@@ -131,8 +164,8 @@ class GBLR(StructuredMatrix):
                         f"({h}, {w}); got {tuple(f.shape)}"
                     )
                 Us.append(f)
-                Vs.append(None)
                 ranks.append(min(h, w))
+                dense.append(True)
                 continue
             if not (isinstance(f, (tuple, list)) and len(f) == 2):
                 raise TypeError(f"factors[{k}] must be a pair (U, V) or a dense block tensor")
@@ -151,13 +184,14 @@ class GBLR(StructuredMatrix):
             r = int(U.shape[1])
             if r * (h + w) > h * w:  # the dense block is cheaper: store and run it dense
                 Us.append(U @ V.T)
-                Vs.append(None)
                 ranks.append(min(h, w))
+                dense.append(True)
             else:
                 Us.append(U)
                 Vs.append(V)
                 ranks.append(r)
-        floats = [t for t in Us] + [t for t in Vs if t is not None]
+                dense.append(False)
+        floats = Us + Vs
         if floats:
             dt, dev = floats[0].dtype, floats[0].device
             for t in floats:
@@ -171,16 +205,95 @@ class GBLR(StructuredMatrix):
         else:
             dt = dtype or torch.get_default_dtype()
             dev = torch.device(device) if device is not None else torch.device("cpu")
-        self._U = Us
-        self._V = Vs
-        self._empty = torch.empty(0, dtype=dt, device=dev)
+        empty = torch.empty(0, dtype=dt, device=dev)
         self.ranks = torch.tensor(ranks, dtype=torch.long)
-        self.is_dense = torch.tensor([v is None for v in Vs], dtype=torch.bool)
+        self.is_dense = torch.tensor(dense, dtype=torch.bool)
+        # packed storage: every factor in two flat buffers (the layout of ``_tensors``)
+        self._Uf = torch.cat([u.reshape(-1) for u in Us]) if Us else empty
+        self._Vf = torch.cat([v.reshape(-1) for v in Vs]) if Vs else empty
+        self._offsets_cache: tuple[list[int], list[int]] | None = None
+
+    @classmethod
+    def _from_flat(
+        cls,
+        shape: tuple[int, int],
+        row_start: torch.Tensor,
+        row_width: torch.Tensor,
+        col_start: torch.Tensor,
+        col_width: torch.Tensor,
+        ranks: torch.Tensor,
+        is_dense: torch.Tensor,
+        U: torch.Tensor,
+        V: torch.Tensor,
+    ) -> GBLR:
+        """Wrap packed buffers (the layout of ``_tensors``) without copying them.
+
+        ``U`` and ``V`` are 1-D: component ``k`` owns ``h_k r_k`` entries of ``U`` (its
+        ``(h_k, r_k)`` factor row-major, or its ``(h_k, w_k)`` dense block) and ``w_k r_k`` of
+        ``V`` (none when dense). Raises ``ValueError`` when the sizes do not add up.
+        """
+        self = cls.__new__(cls)
+        StructuredMatrix.__init__(self, shape)
+        m, n = self.shape
+        if m < 1 or n < 1:
+            raise ValueError(f"shape must be positive; got {shape}")
+        K = int(torch.as_tensor(ranks).numel())
+        self.row_start = _long(row_start, "row_start", K)
+        self.row_width = _long(row_width, "row_width", K)
+        self.col_start = _long(col_start, "col_start", K)
+        self.col_width = _long(col_width, "col_width", K)
+        self.ranks = _long(ranks, "ranks", K)
+        self.is_dense = torch.as_tensor(is_dense).reshape(-1).to(torch.bool).cpu()
+        if self.is_dense.numel() != K:
+            raise ValueError(f"is_dense must have one entry per component ({K})")
+        self._check_intervals()
+        if not (U.is_floating_point() and V.is_floating_point()):
+            raise TypeError(f"factors must be floating point; got {U.dtype} and {V.dtype}")
+        h, w, r, d = self.row_width, self.col_width, self.ranks, self.is_dense
+        if K and (int(r.min()) < 0 or bool((d & (r != torch.minimum(h, w))).any())):
+            raise ValueError("ranks must be >= 0 and equal min(h, w) for dense components")
+        nu = int(torch.where(d, h * w, h * r).sum())
+        nv = int(torch.where(d, 0, w * r).sum())
+        if U.numel() != nu or V.numel() != nv:
+            raise ValueError(
+                f"packed factors hold {U.numel()} + {V.numel()} numbers but the intervals and "
+                f"ranks need {nu} + {nv}"
+            )
+        self._Uf, self._Vf = U.reshape(-1), V.reshape(-1)
+        self._offsets_cache = None
+        return self
+
+    def _check_intervals(self) -> None:
+        m, n = self.shape
+        K = self.row_start.numel()
+        for name, t, side in (
+            ("row_start", self.row_start, m),
+            ("col_start", self.col_start, n),
+        ):
+            if K and (int(t.min()) < 0 or int(t.max()) >= side):
+                raise ValueError(f"{name} must lie in [0, {side}); got values {t.tolist()}")
+        for name, t, side in (
+            ("row_width", self.row_width, m),
+            ("col_width", self.col_width, n),
+        ):
+            if K and (int(t.min()) < 0 or int(t.max()) > side):
+                raise ValueError(f"{name} must lie in [0, {side}]; got values {t.tolist()}")
 
     # ----------------------------------------------------------- accessors
     @property
     def num_components(self) -> int:
-        return len(self._U)
+        return int(self.ranks.numel())
+
+    def _offsets(self) -> tuple[list[int], list[int]]:
+        """Start of each component's entries in the flat ``U`` and ``V`` buffers."""
+        if self._offsets_cache is None:
+            h, w, r, d = self.row_width, self.col_width, self.ranks, self.is_dense
+            nu = torch.where(d, h * w, h * r)
+            nv = torch.where(d, 0, w * r)
+            uo = (torch.cumsum(nu, 0) - nu).tolist()
+            vo = (torch.cumsum(nv, 0) - nv).tolist()
+            self._offsets_cache = (uo, vo)
+        return self._offsets_cache
 
     def row_indices(self, k: int) -> torch.Tensor:
         """LongTensor (h_k,) of the rows of component ``k`` (cyclic interval)."""
@@ -196,6 +309,16 @@ class GBLR(StructuredMatrix):
             int(self.col_start[k]) + torch.arange(int(self.col_width[k]), device=self.device)
         ) % n
 
+    def _factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Views of component ``k`` in the flat buffers: ``(U_k, V_k)`` or ``(block, None)``."""
+        uo, vo = self._offsets()
+        h, w = int(self.row_width[k]), int(self.col_width[k])
+        if bool(self.is_dense[k]):
+            return self._Uf[uo[k] : uo[k] + h * w].view(h, w), None
+        r = int(self.ranks[k])
+        U = self._Uf[uo[k] : uo[k] + h * r].view(h, r)
+        return U, self._Vf[vo[k] : vo[k] + w * r].view(w, r)
+
     def component(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors ``(U_k (h_k, r_k), V_k (w_k, r_k))`` of component ``k``.
 
@@ -204,7 +327,8 @@ class GBLR(StructuredMatrix):
         """
         if not -self.num_components <= k < self.num_components:
             raise IndexError(f"component index {k} out of range for K={self.num_components}")
-        U, V = self._U[k], self._V[k]
+        k = k % self.num_components
+        U, V = self._factors(k)
         if V is None:
             w = U.shape[1]
             return U, torch.eye(w, dtype=U.dtype, device=U.device)
@@ -212,7 +336,7 @@ class GBLR(StructuredMatrix):
 
     def block(self, k: int) -> torch.Tensor:
         """Dense ``(h_k, w_k)`` block of component ``k``."""
-        U, V = self._U[k], self._V[k]
+        U, V = self._factors(k)
         return U if V is None else U @ V.T
 
     def component_costs(self) -> torch.Tensor:
@@ -222,9 +346,6 @@ class GBLR(StructuredMatrix):
 
     # --------------------------------------------------------------- hooks
     def _tensors(self) -> dict[str, torch.Tensor]:
-        U = torch.cat([u.reshape(-1) for u in self._U]) if self._U else self._empty
-        vs = [v.reshape(-1) for v in self._V if v is not None]
-        V = torch.cat(vs) if vs else self._empty
         return {
             "row_start": self.row_start,
             "row_width": self.row_width,
@@ -232,30 +353,26 @@ class GBLR(StructuredMatrix):
             "col_width": self.col_width,
             "ranks": self.ranks,
             "is_dense": self.is_dense.to(torch.uint8),
-            "U": U,
-            "V": V,
+            "U": self._Uf,
+            "V": self._Vf,
         }
 
     def _float_tensors(self) -> list[torch.Tensor]:
-        return [self._empty] + list(self._U) + [v for v in self._V if v is not None]
+        return [self._Uf, self._Vf]
 
     @classmethod
     def _from_state(cls, tensors, config, shape):
-        rs, rw = tensors["row_start"], tensors["row_width"]
-        cs, cw = tensors["col_start"], tensors["col_width"]
-        ranks, dense = tensors["ranks"].tolist(), tensors["is_dense"].bool().tolist()
-        U, V = tensors["U"], tensors["V"]
-        iu = iv = 0
-        factors: list[Factor] = []
-        for k in range(len(ranks)):
-            h, w, r = int(rw[k]), int(cw[k]), ranks[k]
-            if dense[k]:
-                factors.append(U[iu : iu + h * w].view(h, w))
-                iu += h * w
-            else:
-                factors.append((U[iu : iu + h * r].view(h, r), V[iv : iv + w * r].view(w, r)))
-                iu, iv = iu + h * r, iv + w * r
-        return cls(shape, rs, rw, cs, cw, factors, dtype=U.dtype, device=U.device)
+        return cls._from_flat(
+            shape,
+            tensors["row_start"],
+            tensors["row_width"],
+            tensors["col_start"],
+            tensors["col_width"],
+            tensors["ranks"],
+            tensors["is_dense"].bool(),
+            tensors["U"],
+            tensors["V"],
+        )
 
     @property
     def flops(self) -> int:
@@ -263,9 +380,7 @@ class GBLR(StructuredMatrix):
 
     @property
     def num_params(self) -> int:
-        return int(
-            sum(u.numel() for u in self._U) + sum(v.numel() for v in self._V if v is not None)
-        )
+        return int(self._Uf.numel() + self._Vf.numel())
 
     def to_dense(self) -> torch.Tensor:
         m, n = self.shape
@@ -277,22 +392,54 @@ class GBLR(StructuredMatrix):
             D.index_put_((ri[:, None], ci[None, :]), self.block(k), accumulate=True)
         return D
 
+    # ------------------------------------------------------------- product
+    @property
+    def plan(self) -> GBLRPlan:
+        """The batched-GEMM execution plan of this structure (built once, then cached).
+
+        See :mod:`gblr_approx.formats.gblr_plan`; ``plan.fill`` is the share of real
+        multiply-adds among those executed.
+        """
+        return cached_plan(self, self.device)
+
+    def _panels(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        U, V = self._Uf, self._Vf
+        if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
+            return self.plan.pack(U, V)  # differentiable: rebuilt at every product
+        key = (U.data_ptr(), V.data_ptr(), U._version, V._version, U.device)
+        cache = getattr(self, "_panel_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.plan.pack(U, V))
+            self._panel_cache = cache
+        return cache[1]
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
+        if self.num_components == 0:
+            return X.new_zeros(self.shape[0], X.shape[1])
+        return self.plan.matmul(self._panels(), X)
+
+    def _matmul_loop(self, X: torch.Tensor) -> torch.Tensor:
+        """Reference product: one gather, two small GEMMs and one scatter per component.
+
+        ``O(K)`` Python work; kept to test :meth:`_matmul` against and for benchmarks.
+        """
         m = self.shape[0]
         Y = torch.zeros(m, X.shape[1], dtype=X.dtype, device=X.device)
         for k in range(self.num_components):
             if int(self.row_width[k]) == 0 or int(self.col_width[k]) == 0:
                 continue
             Xk = X.index_select(0, self.col_indices(k))
-            U, V = self._U[k], self._V[k]
+            U, V = self._factors(k)
             Yk = U @ Xk if V is None else U @ (V.T @ Xk)
             Y.index_add_(0, self.row_indices(k), Yk)
         return Y
 
     def _transpose(self) -> GBLR:
-        factors: list[Factor] = [
-            U.T if V is None else (V, U) for U, V in zip(self._U, self._V, strict=True)
-        ]
+        factors: list[Factor] = []
+        for k in range(self.num_components):
+            U, V = self._factors(k)
+            factors.append(U.T if V is None else (V, U))
         return GBLR(
             (self.shape[1], self.shape[0]),
             self.col_start.clone(),

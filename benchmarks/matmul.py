@@ -1,0 +1,209 @@
+"""Product speed of every format against the dense matrix it replaces.
+
+Usage::
+
+    python benchmarks/matmul.py                       # MiniLM layers, 25 % and 50 %, 1 thread
+    python benchmarks/matmul.py --sizes 1024x1024 4096x4096 4096x11008 --threads 1 2
+    python benchmarks/matmul.py --model DIR           # + sentence-transformers encode row
+
+For each (shape, budget, format, threads, batch) the structured product ``A @ X`` and the dense
+product ``W @ X`` are timed interleaved in one process (median of ``--reps``), so machine load
+hits both alike. Printed per row:
+
+- ``time/dense``: structured time over dense time (< 1 is faster than dense);
+- ``efficiency``: MAC-rate efficiency ``(A.flops / (m n)) * t_dense / t_A``: 1.0 means the
+  structured product runs its MACs at the dense GEMM rate; 0.5 at 25 % of dense MACs means 2x
+  faster than dense.
+
+The three MiniLM shapes use the real layers of ``ga.datasets.minilm_sample()`` and each
+format's default projection (GBLR: the default ``fit_gblr`` layout). Other shapes use a
+synthetic matrix with a power-law spectrum and the fast projections; GBLR there is a random
+layout of rank-1 components at the budget (``--gblr-components``, default 1000) and BLAST a
+random 16x16-block instance, since their fits take minutes at 4096x11008 (benchmarks/scaling.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import gblr_approx as ga
+
+FORMATS = ["lowrank", "blocksparse", "blocklowrank", "monarch", "blast", "gblr"]
+MINILM = {
+    (384, 384): "encoder.layer.0.attention.self.query.weight",
+    (1536, 384): "encoder.layer.0.intermediate.dense.weight",
+    (384, 1536): "encoder.layer.0.output.dense.weight",
+}
+
+
+def timed(fns, reps: int) -> list[float]:
+    """Median seconds of each callable, calls interleaved round-robin."""
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def power_law(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``U diag(s) V^T`` with ``s_i = i^-0.5`` and random orthonormal ``U``, ``V``."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=gen))
+    s = torch.arange(1, k + 1, dtype=torch.float32) ** -0.5
+    return (U * s) @ V.T
+
+
+def random_gblr(m: int, n: int, budget: int, components: int, seed: int = 0) -> ga.GBLR:
+    """``components`` rank-1 pieces with random cyclic intervals, widths scaled to ``budget``."""
+    gen = torch.Generator().manual_seed(seed)
+    frac_h = torch.rand(components, generator=gen)
+    frac_w = torch.rand(components, generator=gen)
+    scale = budget / float((frac_h * m + frac_w * n).sum())
+    h = (frac_h * m * scale).long().clamp(1, m)
+    w = (frac_w * n * scale).long().clamp(1, n)
+    rs = torch.randint(0, m, (components,), generator=gen)
+    cs = torch.randint(0, n, (components,), generator=gen)
+    factors = [
+        (torch.randn(int(a), 1, generator=gen), torch.randn(int(b), 1, generator=gen))
+        for a, b in zip(h, w, strict=True)
+    ]
+    return ga.GBLR((m, n), rs, h, cs, w, factors)
+
+
+def random_blast(m: int, n: int, budget: int, blocks=(16, 16), seed: int = 0) -> ga.BLAST:
+    gen = torch.Generator().manual_seed(seed)
+    r = max(1, budget // (m + n + blocks[0] * blocks[1]))
+    return ga.BLAST(
+        torch.randn(m, r, generator=gen),
+        torch.randn(n, r, generator=gen),
+        torch.randn(blocks[0], blocks[1], r, generator=gen),
+    )
+
+
+def make(fmt: str, W: torch.Tensor, budget: float, real: bool, components: int):
+    m, n = W.shape
+    if not real and fmt == "gblr":
+        return random_gblr(m, n, int(budget * m * n), components)
+    if not real and fmt == "blast":
+        return random_blast(m, n, int(budget * m * n))
+    return ga.project(W, fmt, budget)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["384x384", "1536x384", "384x1536"])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--formats", nargs="+", default=FORMATS)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256, 1024])
+    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--gblr-components", type=int, default=1000)
+    p.add_argument("--model", type=Path, help="sentence-transformers model folder (MiniLM)")
+    p.add_argument("--model-budget", type=float, default=0.5)
+    p.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    args = p.parse_args()
+
+    sample = ga.datasets.minilm_sample()
+    rows = []
+    for size in args.sizes:
+        m, n = (int(v) for v in size.lower().split("x"))
+        real = (m, n) in MINILM
+        W = sample[MINILM[(m, n)]] if real else power_law(m, n)
+        for budget in args.budgets:
+            for fmt in args.formats:
+                torch.set_num_threads(1)
+                A = make(fmt, W, budget, real, args.gblr_components)
+                for threads in args.threads:
+                    torch.set_num_threads(threads)
+                    for B in args.batches:
+                        X = torch.randn(n, B)
+                        reps = max(5, args.reps if m * n * B < 5e8 else args.reps // 5)
+                        t_dense, t_fmt = timed(
+                            [lambda W=W, X=X: W @ X, lambda A=A, X=X: A @ X], reps
+                        )
+                        frac = A.flops / (m * n)
+                        rows.append(
+                            {
+                                "shape": f"{m}x{n}",
+                                "budget": budget,
+                                "format": fmt,
+                                "threads": threads,
+                                "batch": B,
+                                "macs/dense": round(frac, 3),
+                                "dense_ms": round(t_dense * 1e3, 3),
+                                "ms": round(t_fmt * 1e3, 3),
+                                "time/dense": round(t_fmt / t_dense, 2),
+                                "efficiency": round(frac * t_dense / t_fmt, 2),
+                            }
+                        )
+                        print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    if args.model is not None:
+        df_model = model_rows(args.model, args.formats, args.model_budget, args.threads)
+        print("\n" + markdown_table(df_model))
+    print(f"\n# torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(markdown_table(df))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+
+
+def model_rows(folder: Path, formats, budget: float, threads) -> pd.DataFrame:
+    """Encode time of sentence-transformers MiniLM with every encoder linear compressed."""
+    import copy
+
+    from sentence_transformers import SentenceTransformer
+
+    texts = [line for line in ga.__doc__.splitlines() if line.strip()] * 8
+    dense = SentenceTransformer(str(folder), device="cpu")
+    out = []
+    for fmt in formats:
+        model = copy.deepcopy(dense)
+        torch.set_num_threads(1)
+        ga.nn.compress_model(model, fmt, budget, include="*encoder.layer.*")
+        for t in threads:
+            torch.set_num_threads(t)
+            t_dense, t_fmt = timed(
+                [
+                    lambda: dense.encode(texts, batch_size=32),
+                    lambda m=model: m.encode(texts, batch_size=32),
+                ],
+                5,
+            )
+            out.append(
+                {
+                    "format": fmt,
+                    "budget": budget,
+                    "threads": t,
+                    "sentences": len(texts),
+                    "dense_s": round(t_dense, 3),
+                    "s": round(t_fmt, 3),
+                    "encode time/dense": round(t_fmt / t_dense, 2),
+                }
+            )
+            print(out[-1], flush=True)
+    return pd.DataFrame(out)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """Render a DataFrame as a GitHub markdown table."""
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+if __name__ == "__main__":
+    main()

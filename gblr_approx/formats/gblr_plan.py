@@ -1,0 +1,354 @@
+"""Execution plan of the GBLR product: components packed into tiled batched GEMMs.
+
+A GBLR matrix is a sum of components ``U_k V_k^T`` on cyclic rectangles. Looping over the
+components in Python runs one tiny GEMM pair per component and is orders of magnitude slower
+than a dense product. The plan instead splits every factored component into rank-1 *slots*
+(one column ``v`` of ``V_k`` on its column interval, one column ``u`` of ``U_k`` on its row
+interval) and runs ``Y = A @ X`` in two tiled stages, each a few batched GEMMs:
+
+1. ``Z = V^T X``: the columns are cut into tiles of ``T1`` columns. Tile ``c`` holds a dense
+   ``(M_c, T1)`` panel: one row per slot whose column interval meets the tile, with that
+   slot's ``v`` entries inside the tile (zero elsewhere). Tiles with similar ``M_c`` share one
+   ``torch.bmm`` against their ``T1``-row slices of ``X``; the partial sums of a slot that
+   spans several tiles are added by one ``index_add``.
+2. ``Y = U Z``: the rows are cut into tiles of ``T2`` rows; tile ``t`` holds a ``(T2, M_t)``
+   panel of the ``u`` entries of the slots meeting it. One ``bmm`` per bucket of tiles writes
+   every output row exactly once (no scatter of partial outputs). A component stored as a
+   dense block is a set of stage-2 slots, one per block column, that read ``X`` rows directly.
+
+Everything that depends only on the structure (intervals, ranks) is integer index tensors
+built once on the CPU; the panel values are one gather from the flat factor buffers, so
+autograd reaches ``U`` and ``V`` and the product never synchronises with the host
+(CUDA-safe). Padding is exact zeros: results equal the component loop up to rounding.
+
+Cost model: the panels execute ``padded_macs`` multiply-adds per product column, at least
+``A.flops``; ``fill = flops / padded_macs``. A slot of width ``w`` fills about
+``w / (w + T)`` of the tile rows it occupies, so layouts of many narrow rank-1 pieces run far
+below the dense GEMM rate however they are packed (docs/product_speed.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["GBLRPlan", "build_plan"]
+
+#: Candidate tile sizes; the plan takes the one with the fewest padded multiply-adds.
+TILES = (16, 32, 64)
+#: Price of one more bmm call, in multiply-adds per product column (see build_plan).
+BUCKET_COST = 4096
+
+
+@dataclass
+class _Bucket:
+    """Tiles of one panel shape: ``count`` panels of ``(rows, cols)`` values."""
+
+    count: int
+    rows: int
+    cols: int
+    value_index: torch.Tensor  # (count*rows*cols,) indices into the padded flat factor buffer
+
+
+@dataclass
+class GBLRPlan:
+    """Integer index tensors that run a GBLR product as tiled batched GEMMs.
+
+    Attributes
+    ----------
+    shape : (m, n)
+    slots : int
+        Rank-1 slots of the factored components (sum of their ranks): rows of ``Z``.
+    tiles : (T1, T2)
+        Column tile width of stage 1, row tile height of stage 2.
+    stage1, stage2 : list of _Bucket
+        Stage-1 buckets of ``(M, T1)`` panels (values from ``V``), stage-2 buckets of
+        ``(T2, M)`` panels (values from ``U``).
+    x_gather : LongTensor (tiles1 * T1,)
+        Rows of ``X`` read by the stage-1 tiles, bucket after bucket (modulo ``n``).
+    z_index : LongTensor
+        Slot (row of ``Z``) each stage-1 output row adds into (``slots`` for padding).
+    z_gather : LongTensor
+        Rows of ``[Z; 0; X]`` read by the stage-2 tiles, bucket after bucket.
+    y_order : LongTensor or None
+        Permutation from bucket order to tile order of the stage-2 output rows (``None``
+        when they already are in tile order).
+    padded_macs, flops : int
+        Multiply-adds per product column executed (padding included) and the matrix's cost.
+    """
+
+    shape: tuple[int, int]
+    slots: int
+    tiles: tuple[int, int]
+    stage1: list[_Bucket]
+    stage2: list[_Bucket]
+    x_gather: torch.Tensor
+    z_index: torch.Tensor
+    z_gather: torch.Tensor
+    y_order: torch.Tensor | None
+    padded_macs: int
+    flops: int
+
+    @property
+    def fill(self) -> float:
+        """``flops / padded_macs``: share of the executed multiply-adds that are real."""
+        return self.flops / self.padded_macs if self.padded_macs else 1.0
+
+    def to(self, device: torch.device) -> GBLRPlan:
+        """The same plan with its index tensors on ``device``."""
+
+        def mv(b: _Bucket) -> _Bucket:
+            return _Bucket(b.count, b.rows, b.cols, b.value_index.to(device))
+
+        return GBLRPlan(
+            self.shape,
+            self.slots,
+            self.tiles,
+            [mv(b) for b in self.stage1],
+            [mv(b) for b in self.stage2],
+            self.x_gather.to(device),
+            self.z_index.to(device),
+            self.z_gather.to(device),
+            None if self.y_order is None else self.y_order.to(device),
+            self.padded_macs,
+            self.flops,
+        )
+
+    # ------------------------------------------------------------------ values
+    def pack(
+        self, U: torch.Tensor, V: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Panel values from the flat factor buffers (differentiable in ``U`` and ``V``).
+
+        Returns one ``(count, M, T1)`` tensor per stage-1 bucket (entries of ``V``) and one
+        ``(count, T2, M)`` tensor per stage-2 bucket (entries of ``U``); padding is zero.
+        """
+        zero = U.new_zeros(1)
+        Vz = torch.cat([V.reshape(-1), zero])
+        Uz = torch.cat([U.reshape(-1), zero])
+        p1 = [Vz[b.value_index].view(b.count, b.rows, b.cols) for b in self.stage1]
+        p2 = [Uz[b.value_index].view(b.count, b.rows, b.cols) for b in self.stage2]
+        return p1, p2
+
+    # ----------------------------------------------------------------- product
+    def matmul(
+        self, panels: tuple[list[torch.Tensor], list[torch.Tensor]], X: torch.Tensor
+    ) -> torch.Tensor:
+        """``A @ X`` for ``X`` of shape ``(n, k)``; ``panels`` from :meth:`pack`.
+
+        About ``6 + len(stage1) + len(stage2)`` kernel launches, no host synchronisation.
+        """
+        m = self.shape[0]
+        B = X.shape[1]
+        p1, p2 = panels
+        T1, T2 = self.tiles
+        Z = X.new_zeros(self.slots + 1, B)
+        if self.stage1:
+            Xg = X.index_select(0, self.x_gather)
+            at = 0
+            parts = []
+            for b, vals in zip(self.stage1, p1, strict=True):
+                size = b.count * T1
+                parts.append(torch.bmm(vals, Xg[at : at + size].view(b.count, T1, B)).view(-1, B))
+                at += size
+            Z = Z.index_add(0, self.z_index, torch.cat(parts) if len(parts) > 1 else parts[0])
+        Zg = torch.cat([Z, X]).index_select(0, self.z_gather)
+        outs = []
+        at = 0
+        for b, vals in zip(self.stage2, p2, strict=True):
+            size = b.count * b.cols
+            outs.append(torch.bmm(vals, Zg[at : at + size].view(b.count, b.cols, B)).view(-1, B))
+            at += size
+        Y = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if self.y_order is not None:
+            Y = Y.index_select(0, self.y_order)
+        return Y[:m]
+
+
+def _buckets(counts: list[int], size: int, bucket_cost: float) -> list[tuple[int, list[int]]]:
+    """Split tiles into buckets minimising padded MACs + ``bucket_cost`` per bucket.
+
+    Tiles sorted by their slot count are cut into contiguous runs (dynamic programming,
+    ``O(G^2)``); a run pads every tile to its largest count and runs as one ``bmm`` of
+    ``size``-long panels. Returns ``(padded count, tile ids)`` per bucket.
+    """
+    order = sorted(range(len(counts)), key=lambda g: counts[g])
+    cnt = [max(counts[g], 1) for g in order]
+    G = len(cnt)
+    best = [0.0] + [float("inf")] * G
+    cut = [0] * (G + 1)
+    for j in range(1, G + 1):
+        M = cnt[j - 1]
+        for i in range(j - 1, -1, -1):
+            c = best[i] + (j - i) * M * size + bucket_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out = []
+    j = G
+    while j > 0:
+        i = cut[j]
+        out.append((cnt[j - 1], order[i:j]))
+        j = i
+    return out[::-1]
+
+
+def _incidence(
+    starts: list[int], widths: list[int], side: int, tile: int
+) -> list[list[tuple[int, int, int, int]]]:
+    """For each tile of ``tile`` entries, the runs ``(slot, local position, first entry,
+    length)`` of every slot whose cyclic interval meets it (a wrapping slot may meet a tile
+    twice)."""
+    nt = -(-side // tile)
+    tiles: list[list[tuple[int, int, int]]] = [[] for _ in range(nt)]
+    for i, (s, w) in enumerate(zip(starts, widths, strict=True)):
+        t = 0
+        while t < w:  # contiguous runs: up to the end of the tile or of the side
+            p = (s + t) % side
+            length = min(w - t, tile - p % tile, side - p)
+            tiles[p // tile].append((i, p % tile, t, length))
+            t += length
+    return tiles
+
+
+def _stage(starts: list[int], widths: list[int], side: int, tile: int, bucket_cost: float):
+    """Per tile the slots meeting it (with their runs), and the tiles' buckets."""
+    tiles = _incidence(starts, widths, side, tile)
+    # the slots of a tile: each distinct slot once, its runs merged into one panel line
+    lines = []
+    for runs in tiles:
+        by_slot: dict[int, list] = {}
+        for run in runs:
+            by_slot.setdefault(run[0], []).append(run)
+        lines.append(list(by_slot.items()))
+    buckets = _buckets([len(ln) for ln in lines], tile, bucket_cost)
+    return lines, buckets
+
+
+def _value_index(vals: tuple[int, int, int], t0: int, length: int) -> torch.Tensor:
+    """Flat-buffer indices of entries ``t0 .. t0+length-1`` of a slot ``(base, j, r)``:
+    entry ``t`` of column ``j`` of a row-major ``(., r)`` factor at ``base``."""
+    base, j, r = vals
+    return base + torch.arange(t0, t0 + length) * r + j
+
+
+def _best_tile(starts, widths, side, tiles, bucket_cost) -> int:
+    def padded(tile):
+        lines = _incidence(starts, widths, side, tile)
+        counts = [len({run[0] for run in runs}) for runs in lines]
+        return sum(max(c, 1) for c in counts) * tile + bucket_cost * 2
+
+    cands = [t for t in tiles if t <= max(side, 1)] or [min(tiles)]
+    return min(cands, key=padded)
+
+
+def build_plan(
+    shape: tuple[int, int],
+    row_start: list[int],
+    row_width: list[int],
+    col_start: list[int],
+    col_width: list[int],
+    ranks: list[int],
+    is_dense: list[bool],
+    *,
+    tiles: tuple[int, int] | None = None,
+    bucket_cost: float = BUCKET_COST,
+) -> GBLRPlan:
+    """Build the plan of a GBLR structure (plain Python lists of length K).
+
+    The flat buffers follow :meth:`GBLR._tensors`: component ``k`` owns ``U[uo:uo+h*r]``
+    (``(h, r)`` row-major, or its dense ``(h, w)`` block) and ``V[vo:vo+w*r]`` (``(w, r)``).
+    ``tiles=(T1, T2)`` fixes the tile sizes (default: the candidate in :data:`TILES` with the
+    fewest padded MACs, per stage). ``bucket_cost`` prices one more ``bmm`` call in
+    multiply-adds per product column.
+    Cost: ``O(S (w / T + 1) + tiles^2)`` integer work for ``S`` slots, done once.
+    """
+    m, n = shape
+    # stage-1 slots (factored components): column interval, v = V[vo + t*r + j]
+    c_start, c_width, c_val = [], [], []
+    # stage-2 slots: row interval, u entries, source row of [Z; 0; X]
+    r_start, r_width, r_val, r_src = [], [], [], []
+    uo = vo = 0
+    flops = 0
+    for k in range(len(ranks)):
+        h, w, r = row_width[k], col_width[k], ranks[k]
+        if is_dense[k]:
+            if h and w:  # column j of the block: a stage-2 slot reading X row cs + j
+                for j in range(w):
+                    r_start.append(row_start[k])
+                    r_width.append(h)
+                    r_val.append((uo, j, w))
+                    r_src.append(-1 - (col_start[k] + j) % n)
+                flops += h * w
+            uo += h * w
+            continue
+        if h and w:
+            for j in range(r):
+                r_src.append(len(c_start))
+                c_start.append(col_start[k])
+                c_width.append(w)
+                c_val.append((vo, j, r))
+                r_start.append(row_start[k])
+                r_width.append(h)
+                r_val.append((uo, j, r))
+            flops += r * (h + w)
+        uo += h * r
+        vo += w * r
+    S = len(c_start)
+    T1 = tiles[0] if tiles else _best_tile(c_start, c_width, n, TILES, bucket_cost)
+    T2 = tiles[1] if tiles else _best_tile(r_start, r_width, m, TILES, bucket_cost)
+    padded = 0
+
+    # ---- stage 1: column tiles, (M, T1) panels of V entries
+    lines1, buckets1 = _stage(c_start, c_width, n, T1, bucket_cost) if S else ([], [])
+    stage1: list[_Bucket] = []
+    xg, zi = [], []
+    for M, ids in buckets1:
+        G = len(ids)
+        vidx = torch.full((G, M, T1), vo, dtype=torch.long)  # vo: the appended zero
+        zidx = torch.full((G, M), S, dtype=torch.long)  # S: a scratch row for padding
+        for g, tid in enumerate(ids):
+            xg.append((tid * T1 + torch.arange(T1)) % n)
+            for a, (i, runs) in enumerate(lines1[tid]):
+                zidx[g, a] = i
+                for _, p0, t0, length in runs:
+                    vidx[g, a, p0 : p0 + length] = _value_index(c_val[i], t0, length)
+        stage1.append(_Bucket(G, M, T1, vidx.reshape(-1)))
+        zi.append(zidx.reshape(-1))
+        padded += G * M * T1
+
+    # ---- stage 2: row tiles, (T2, M) panels of U entries, reading rows of [Z; 0; X]
+    lines2, buckets2 = _stage(r_start, r_width, m, T2, bucket_cost)
+    stage2: list[_Bucket] = []
+    zg, order = [], []
+    for M, ids in buckets2:
+        G = len(ids)
+        uidx = torch.full((G, T2, M), uo, dtype=torch.long)  # uo: the appended zero
+        sidx = torch.full((G, M), S, dtype=torch.long)  # padding reads the zero scratch row
+        for g, tid in enumerate(ids):
+            order.append(tid)
+            for a, (i, runs) in enumerate(lines2[tid]):
+                src = r_src[i]
+                sidx[g, a] = src if src >= 0 else S + 1 + (-1 - src)
+                for _, p0, t0, length in runs:
+                    uidx[g, p0 : p0 + length, a] = _value_index(r_val[i], t0, length)
+        stage2.append(_Bucket(G, T2, M, uidx.reshape(-1)))
+        zg.append(sidx.reshape(-1))
+        padded += G * T2 * M
+    # stage-2 outputs come bucket by bucket; y_order puts tile rows back in place
+    rows = torch.cat([t * T2 + torch.arange(T2) for t in order])
+    y_order = None if bool((rows == torch.arange(rows.numel())).all()) else torch.argsort(rows)
+    empty = torch.zeros(0, dtype=torch.long)
+    return GBLRPlan(
+        (m, n),
+        S,
+        (T1, T2),
+        stage1,
+        stage2,
+        torch.cat(xg) if xg else empty,
+        torch.cat(zi) if zi else empty,
+        torch.cat(zg),
+        y_order,
+        padded,
+        flops,
+    )

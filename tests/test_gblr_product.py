@@ -1,0 +1,167 @@
+"""The packed GBLR product (batched GEMM panels) against the component loop and to_dense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gblr_approx as ga
+from gblr_approx.formats.gblr import GBLR
+from gblr_approx.formats.gblr_plan import build_plan
+
+DATA = Path(__file__).parent / "data"
+
+
+def mixed_gblr(m, n, K, seed, dtype=torch.float64, device="cpu"):
+    """Random components: wrapped, full-width, dense, rank 0..4, zero-width, overlapping."""
+    gen = torch.Generator().manual_seed(seed)
+    rs, rw, cs, cw, factors = [], [], [], [], []
+    for k in range(K):
+        kind = k % 6
+        h = m if kind == 1 else int(torch.randint(0, m + 1, (1,), generator=gen))
+        w = n if kind == 2 else int(torch.randint(0, n + 1, (1,), generator=gen))
+        rs.append(int(torch.randint(0, m, (1,), generator=gen)))
+        cs.append(int(torch.randint(0, n, (1,), generator=gen)))
+        rw.append(h)
+        cw.append(w)
+        if kind == 3:
+            factors.append(torch.randn(h, w, generator=gen, dtype=dtype))
+        else:
+            r = int(torch.randint(0, 5, (1,), generator=gen))
+            factors.append(
+                (
+                    torch.randn(h, r, generator=gen, dtype=dtype),
+                    torch.randn(w, r, generator=gen, dtype=dtype),
+                )
+            )
+    factors = [
+        f.to(device) if isinstance(f, torch.Tensor) else tuple(t.to(device) for t in f)
+        for f in factors
+    ]
+    return GBLR((m, n), rs, rw, cs, cw, factors)
+
+
+@pytest.mark.parametrize(
+    "shape,K", [((1, 1), 3), ((7, 3), 9), ((24, 40), 30), ((64, 48), 120), ((97, 131), 200)]
+)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_packed_product_equals_loop_and_dense(shape, K, batch):
+    m, n = shape
+    G = mixed_gblr(m, n, K, seed=m * 7 + n + K)
+    X = torch.randn(n, batch, dtype=torch.float64)
+    D = G.to_dense()
+    Y = G @ X
+    assert torch.allclose(Y, G._matmul_loop(X), atol=1e-10)
+    assert torch.allclose(Y, D @ X, atol=1e-10)
+    # left product and transpose use the same packed path
+    L = torch.randn(batch, m, dtype=torch.float64)
+    assert torch.allclose(L @ G, L @ D, atol=1e-10)
+    R = torch.randn(m, 2, dtype=torch.float64)
+    assert torch.allclose(G.T @ R, D.T @ R, atol=1e-10)
+    assert torch.allclose(G.T.to_dense(), D.T, atol=1e-12)
+
+
+def test_plan_accounts_for_every_mac_and_padding():
+    G = mixed_gblr(50, 70, 60, seed=3)
+    plan = G.plan
+    assert plan.flops == G.flops
+    assert plan.padded_macs >= G.flops
+    assert 0 < plan.fill <= 1
+    # padded panel entries are exactly the executed multiply-adds
+    executed = sum(b.count * b.rows * b.cols for b in plan.stage1 + plan.stage2)
+    assert executed == plan.padded_macs
+
+
+def test_plan_options_do_not_change_the_result():
+    G = mixed_gblr(40, 30, 50, seed=11)
+    X = torch.randn(30, 4, dtype=torch.float64)
+    ref = G.to_dense() @ X
+    args = [G.shape] + [
+        t.tolist()
+        for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
+    ]
+    for opts in [
+        dict(tiles=(1, 1)),
+        dict(tiles=(7, 64)),
+        dict(tiles=(64, 5), bucket_cost=0),
+        dict(bucket_cost=1e9),
+    ]:
+        plan = build_plan(*args, **opts)
+        assert torch.allclose(plan.matmul(plan.pack(G._Uf, G._Vf), X), ref, atol=1e-10)
+
+
+def test_gradients_match_autograd_through_dense():
+    G = mixed_gblr(30, 20, 25, seed=2)
+    U = G._Uf.clone().requires_grad_(True)
+    V = G._Vf.clone().requires_grad_(True)
+    A = GBLR._from_flat(
+        G.shape, G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense, U, V
+    )
+    X = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
+    C = torch.randn(30, 3, dtype=torch.float64)
+    (A @ X * C).sum().backward()
+    gU, gV, gX = U.grad.clone(), V.grad.clone(), X.grad.clone()
+    U.grad = V.grad = X.grad = None
+    (A.to_dense() @ X * C).sum().backward()
+    assert torch.allclose(gU, U.grad, atol=1e-10)
+    assert torch.allclose(gV, V.grad, atol=1e-10)
+    assert torch.allclose(gX, X.grad, atol=1e-10)
+
+
+def test_cached_panels_follow_in_place_updates():
+    G = mixed_gblr(20, 20, 15, seed=4)
+    X = torch.randn(20, 2, dtype=torch.float64)
+    before = G @ X
+    with torch.no_grad():
+        G._Uf.mul_(2.0)  # e.g. an optimizer step on a StructuredLinear parameter
+    assert torch.allclose(G @ X, 2.0 * before, atol=1e-10)
+
+
+def test_structured_linear_forward_backward_and_cache():
+    G = mixed_gblr(12, 9, 14, seed=8, dtype=torch.float32)
+    layer = ga.nn.StructuredLinear(G, bias=torch.zeros(12))
+    x = torch.randn(5, 9)
+    y = layer(x)
+    assert torch.allclose(y, x @ G.to_dense().T, atol=1e-5)
+    y.square().sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    opt.step()
+    # after the in-place step the layer runs its updated matrix, not a stale cache
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ layer.matrix.to_dense().T + layer.bias, atol=1e-5)
+
+
+def test_files_saved_before_packing_still_load():
+    G = ga.load(DATA / "gblr_before_packing.safetensors")
+    D = load_file(str(DATA / "gblr_before_packing_dense.safetensors"))["dense"]
+    assert isinstance(G, GBLR) and G.num_components == 8
+    assert torch.equal(G.to_dense(), D)
+    X = torch.randn(G.shape[1], 3)
+    assert torch.allclose(G @ X, D @ X, atol=1e-5)
+
+
+def test_fitted_layout_product_is_exact():
+    W = next(iter(ga.datasets.minilm_sample().values()))[:96, :80]
+    G = ga.project(W, "gblr", 0.25, steps=2)
+    X = torch.randn(80, 7)
+    assert torch.allclose(G @ X, G.to_dense() @ X, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_product_transpose_and_grad():
+    G = mixed_gblr(64, 48, 60, seed=1, dtype=torch.float32, device="cuda")
+    assert G.device.type == "cuda"
+    X = torch.randn(48, 16, device="cuda")
+    D = G.to_dense()
+    assert torch.allclose(G @ X, D @ X, atol=1e-4)
+    R = torch.randn(64, 3, device="cuda")
+    assert torch.allclose(G.T @ R, D.T @ R, atol=1e-4)
+    layer = ga.nn.StructuredLinear(G).cuda()
+    out = layer(torch.randn(8, 48, device="cuda"))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
