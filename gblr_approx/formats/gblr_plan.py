@@ -138,11 +138,56 @@ class GBLRPlan:
         """``A @ X`` for ``X`` of shape ``(n, k)``; ``panels`` from :meth:`pack`.
 
         About ``6 + len(stage1) + len(stage2)`` kernel launches, no host synchronisation.
+        Without autograd the stages write into preallocated buffers (no concatenations).
         """
+        p1, p2 = panels
+        needs_grad = torch.is_grad_enabled() and (
+            X.requires_grad or any(v.requires_grad for v in p1 + p2)
+        )
+        if needs_grad:
+            return self._matmul_autograd(p1, p2, X)
         m = self.shape[0]
         B = X.shape[1]
-        p1, p2 = panels
-        T1, T2 = self.tiles
+        T1 = self.tiles[0]
+        S1 = self.slots + 1
+        ZX = X.new_empty(S1 + X.shape[0], B)  # rows: slots, a zero scratch row, then X
+        ZX[:S1].zero_()
+        ZX[S1:].copy_(X)
+        if self.stage1:
+            Xg = X.index_select(0, self.x_gather)
+            P = X.new_empty(self.z_index.numel(), B)
+            at = to = 0
+            for b, vals in zip(self.stage1, p1, strict=True):
+                size, rows = b.count * T1, b.count * b.rows
+                torch.bmm(
+                    vals,
+                    Xg[at : at + size].view(b.count, T1, B),
+                    out=P[to : to + rows].view(b.count, b.rows, B),
+                )
+                at, to = at + size, to + rows
+            ZX[:S1].index_add_(0, self.z_index, P)
+        Zg = ZX.index_select(0, self.z_gather)
+        Y = X.new_empty(sum(b.count * b.rows for b in self.stage2), B)
+        at = to = 0
+        for b, vals in zip(self.stage2, p2, strict=True):
+            size, rows = b.count * b.cols, b.count * b.rows
+            torch.bmm(
+                vals,
+                Zg[at : at + size].view(b.count, b.cols, B),
+                out=Y[to : to + rows].view(b.count, b.rows, B),
+            )
+            at, to = at + size, to + rows
+        if self.y_order is not None:
+            Y = Y.index_select(0, self.y_order)
+        return Y[:m]
+
+    def _matmul_autograd(
+        self, p1: list[torch.Tensor], p2: list[torch.Tensor], X: torch.Tensor
+    ) -> torch.Tensor:
+        """The same product out of differentiable (out-of-place) operations."""
+        m = self.shape[0]
+        B = X.shape[1]
+        T1 = self.tiles[0]
         Z = X.new_zeros(self.slots + 1, B)
         if self.stage1:
             Xg = X.index_select(0, self.x_gather)
