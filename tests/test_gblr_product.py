@@ -123,9 +123,9 @@ def test_cached_panels_follow_in_place_updates():
 def test_structured_linear_forward_backward_and_cache():
     G = mixed_gblr(12, 9, 14, seed=8, dtype=torch.float32)
     layer = ga.nn.StructuredLinear(G, bias=torch.zeros(12))
-    x = torch.randn(5, 9)
+    x = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
     y = layer(x)
-    assert torch.allclose(y, x @ G.to_dense().T, atol=1e-5)
+    assert torch.allclose(y, x @ G.to_dense().T, rtol=1e-4, atol=1e-4)
     y.square().sum().backward()
     grads = [p.grad for p in layer.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -133,7 +133,8 @@ def test_structured_linear_forward_backward_and_cache():
     opt.step()
     # after the in-place step the layer runs its updated matrix, not a stale cache
     with torch.no_grad():
-        assert torch.allclose(layer(x), x @ layer.matrix.to_dense().T + layer.bias, atol=1e-5)
+        expect = x @ layer.matrix.to_dense().T + layer.bias
+        assert torch.allclose(layer(x), expect, rtol=1e-4, atol=1e-4)
 
 
 def test_files_saved_before_packing_still_load():
