@@ -88,7 +88,11 @@ def _check_saved(fig, tmp_path, name: str) -> None:
 
 def _lines(ax):
     """Data lines of an axes (not reference lines), by legend label."""
-    return {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    return {ln.get_label(): ln for ln in ax.get_lines()
+            if not ln.get_label().startswith("_") and not ln.get_label().endswith(NOTE)}
+
+
+NOTE = ": no successful fit"  # legend note of a format none of whose fits succeeded
 
 
 # ----------------------------------------------------------------------------------- style
@@ -127,11 +131,15 @@ def test_import_does_not_load_pyplot():
 
 # ------------------------------------------------------------------------ error vs budget
 def test_error_vs_budget_one_matrix(table, tmp_path):
-    fig = gp.error_vs_budget(table, matrix=MATRICES[0])
+    with pytest.warns(UserWarning, match=r"no successful fit for format\(s\) monarch"):
+        fig = gp.error_vs_budget(table, matrix=MATRICES[0])
     assert isinstance(fig, matplotlib.figure.Figure)
     ax = fig.axes[0]
     lines = _lines(ax)
-    assert set(lines) == {"Low-rank", "Block-sparse", "GBLR"}  # failed/infeasible rows dropped
+    # failed/infeasible rows are not drawn, but a format with no successful fit is named
+    assert set(lines) == {"Low-rank", "Block-sparse", "GBLR"}
+    note = [ln for ln in ax.get_lines() if ln.get_label() == "Monarch" + NOTE]
+    assert len(note) == 1 and len(note[0].get_xdata()) == 0
     for fmt in FORMATS:
         ln = lines[gp.format_label(fmt)]
         assert to_hex(ln.get_color()).upper() == gp.format_color(fmt).upper()
@@ -139,8 +147,8 @@ def test_error_vs_budget_one_matrix(table, tmp_path):
         np.testing.assert_allclose(ln.get_xdata(), np.sort(rows.budget_fraction))
     assert "budget" in ax.get_xlabel() and "MACs" in ax.get_xlabel()
     assert "relative error" in ax.get_ylabel()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Low-rank", "Block-sparse",
-                                                                   "GBLR"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "Low-rank", "Block-sparse", "GBLR", "Monarch: no successful fit"]
     assert fig.get_size_inches()[0] == pytest.approx(3.3)
     _check_saved(fig, tmp_path, "evb1")
 
@@ -191,7 +199,8 @@ def test_layer_grid_one_panel_per_layer(table, tmp_path):
         assert len(ax.get_lines()) == len(FORMATS)
     assert [ax.get_title() for ax in fig.axes] == ["q", "k", "v"]  # shared prefix dropped
     legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend_texts == ["Low-rank", "Block-sparse", "GBLR"]
+    assert legend_texts == ["Low-rank", "Block-sparse", "GBLR", "Monarch" + NOTE,
+                            "BLAST" + NOTE]
     assert any("budget" in t.get_text() for t in fig.texts)  # one shared x label
     _check_saved(fig, tmp_path, "grid")
 

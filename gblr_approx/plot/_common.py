@@ -82,8 +82,14 @@ def short_names(names: Sequence[str]) -> list[str]:
     return stripped
 
 
-def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df") -> Any:
-    """Validate a sweep table and return its rows with status "ok" (if a status is given)."""
+def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df", ok_only: bool = True
+                ) -> Any:
+    """Validate a sweep table and return its rows with status "ok" (if a status is given).
+
+    With ``ok_only`` (default) an empty table or one without a successful fit is refused and
+    formats without a successful fit are warned about (see :func:`ok_rows`); with
+    ``ok_only=False`` every validated row is returned.
+    """
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):
@@ -98,9 +104,60 @@ def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df") -> Any:
             f"format, budget, flops, budget_fraction, rel_error, rel_error_2, seconds, status; "
             f"got {list(df.columns)}"
         )
-    if "status" in df.columns:
-        df = df[df["status"].astype(str) == "ok"]
+    if ok_only:
+        df, _ = ok_rows(df, what=what)
     return df
+
+
+def ok_rows(df: Any, *, what: str = "df") -> tuple[Any, list[str]]:
+    """The successful rows of a sweep table and the formats that have none.
+
+    Refuses an empty table or one in which no fit succeeded (ValueError saying how many fits
+    there were and why they failed), and warns (UserWarning) naming every format none of
+    whose fits succeeded, so that it does not silently vanish from a figure. Returns
+    ``(ok_table, failed_formats)``.
+    """
+    if len(df) == 0:
+        raise ValueError(f"nothing to plot: {what} is empty (0 rows)")
+    if "status" not in df.columns:
+        return df, []
+    status = df["status"].astype(str)
+    ok = df[status == "ok"]
+    if ok.empty:
+        raise ValueError(f"nothing to plot: none of the {len(df)} fits in {what} succeeded "
+                         f"({_status_counts(df)})")
+    good = set(ok["format"].astype(str))
+    dead = [f for f in ordered_unique(df["format"].astype(str)) if f not in good]
+    if dead:
+        import warnings
+
+        detail = ", ".join(f"{f} ({_status_counts(df[df['format'].astype(str) == f])})"
+                           for f in dead)
+        warnings.warn(f"no successful fit for format(s) {detail}; shown in the legend as "
+                      "'no successful fit'", UserWarning, stacklevel=3)
+    return ok, dead
+
+
+def _status_counts(df: Any) -> str:
+    """``"3 failed, 1 infeasible; first: <message>"`` for the rows of a sweep table."""
+    counts = df["status"].astype(str).value_counts()
+    text = ", ".join(f"{int(c)} {k}" for k, c in counts.items())
+    if "message" in df.columns:
+        msgs = [str(m) for m in df["message"] if isinstance(m, str) and m.strip()]
+        if msgs:
+            first = " ".join(msgs[0].split())
+            text += f"; first: {first[:100]}{'...' if len(first) > 100 else ''}"
+    return text
+
+
+def failed_format_handles(formats: Sequence[str]) -> list[Any]:
+    """Legend entries (no line) ``"<Format>: no successful fit"`` for formats with no data."""
+    from matplotlib.lines import Line2D
+
+    from .style import format_color, format_label
+
+    return [Line2D([], [], linestyle="none", marker="x", color=format_color(f),
+                   label=f"{format_label(f)}: no successful fit") for f in formats]
 
 
 def select(df: Any, column: str, values: Any) -> Any:

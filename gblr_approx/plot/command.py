@@ -145,15 +145,16 @@ def _pick(names: list[str], wanted: list[str]) -> list[str]:
     return out
 
 
-def _load_weights(path: Path | None, include: Sequence[str], exclude: Sequence[str]
-                  ) -> dict[str, Any]:
+def _load_weights(path: Path | None, include: Sequence[str], exclude: Sequence[str],
+                  reshape_conv: bool = False) -> dict[str, Any]:
     if path is None:
         from ..datasets import minilm_sample
 
         return dict(minilm_sample())
     from ..io import load_weights
 
-    store = load_weights(path, list(include) or None, list(exclude) or None)
+    store = load_weights(path, list(include) or None, list(exclude) or None,
+                         reshape_conv=reshape_conv)
     return {name: store[name] for name in store}
 
 
@@ -192,6 +193,8 @@ def _load_weights(path: Path | None, include: Sequence[str], exclude: Sequence[s
               help="Weights: keep tensors whose name matches (glob or 're:regex').")
 @click.option("--exclude", "-x", multiple=True, metavar="PATTERN",
               help="Weights: drop tensors whose name matches (glob or 're:regex').")
+@click.option("--reshape-conv", is_flag=True,
+              help="Weights: read 4-D conv kernels as out x (in*kh*kw) matrices.")
 @click.option("--title", default=None, help="Axes title (single-panel figures).")
 @click.option("--dpi", type=click.IntRange(min=30, max=2400), default=300, show_default=True,
               help="Resolution of PNG output.")
@@ -200,12 +203,15 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
          formats: Sequence[str], width: str | None, height: float | None, error: str,
          logy: bool, logx: bool, aggregate: str, target_error: float | None, best: bool,
          grid_text: str, x_axis: str, layout: str, include: Sequence[str],
-         exclude: Sequence[str], title: str | None, dpi: int, as_json: bool) -> None:
+         exclude: Sequence[str], reshape_conv: bool, title: str | None, dpi: int,
+         as_json: bool) -> None:
     """Draw a paper figure from RESULTS and write it to --out.
 
     RESULTS is a sweep output folder or table (.csv/.json) for error-vs-budget, layer-grid
     and budget-allocation; a checkpoint for spectrum and block-energy (default: the embedded
-    MiniLM sample); a saved GBLR matrix for gblr-layout.
+    MiniLM sample); a saved GBLR matrix for gblr-layout. An empty table, or one in which no
+    fit succeeded, is refused (exit 1); a format none of whose fits succeeded is named in a
+    warning and in the legend. --out is replaced when it exists, but never when it is RESULTS.
     """
     import matplotlib
 
@@ -226,6 +232,13 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
     if not out.suffix:
         raise click.BadParameter(f"{out} has no suffix; use .pdf, .svg, .png or .eps",
                                  param_hint="--out")
+    if results is not None:
+        from ..io import check_output
+
+        try:  # figures are redrawn in place, but a figure never replaces its input
+            check_output(out, [results], force=True)
+        except (FileExistsError, IsADirectoryError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--out") from None
     width = width or _DEFAULT_WIDTH.get(kind, "single")
     wanted = _split(matrices)
     fmts = _split(formats) or None
@@ -236,6 +249,9 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
         if results is None:
             raise click.UsageError(f"--kind {kind} needs RESULTS: a sweep folder or table")
         df = read_results(results)
+        if len(df) == 0:
+            raise click.ClickException(f"nothing to plot: {results} holds no rows (an empty "
+                                       "sweep table: did the sweep write any result?)")
         if "matrix" not in df.columns:
             raise click.BadParameter(f"{results} is not a sweep table (no 'matrix' column)",
                                      param_hint="RESULTS")
@@ -260,7 +276,7 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
                                     title=title)
         record.update(rows=int(len(df)), matrices=chosen or names)
     elif source == "weights":
-        weights = _load_weights(results, include, exclude)
+        weights = _load_weights(results, include, exclude, reshape_conv)
         if not weights:
             raise click.UsageError("no matrices found (check --include/--exclude)")
         chosen = _pick(list(weights), wanted)

@@ -12,9 +12,11 @@ from ._common import (
     BUDGET_LABEL,
     check_sweep,
     error_label,
+    failed_format_handles,
     figure_of,
     legend_columns,
     maybe_style,
+    ok_rows,
     ordered_unique,
     plain_log_labels,
     select,
@@ -79,9 +81,10 @@ def layer_grid(
     matplotlib.figure.Figure
         One axes per matrix, titled with its (shortened) name; one line per format in each.
     """
-    table = check_sweep(df, ["matrix", "format", "budget_fraction", error])
+    table = check_sweep(df, ["matrix", "format", "budget_fraction", error], ok_only=False)
     table = select(table, "matrix", matrix)
     table = _select_formats(table, formats)
+    table, failed = ok_rows(table)
     table = table[np.isfinite(table[error].astype(float))]
     if logy:
         table = table[table[error].astype(float) > 0]
@@ -141,7 +144,7 @@ def layer_grid(
             fig.supxlabel(BUDGET_LABEL, fontsize="medium")
             fig.supylabel(error_label(error), fontsize="medium")
             if legend and fmts:
-                handles = format_handles(fmts)
+                handles = format_handles(fmts) + failed_format_handles(failed)
                 ncols = legend_columns([h.get_label() for h in handles],
                                        fig.get_size_inches()[0])
                 fig.legend(handles=handles, loc="outside upper center", ncols=ncols)
@@ -150,5 +153,6 @@ def layer_grid(
                 a.set_xlabel(BUDGET_LABEL)
                 a.set_ylabel(error_label(error))
             if legend and fmts:
-                panels[0].legend(handles=format_handles(fmts), loc="best")
+                panels[0].legend(handles=format_handles(fmts) + failed_format_handles(failed),
+                                 loc="best")
     return fig
