@@ -225,7 +225,9 @@ def load(path: str | Path, device: torch.device | str | None = None) -> Structur
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # clone: the tensors read sit at unaligned offsets of the file buffer, where BLAS
+            # takes other kernels and products differ from the saved matrix's in the last bit
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from exc
     fmt = str(meta.get("format", ""))
