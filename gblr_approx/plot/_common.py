@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -237,3 +238,61 @@ def legend_columns(labels: Sequence[str], width_in: float, *, fontsize_pt: float
     longest = max(len(str(s)) for s in labels)
     entry = (0.58 * longest + 2.8) * em
     return max(1, min(len(labels), limit, int(width_in // entry)))
+
+
+#: Tallest figure the small-multiple figures make (inches): the text height of a page.
+MAX_HEIGHT = 9.0
+#: Smallest panel of a small-multiple figure (inches) before a second page is needed.
+MIN_PANEL_WIDTH = 1.1
+MIN_PANEL_HEIGHT = 0.85
+
+
+def grid_geometry(k: int, width_in: float, *, ncols: int | None = None,
+                  panel_height: float = 1.35, extra: float = 0.55,
+                  max_height: float = MAX_HEIGHT,
+                  min_panel_height: float = MIN_PANEL_HEIGHT) -> tuple[int, int, float]:
+    """Columns, rows and height of a grid of ``k`` panels that stays within a page.
+
+    Starts from 4 columns at page width (2 in a single column) and adds columns, down to
+    :data:`MIN_PANEL_WIDTH`, until ``rows * panel_height + extra <= max_height``; then shrinks
+    the rows, down to :data:`MIN_PANEL_HEIGHT`. Only more than :func:`page_capacity` panels
+    make a taller figure (split them into pages instead). ``ncols`` fixes the columns.
+
+    Returns
+    -------
+    (ncols, nrows, height_in)
+    """
+    widest = max(1, int(width_in // MIN_PANEL_WIDTH))
+    if ncols is None:
+        ncols = min(4 if width_in >= 5 else 2, widest)
+        while ncols < widest and math.ceil(k / ncols) * panel_height + extra > max_height:
+            ncols += 1
+    ncols = max(1, min(ncols, k))
+    nrows = math.ceil(k / ncols)
+    ph = max(min_panel_height, min(panel_height, (max_height - extra) / nrows))
+    return ncols, nrows, nrows * ph + extra
+
+
+def page_capacity(width_in: float, *, extra: float = 0.55, max_height: float = MAX_HEIGHT,
+                  rows_per_panel: int = 1) -> int:
+    """Most panels :func:`grid_geometry` fits on one page of ``max_height`` inches."""
+    widest = max(1, int(width_in // MIN_PANEL_WIDTH))
+    rows = max(1, int((max_height - extra) // (MIN_PANEL_HEIGHT * rows_per_panel)))
+    return widest * rows
+
+
+def fit_title(text: str, width_in: float, fontsize_pt: float) -> str:
+    """``text`` broken at a dot (or space) into two lines when it is wider than ``width_in``.
+
+    The width is estimated (0.58 em per character), so that panel titles of small multiples
+    do not run into their neighbours.
+    """
+    if len(text) * 0.58 * fontsize_pt / 72.0 <= width_in:
+        return text
+    cuts = [i for i, c in enumerate(text) if c in ". _"]
+    if not cuts:
+        return text
+    mid = len(text) / 2
+    i = min(cuts, key=lambda j: abs(j + 0.5 - mid))
+    keep = text[i] if text[i] == "." else ""
+    return text[: i + 1 if keep else i] + "\n" + text[i + 1:]

@@ -224,7 +224,7 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
         budget_allocation,
         error_vs_budget,
         gblr_layout,
-        layer_grid,
+        layer_grid_pages,
         save_figure,
         spectrum,
     )
@@ -262,8 +262,13 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
                                   error=error, logy=logy, logx=logx, width=width, height=height,
                                   title=title)
         elif kind == "layer-grid":
-            fig = layer_grid(df, matrix=chosen, formats=fmts, error=error, logy=logy, logx=logx,
-                             width=width, height=height)
+            figs = layer_grid_pages(df, matrix=chosen, formats=fmts, error=error, logy=logy,
+                                    logx=logx, width=width, height=height)
+            if len(figs) > 1:  # more layers than a page holds: one file per page
+                record.update(rows=int(len(df)), matrices=chosen or names)
+                _save_pages(figs, out, dpi, kind, record, as_json)
+                return
+            fig = figs[0]
         else:
             ok = df[df["status"].astype(str) == "ok"] if "status" in df.columns else df
             if target_error is None and ok.duplicated(["matrix", "format"]).any():
@@ -310,3 +315,27 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
         click.echo(json.dumps(record, indent=1))
     else:
         click.echo(f"wrote {path} ({kind}, {w_in:.2f} x {h_in:.2f} in)")
+
+
+def _save_pages(figs: list[Any], out: Path, dpi: int, kind: str, record: dict[str, Any],
+                as_json: bool) -> None:
+    """Write the pages of a small-multiple figure as OUT-p1.SUFFIX, OUT-p2.SUFFIX, ..."""
+    import matplotlib.pyplot as plt
+
+    from . import save_figure
+
+    paths = []
+    try:
+        for i, f in enumerate(figs, 1):
+            paths.append(save_figure(f, out.with_name(f"{out.stem}-p{i}{out.suffix}"), dpi=dpi))
+            w_in, h_in = (float(v) for v in f.get_size_inches())
+    finally:
+        for f in figs:
+            plt.close(f)
+    record.update(out=[str(p) for p in paths], pages=len(paths), width_in=round(w_in, 3),
+                  height_in=round(h_in, 3))
+    if as_json:
+        click.echo(json.dumps(record, indent=1))
+    else:
+        click.echo(f"wrote {len(paths)} pages ({kind}, {w_in:.2f} x at most {h_in:.2f} in): "
+                   + ", ".join(str(p) for p in paths))
