@@ -257,3 +257,15 @@ def test_plot_never_replaces_its_input(tmp_path):
     assert r.exit_code == 2 and "is the input" in r.output
     assert digest(p) == before
     assert pd.read_json(p).shape[0] == 1
+
+
+def test_python_warnings_are_one_line_and_quiet_hides_them(ckpt, tmp_path):
+    out = tmp_path / "lr.safetensors"
+    # 1000 MACs buys rank 16 = 640 MACs, more than the dense 384: projection warns
+    r = cli("project", ckpt, "-f", "lowrank", "-b", "1000", "-o", out)
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert lines == ["warning: the lowrank result costs 640 MACs, more than the dense matrix "
+                     "(384); storing W densely would be cheaper"]
+    r = cli("--quiet", "project", ckpt, "-f", "lowrank", "-b", "1000", "-o", out, "--force")
+    assert r.exit_code == 0 and r.stderr == ""
