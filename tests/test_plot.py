@@ -31,6 +31,10 @@ from gblr_approx.plot.command import plot as plot_command  # noqa: E402
 from gblr_approx.plot.command import read_results  # noqa: E402
 from gblr_approx.plot.style import FORMAT_ORDER  # noqa: E402
 
+# The shared table holds formats without a successful fit on purpose; the warning that names
+# them is checked in test_error_vs_budget_one_matrix and kept out of the report elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:no successful fit:UserWarning")
+
 FORMATS = ["lowrank", "blocksparse", "gblr"]
 MATRICES = ["encoder.layer.0.q.weight", "encoder.layer.0.k.weight", "encoder.layer.0.v.weight"]
 BUDGETS = [0.1, 0.25, 0.5]
