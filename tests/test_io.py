@@ -209,6 +209,7 @@ def test_check_output(tmp_path):
     src.write_bytes(b"data")
     new = tmp_path / "sub" / "new.safetensors"
     assert check_output(new, [src]) == new  # not there yet: fine
+    new.parent.mkdir()
     (tmp_path / "link").symlink_to(src)
     for same in (src, tmp_path / "link", tmp_path / "sub" / ".." / "in.safetensors"):
         with pytest.raises(FileExistsError, match="is the input"):
