@@ -1,7 +1,9 @@
 """Property tests (hypothesis) of the contract every format keeps, over the format catalogue.
 
-For random shapes, dtypes and constructor arguments (each catalogue builder draws its structure
-(ranks, blocks, intervals, permutations) from the seed it is given):
+For random shapes, dtypes and constructor arguments (either a catalogue builder, which draws
+the structure (ranks, blocks, intervals, permutations) from the seed it is given, or the
+arguments of a constructor drawn by hypothesis: ranks, block grids, stored block positions,
+Monarch factorisations of the shape, GBLR intervals that wrap around):
 
 - ``A @ X == A.to_dense() @ X`` (matrices and vectors);
 - ``(A.T).to_dense() == A.to_dense().T``;
@@ -53,13 +55,82 @@ def instances(draw, formats=tuple(CATALOGUE)):
     return name, A
 
 
+@st.composite
+def constructed(draw):
+    """``(format_name, A)`` built from constructor arguments drawn by hypothesis itself."""
+    from gblr_approx.formats.blocklowrank import balanced_splits
+
+    name = draw(st.sampled_from(["lowrank", "blocksparse", "blocklowrank", "monarch", "blast",
+                                 "gblr"]))
+    m, n = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=dtype, generator=gen)
+
+    if name == "lowrank":
+        r = draw(st.integers(1, min(m, n)))
+        A = ga.LowRank(rnd(m, r), rnd(n, r))
+    elif name == "blocksparse":
+        br, bc = draw(st.integers(1, m)), draw(st.integers(1, n))
+        gr, gc = -(-m // br), -(-n // bc)
+        cells = draw(st.lists(st.integers(0, gr * gc - 1), min_size=1, max_size=gr * gc,
+                              unique=True))
+        pos = torch.tensor(cells)
+        rows, cols = pos // gc, pos % gc
+        h = (m - rows * br).clamp(max=br)
+        w = (n - cols * bc).clamp(max=bc)
+        inside = (torch.arange(br)[None, :, None] < h[:, None, None]) & (
+            torch.arange(bc)[None, None, :] < w[:, None, None])
+        A = ga.BlockSparse((m, n), (br, bc), rows, cols, rnd(len(cells), br, bc) * inside)
+    elif name == "blocklowrank":
+        rs = balanced_splits(m, draw(st.integers(1, min(m, 4))))
+        cs = balanced_splits(n, draw(st.integers(1, min(n, 4))))
+        factors = []
+        for i in range(len(rs) - 1):
+            row = []
+            for j in range(len(cs) - 1):
+                p, q = rs[i + 1] - rs[i], cs[j + 1] - cs[j]
+                r = draw(st.integers(0, min(p, q)))
+                row.append((rnd(p, r), rnd(q, r)))
+            factors.append(row)
+        A = ga.BlockLowRank((m, n), rs, cs, factors)
+    elif name == "monarch":
+        J = draw(st.sampled_from([d for d in range(1, m + 1) if m % d == 0]))
+        K = draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+        R = draw(st.integers(1, 3))
+        A = ga.Monarch(rnd(K, R * J, n // K), rnd(J, m // J, K * R))
+    elif name == "blast":
+        b1, b2 = draw(st.integers(1, min(m, 4))), draw(st.integers(1, min(n, 4)))
+        r = draw(st.integers(1, 4))
+        A = ga.BLAST(rnd(m, r), rnd(n, r), rnd(b1, b2, r))
+    else:
+        K = draw(st.integers(1, 4))
+        rs = [draw(st.integers(0, m - 1)) for _ in range(K)]
+        cs = [draw(st.integers(0, n - 1)) for _ in range(K)]
+        rw = [draw(st.integers(1, m)) for _ in range(K)]
+        cw = [draw(st.integers(1, n)) for _ in range(K)]
+        factors = []
+        for h, w in zip(rw, cw, strict=True):
+            r = draw(st.integers(1, 3))
+            factors.append((rnd(h, r), rnd(w, r)))
+        A = ga.GBLR((m, n), rs, rw, cs, cw, factors)
+    assert A.shape == (m, n) and A.dtype == dtype
+    return name, A
+
+
+#: catalogue instances (structures drawn from a seed) or constructor arguments drawn directly
+ANY = st.one_of(instances(), constructed())
+
+
 def _close(X, Y, dtype, scale):
     err = float((X - Y).abs().max()) if X.numel() else 0.0
     assert err <= TOL[dtype] * max(1.0, scale), (err, scale)
 
 
 @FAST
-@given(instances(), st.integers(1, 3), st.integers(0, 2**31 - 1))
+@given(ANY, st.integers(1, 3), st.integers(0, 2**31 - 1))
 def test_product_equals_dense_product(case, k, seed):
     _, A = case
     gen = torch.Generator().manual_seed(seed)
@@ -73,7 +144,7 @@ def test_product_equals_dense_product(case, k, seed):
 
 
 @FAST
-@given(instances())
+@given(ANY)
 def test_transpose_is_the_transposed_matrix(case):
     name, A = case
     At = A.T
@@ -84,7 +155,7 @@ def test_transpose_is_the_transposed_matrix(case):
 
 
 @FAST
-@given(case=instances())
+@given(case=ANY)
 def test_save_load_bit_exact(tmp_path_factory, case):
     name, A = case
     path = A.save(tmp_path_factory.mktemp("prop") / f"{name}.safetensors")
@@ -112,7 +183,7 @@ def _counted_macs(A) -> int:
 
 
 @FAST
-@given(instances())
+@given(ANY)
 def test_flops_equal_counted_macs(case):
     name, A = case
     counted = _counted_macs(A)
