@@ -269,3 +269,16 @@ def test_python_warnings_are_one_line_and_quiet_hides_them(ckpt, tmp_path):
                      "(384); storing W densely would be cheaper"]
     r = cli("--quiet", "project", ckpt, "-f", "lowrank", "-b", "1000", "-o", out, "--force")
     assert r.exit_code == 0 and r.stderr == ""
+
+
+def test_ci_builds_the_docs_then_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ci = [ln for ln in (root / ".ci" / "run").read_text().splitlines() if ln.strip()]
+    readme = (root / "README.md").read_text()
+    assert ci[-1] in readme.splitlines()  # the README's test command, verbatim, last
+    assert "pytest" in ci[-1]
+    docs = next(i for i, ln in enumerate(ci) if "mkdocs build --strict" in ln)
+    assert docs < len(ci) - 1 and any('".[docs]"' in ln for ln in ci[:docs])
+    assert (root / "mkdocs.yml").is_file() and "site/" in (root / ".gitignore").read_text()
