@@ -106,11 +106,11 @@ def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df", ok_only: bo
             f"got {list(df.columns)}"
         )
     if ok_only:
-        df, _ = ok_rows(df, what=what)
+        df, _ = ok_rows(df)
     return df
 
 
-def ok_rows(df: Any, *, what: str = "df") -> tuple[Any, list[str]]:
+def ok_rows(df: Any, *, what: str = "the sweep table") -> tuple[Any, list[str]]:
     """The successful rows of a sweep table and the formats that have none.
 
     Refuses an empty table or one in which no fit succeeded (ValueError saying how many fits
