@@ -231,19 +231,21 @@ def load(path: str | Path, device: torch.device | str | None = None) -> Structur
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from exc
     fmt = str(meta.get("format", ""))
-    if fmt.lower().replace("-", "").replace("_", "") not in FORMATS or "shape" not in meta:
+    if fmt.lower().replace("-", "").replace("_", "") not in FORMATS:
         what = f"its metadata says format={fmt!r}, " if fmt else "it has no 'format' metadata, "
         raise ValueError(
             f"{path} is a weights file ({len(tensors)} tensors; {what}not a structured matrix "
             "written by StructuredMatrix.save); read it with gblr_approx.load_weights(path)"
         )
     damaged = f"{path} is a damaged {fmt} file (edited or not written by StructuredMatrix.save)"
+    if "shape" not in meta:
+        raise ValueError(f"{damaged}: its metadata has no 'shape'")
     try:
         version = int(meta.get("format_version", "1"))
         shape = tuple(json.loads(meta["shape"]))
         config = json.loads(meta.get("config", "{}"))
         info = json.loads(meta.get("info", "{}"))
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"{damaged}: unreadable metadata: {exc}") from exc
     if version > FORMAT_VERSION:
         raise ValueError(
