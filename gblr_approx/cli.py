@@ -3,8 +3,10 @@
 Subcommands mirror the Python API: ``inspect``, ``sweep``, ``project``, ``fit``, ``spectrum``,
 ``convert`` (and ``plot`` when installed). Each prints a readable table, or JSON with
 ``--json``. Exit codes: 0 success, 2 bad usage (unknown option or format, malformed budget,
-missing file), 1 failure, with a one-line reason on stderr (``gblr-approx --debug ...`` shows
-the traceback instead).
+missing file, an output that exists or is an input), 1 failure (including a ``sweep`` or
+``spectrum`` in which nothing succeeded), with a one-line reason on stderr (``gblr-approx
+--debug ...`` shows the traceback instead). Python warnings are printed as one line each
+(``warning: ...``); ``gblr-approx --quiet ...`` hides them and the progress bars.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,15 @@ class _Group(click.Group):
     """A click group turning any exception into a one-line failure (exit 1)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        quiet = bool(ctx.params.get("quiet"))
+        saved_env = os.environ.get("PYTHONWARNINGS")
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                if quiet:
+                    warnings.simplefilter("ignore")
+                    os.environ["PYTHONWARNINGS"] = "ignore"  # worker processes too
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except BrokenPipeError:  # e.g. `gblr-approx inspect ... | head`: stop quietly
@@ -42,12 +52,28 @@ class _Group(click.Group):
             if ctx.params.get("debug") or os.environ.get("GBLR_APPROX_DEBUG"):
                 raise
             raise click.ClickException(_one_line(exc)) from exc
+        finally:
+            if quiet:
+                if saved_env is None:
+                    os.environ.pop("PYTHONWARNINGS", None)
+                else:
+                    os.environ["PYTHONWARNINGS"] = saved_env
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A Python warning as one line on stderr (no source file, no source line)."""
+    text = " ".join(str(message).split())
+    name = getattr(category, "__name__", "Warning")
+    click.echo(f"warning: {text}" + ("" if name == "UserWarning" else f" ({name})"), err=True)
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, KeyError) and len(exc.args) == 1:
         text = str(exc.args[0])
+        if text.isidentifier() or " " not in text:  # a bare key such as 'w1' says nothing
+            text = f"KeyError: missing entry {text!r}"
     if not text:
         text = type(exc).__name__
     elif isinstance(exc, (TypeError, RuntimeError, AttributeError, ImportError)):
@@ -189,13 +215,36 @@ def _print_kv(d: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- commands
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on failure.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No warnings and no progress bars (errors and results still print).")
 @click.version_option(package_name="gblr_approx", prog_name="gblr-approx")
-def main(debug: bool) -> None:
+def main(debug: bool, quiet: bool) -> None:
     """Structured matrix approximation: sweeps, spectra and projections of real weights.
 
     Budgets are a fraction of the dense cost m*n in (0, 1] (e.g. 0.25 or 25%) or an
     integer number of multiply-accumulates (MACs). Every subcommand accepts --json.
     """
+
+
+def _quiet() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("quiet"))
+
+
+def _guard_out(out: Path, inputs: Sequence[Path], force: bool) -> Path:
+    """Refuse an output that is an input (any path to it) or exists without --force."""
+    from .io import check_output
+
+    try:
+        return check_output(out, inputs, force=force)
+    except (FileExistsError, IsADirectoryError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+
+
+_force_opt = click.option("--force", is_flag=True,
+                          help="Overwrite --out if it exists (never when it is the input).")
+_reshape_opt = click.option("--reshape-conv", is_flag=True,
+                            help="Read 4-D conv kernels as out x (in*kh*kw) matrices.")
 
 
 def _open(path: Path, include: Sequence[str], exclude: Sequence[str], *,
@@ -235,11 +284,21 @@ def _set_threads(threads: int) -> None:
 @click.option("--reshape-conv", is_flag=True, help="Show 4-D conv kernels as out x (in*kh*kw).")
 @_json_opt
 def inspect(path: Path, include, exclude, matrices_only, reshape_conv, as_json) -> None:
-    """List the tensors of a checkpoint: names, shapes, dtypes, sizes (no values read)."""
+    """List the tensors of a checkpoint: names, shapes, dtypes, sizes (no values read).
+
+    A structured matrix saved by `project`/`fit`/`convert` (or StructuredMatrix.save) is
+    described as such: its format, shape, cost, parameters and stored tensors.
+    """
+    from .io import structured_metadata
+
+    if structured_metadata(path) is not None:
+        _inspect_structured(path, as_json)
+        return
     store = _open(path, include, exclude, reshape_conv=reshape_conv, matrices_only=matrices_only)
     rows = [
         {"name": i.name, "shape": "x".join(map(str, i.shape)) or "scalar", "dtype": i.dtype,
-         "params": i.numel, "MB": i.nbytes / 1e6, "matrix": i.is_matrix, "file": i.file}
+         "params": i.numel, "MB": i.nbytes / 1e6, "matrix": i.is_matrix,
+         "structured": i.structured, "file": i.file}
         for i in store.infos()
     ]
     if as_json:
@@ -247,11 +306,44 @@ def inspect(path: Path, include, exclude, matrices_only, reshape_conv, as_json) 
         return
     for r in rows:
         r["matrix"] = "yes" if r["matrix"] else "no"
-    _print_table(rows, ["name", "shape", "dtype", "params", "MB", "matrix"], {"MB": ".3f"})
+    cols = ["name", "shape", "dtype", "params", "MB", "matrix"]
+    if any(r["structured"] for r in rows):
+        cols.append("structured")  # a folder holding saved structured matrices
+    _print_table(rows, cols, {"MB": ".3f"})
     n_mat = sum(r["matrix"] == "yes" for r in rows)
     click.echo(f"\n{len(rows)} tensors ({n_mat} matrices), "
                f"{sum(r['params'] for r in rows):,} numbers, "
                f"{sum(r['MB'] for r in rows):.1f} MB in {len(store.files)} file(s)")
+
+
+def _inspect_structured(path: Path, as_json: bool) -> None:
+    """Describe a file written by StructuredMatrix.save (format, shape, cost, tensors)."""
+    from safetensors import safe_open
+
+    from .formats.base import load
+
+    A = load(path)
+    m, n = A.shape
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        stored = [{"name": k, "shape": "x".join(map(str, f.get_slice(k).get_shape())) or "scalar",
+                   "dtype": f.get_slice(k).get_dtype()} for k in f.keys()]
+    rec = {
+        "file": str(path), "kind": "structured matrix", "format": A.format_name,
+        "shape": f"{m}x{n}", "dtype": str(A.dtype).replace("torch.", ""),
+        "flops": int(A.flops), "budget_fraction": A.flops / (m * n),
+        "params": int(A.num_params), "params / dense": A.num_params / (m * n),
+        "format_version": meta.get("format_version"),
+        "written_by": meta.get("gblr_approx_version"),
+        "algorithm": A.info.get("algorithm"),
+    }
+    if as_json:
+        _print_json({**rec, "info": A.info, "tensors": stored})
+        return
+    _print_kv(rec)
+    click.echo(f"\nstored tensors (read it with gblr_approx.load; sweep/spectrum/project read "
+               f"it as the {m}x{n} matrix it represents):")
+    _print_table(stored, ["name", "shape", "dtype"])
 
 
 @main.command()
@@ -271,7 +363,7 @@ def inspect(path: Path, include, exclude, matrices_only, reshape_conv, as_json) 
 @click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel worker processes.")
 @_threads_opt
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--reshape-conv", is_flag=True, help="Sweep 4-D conv kernels as out x (in*kh*kw).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
@@ -282,6 +374,8 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
 
     Without PATH, runs on the five embedded MiniLM layers. Prints relative Frobenius errors
     (rows: matrix and format, columns: budget); --json prints every row with all columns.
+    A saved structured matrix as PATH is swept as the matrix it represents. Exits 1 when no
+    fit succeeded (every one failed or was infeasible).
     """
     from .analysis.sweep import DEFAULT_BUDGETS, default_formats
     from .analysis.sweep import sweep as run_sweep
@@ -316,12 +410,15 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
             raise ValueError("the filters match none of the sample matrices: "
                              + ", ".join(matrices))
         matrices = {k: v for k, v in matrices.items() if k in keep}
+    if progress is None and _quiet():
+        progress = False
     t0 = time.perf_counter()
     df = run_sweep(matrices, fmts, blist, options=opts, out=out, workers=workers, seed=seed,
                    progress=progress, threads_per_worker=threads)
     wall = time.perf_counter() - t0
     if as_json:
         _print_json(df.to_dict(orient="records"))
+        _sweep_verdict(df)
         return
     _print_sweep(df, blist)
     counts = df["status"].value_counts()
@@ -333,6 +430,41 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
     )
     for _, r in df[df["status"] != "ok"].drop_duplicates("message").head(5).iterrows():
         click.echo(f"  {r['status']}: {r['matrix']} {r['format']} {r['budget']}: {r['message']}")
+    _sweep_verdict(df)
+
+
+def _sweep_verdict(df) -> None:
+    """A one-line count of failures and their causes on stderr; exit 1 when nothing succeeded.
+
+    A format none of whose fits succeeded is named too (it would be missing from figures).
+    """
+    if not len(df):
+        raise click.ClickException("the sweep produced no rows")
+    status = df["status"].astype(str)
+    n_ok = int((status == "ok").sum())
+    bad = df[status != "ok"]
+    if len(bad):
+        causes = bad.assign(cause=[
+            f"{st}: {_cause(str(msg) if isinstance(msg, str) else '', str(mat))}"
+            for st, msg, mat in zip(bad["status"], bad["message"], bad["matrix"], strict=True)])
+        top = causes["cause"].value_counts()
+        why = "; ".join(f"{c} x {k}" for k, c in top.head(3).items())
+        more = f"; {len(top) - 3} more causes" if len(top) > 3 else ""
+        click.echo(f"{len(bad)} of {len(df)} fits did not succeed ({why}{more})", err=True)
+        per = df.assign(ok=status == "ok").groupby("format", sort=False)["ok"].any()
+        dead = [f for f, any_ok in per.items() if not any_ok]
+        if dead and n_ok:
+            click.echo(f"no fit succeeded for format(s): {', '.join(map(str, dead))}", err=True)
+    if n_ok == 0:
+        raise click.ClickException(
+            f"no fit succeeded: all {len(df)} fits failed or were infeasible (see above)")
+
+
+def _cause(message: str, matrix: str) -> str:
+    """A failure message as a cause shared across matrices: first clause, name replaced."""
+    text = " ".join(message.split()).replace(matrix, "W") if message.strip() else "no message"
+    head = text.split(";")[0]
+    return head[:80] + ("..." if len(head) > 80 else "")
 
 
 def _print_sweep(df, budgets) -> None:
@@ -404,10 +536,16 @@ def _result_record(name: str, W, A, budget: float | int, seconds: float,
 @click.option("--name", "-n", help="Tensor to project (needed when PATH holds several).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Format option, e.g. block_shape=16,16. Repeatable.")
+@_reshape_opt
+@_force_opt
 @_threads_opt
 @_json_opt
-def project(path, fmt, budget, out, name, options, threads, as_json) -> None:
-    """Best approximation of one matrix of PATH in a format within a budget; saves it."""
+def project(path, fmt, budget, out, name, options, reshape_conv, force, threads,
+            as_json) -> None:
+    """Best approximation of one matrix of PATH in a format within a budget; saves it.
+
+    --out never replaces PATH (or any file it reads), and an existing --out needs --force.
+    """
     from .projection import project as run_project
 
     _set_threads(threads)
@@ -415,7 +553,8 @@ def project(path, fmt, budget, out, name, options, threads, as_json) -> None:
     fmt = _check_format(fmt)
     b = _parse_budget(budget)
     opts = dict(_parse_kv(o, "--option") for o in options)
-    store = _open(path, (), ())
+    store = _open(path, (), (), reshape_conv=reshape_conv)
+    out = _guard_out(out, [path, *store.files], force)
     name = _pick(store, name)
     W = store[name]
     t0 = time.perf_counter()
@@ -433,20 +572,27 @@ def project(path, fmt, budget, out, name, options, threads, as_json) -> None:
               help="Output .safetensors file.")
 @click.option("--name", "-n", help="Tensor to fit (needed when PATH holds several).")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimisation steps (format default).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="GBLR fit option, e.g. rank_per_component=2. Repeatable.")
+@_reshape_opt
+@_force_opt
 @_threads_opt
 @_json_opt
-def fit(path, budget, out, name, steps, seed, options, threads, as_json) -> None:
-    """Fit a GBLR matrix to one matrix of PATH within a budget; saves it."""
+def fit(path, budget, out, name, steps, seed, options, reshape_conv, force, threads,
+        as_json) -> None:
+    """Fit a GBLR matrix to one matrix of PATH within a budget; saves it.
+
+    --out never replaces PATH (or any file it reads), and an existing --out needs --force.
+    """
     import gblr_approx as ga
 
     _set_threads(threads)
 
     b = _parse_budget(budget)
     opts = dict(_parse_kv(o, "--option") for o in options)
-    store = _open(path, (), ())
+    store = _open(path, (), (), reshape_conv=reshape_conv)
+    out = _guard_out(out, [path, *store.files], force)
     name = _pick(store, name)
     W = store[name]
     t0 = time.perf_counter()
@@ -464,13 +610,17 @@ def fit(path, budget, out, name, steps, seed, options, threads, as_json) -> None
 @click.option("--min-tail", type=click.IntRange(min=2), default=10, show_default=True,
               help="Fewest eigenvalues in the power-law tail.")
 @click.option("--values", is_flag=True, help="With --json, include the singular values.")
+@_reshape_opt
 @_threads_opt
 @_json_opt
-def spectrum(path, include, exclude, min_tail, values, threads, as_json) -> None:
+def spectrum(path, include, exclude, min_tail, values, reshape_conv, threads, as_json) -> None:
     """Spectral statistics of every matrix of PATH (default: the embedded MiniLM sample).
 
     Norms, stable rank, effective (entropy) rank, ranks for 90/95/99 % of the energy and the
-    power-law exponent alpha of the eigenvalues of W^T W.
+    power-law exponent alpha of the eigenvalues of W^T W. A matrix that cannot be read or
+    analysed (e.g. all zeros, NaN) is reported by name and the others go on; exits 1 when
+    none could be analysed. A saved structured matrix is analysed as the matrix it
+    represents.
     """
     from .analysis.spectrum import POWERLAW_METHOD
     from .analysis.spectrum import spectrum as run_spectrum
@@ -490,18 +640,27 @@ def spectrum(path, include, exclude, min_tail, values, threads, as_json) -> None
                                  + ", ".join(store))
             store = {k: v for k, v in store.items() if k in keep}
     else:
-        store = _open(path, include, exclude)
-    rows = []
+        store = _open(path, include, exclude, reshape_conv=reshape_conv)
+    rows, failed = [], []
     for name in store:
-        rep = run_spectrum(store[name], min_tail=min_tail)
+        try:
+            rep = run_spectrum(store[name], min_tail=min_tail)
+        except Exception as exc:  # record the bad matrix and go on, as sweep does
+            if _debug():
+                raise
+            failed.append({"matrix": name, "status": "failed", "message": _one_line(exc)})
+            continue
         s = rep.summary()
-        rec = {"matrix": name, "shape": f"{s['rows']}x{s['cols']}", **s}
+        rec = {"matrix": name, "shape": f"{s['rows']}x{s['cols']}", "status": "ok", **s}
         if values:
             rec["singular_values"] = rep.singular_values.tolist()
         rows.append(rec)
     if as_json:
-        _print_json(rows)
+        _print_json(rows + failed)
+        _spectrum_verdict(rows, failed)
         return
+    if not rows:
+        _spectrum_verdict(rows, failed)
     _print_table(rows, ["matrix", "shape", "spectral_norm", "fro_norm", "stable_rank",
                         "effective_rank", "rank_90", "rank_95", "rank_99", "alpha", "alpha_std",
                         "n_tail"],
@@ -511,6 +670,23 @@ def spectrum(path, include, exclude, min_tail, values, threads, as_json) -> None
     for r in rows:
         if r["powerlaw_status"] != "ok":
             click.echo(f"  {r['matrix']}: no power-law fit ({r['powerlaw_status']})")
+    _spectrum_verdict(rows, failed)
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool((ctx and ctx.find_root().params.get("debug"))
+                or os.environ.get("GBLR_APPROX_DEBUG"))
+
+
+def _spectrum_verdict(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+    for f in failed:
+        click.echo(f"failed: {f['matrix']}: {f['message']}", err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(rows) + len(failed)} matrices could not be analysed",
+                   err=True)
+    if not rows:
+        raise click.ClickException("no matrix could be analysed (see above)")
 
 
 @main.command()
@@ -519,16 +695,22 @@ def spectrum(path, include, exclude, min_tail, values, threads, as_json) -> None
 @click.option("--budget", "-b", help="Budget for a lossy conversion (fraction or MACs).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the converted matrix here (.safetensors).")
+@_force_opt
 @_threads_opt
 @_json_opt
-def convert(file, target, budget, out, threads, as_json) -> None:
-    """Convert a saved structured matrix (from `project`/`fit`) to another format."""
+def convert(file, target, budget, out, force, threads, as_json) -> None:
+    """Convert a saved structured matrix (from `project`/`fit`) to another format.
+
+    --out never replaces FILE, and an existing --out needs --force.
+    """
     from .formats.base import load
 
     _set_threads(threads)
 
     target = _check_format(target, "--to")
     b = _parse_budget(budget) if budget is not None else None
+    if out is not None:
+        out = _guard_out(out, [file], force)
     from .convert import convert as run_convert
 
     A = load(file)

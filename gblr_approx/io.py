@@ -16,13 +16,30 @@ expression** searched anywhere in the name (``re.search``), e.g. ``"re:layer\\.(
 A tensor is kept when it matches at least one ``include`` pattern (all tensors when
 ``include`` is None) and no ``exclude`` pattern.
 
-Saving and loading *structured* matrices is :meth:`StructuredMatrix.save` and
-:func:`gblr_approx.load`.
+Structured-matrix files
+-----------------------
+A ``.safetensors`` file written by :meth:`StructuredMatrix.save` (its metadata names a
+registered ``format`` and a ``shape``) is recognised by that metadata wherever a path is read:
+:func:`load_weights` presents it as **one matrix**, named by the file stem, whose value is the
+matrix it represents (``gblr_approx.load(path).to_dense()``), not as its stored factors. So
+``sweep``, ``spectrum`` and ``project`` analyse the structured matrix itself, and ``inspect``
+describes it as a structured matrix (:func:`structured_metadata` tells the two kinds apart).
+Hugging Face checkpoints carry ``{"format": "pt"}`` metadata; ``"pt"`` is not a registered
+format, so they stay ordinary weights files. Saving and loading structured matrices is
+:meth:`StructuredMatrix.save` and :func:`gblr_approx.load`.
+
+Outputs
+-------
+:func:`check_output` is the guard every writing command uses: an output never replaces one of
+the files it was computed from (compared with ``os.path.samefile``, so another path, a symlink
+or a hard link to the input is caught), and an existing output is replaced only on request.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import re
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -33,7 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["load_weights", "WeightStore", "TensorInfo", "SUPPORTED_SUFFIXES", "match_names"]
+__all__ = [
+    "load_weights", "WeightStore", "TensorInfo", "SUPPORTED_SUFFIXES", "match_names",
+    "structured_metadata", "check_output",
+]
 
 #: File suffixes understood by :func:`load_weights`.
 SUPPORTED_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz", ".npy")
@@ -63,6 +83,11 @@ class TensorInfo:
         File the tensor lives in.
     nbytes : int
         Stored size in bytes.
+    structured : str or None
+        For a file saved by :meth:`StructuredMatrix.save`, its format name (e.g. ``"gblr"``):
+        the tensor is then the matrix the file represents (its ``to_dense()``), ``shape`` and
+        ``stored_shape`` are ``(m, n)`` and ``nbytes`` is the size of the stored factors.
+        None for an ordinary tensor.
     """
 
     name: str
@@ -71,6 +96,7 @@ class TensorInfo:
     dtype: str
     file: str
     nbytes: int
+    structured: str | None = None
 
     @property
     def numel(self) -> int:
@@ -111,14 +137,45 @@ def _unreadable(path: Path, kind: str, exc: BaseException) -> ValueError:
     )
 
 
+def structured_metadata(path: str | Path) -> dict[str, str] | None:
+    """The metadata of a structured-matrix file, or None for any other file.
+
+    A file counts as a structured matrix when it is a ``.safetensors`` file whose metadata
+    names a registered format (``"format"``, e.g. ``"gblr"``) and a ``"shape"``, as
+    :meth:`StructuredMatrix.save` writes. Only the header is read. Folders, other suffixes,
+    unreadable files and weights files (Hugging Face writes ``{"format": "pt"}``) give None.
+    """
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception:  # unreadable: the reader that opens it says why
+        return None
+    return meta if _is_structured(meta) else None
+
+
+def _is_structured(meta: Mapping[str, str]) -> bool:
+    from .formats.base import FORMATS
+
+    fmt = str(meta.get("format", "")).lower().replace("-", "").replace("_", "")
+    return fmt in FORMATS and "shape" in meta
+
+
 class _SafetensorsReader(_Reader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         from safetensors import safe_open
 
         self._open = safe_open
+        #: format name when the file holds a structured matrix (see structured_metadata)
+        self.structured: str | None = None
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
                 self._infos = []
                 for k in f.keys():
                     sl = f.get_slice(k)
@@ -130,11 +187,36 @@ class _SafetensorsReader(_Reader):
                     self._infos.append((k, shape, dname, nbytes))
         except Exception as exc:  # safetensors raises its own error types
             raise _unreadable(path, ".safetensors", exc) from exc
+        if _is_structured(meta):
+            self._as_structured(meta)
+
+    def _as_structured(self, meta: Mapping[str, str]) -> None:
+        """Present a file saved by StructuredMatrix.save as the one matrix it represents."""
+        from .formats.base import get_format
+
+        try:
+            shape = tuple(json.loads(meta["shape"]))
+            if len(shape) != 2 or not all(isinstance(v, int) and v >= 1 for v in shape):
+                raise ValueError(f"shape {meta['shape']} is not two positive integers")
+        except ValueError as exc:
+            raise ValueError(
+                f"{self.path} is a structured-matrix file (format {meta['format']!r}) with "
+                f"invalid 'shape' metadata: {exc}"
+            ) from exc
+        floats = [d for _, _, d, _ in self._infos if _is_float_name(d)]
+        self.structured = get_format(meta["format"]).format_name
+        self._stored = self._infos
+        self._infos = [(self.path.stem, shape, floats[0] if floats else "float32",
+                        sum(nb for *_, nb in self._stored))]
 
     def infos(self):
         return self._infos
 
     def get(self, name: str) -> torch.Tensor:
+        if self.structured is not None:
+            from .formats.base import load
+
+            return load(self.path).to_dense()
         try:
             with self._open(str(self.path), framework="pt", device="cpu") as f:
                 return f.get_tensor(name)
@@ -416,7 +498,9 @@ def load_weights(
         dict ``.pt``/``.pth``/``.bin`` (``torch.load(weights_only=True)``, memory-mapped when
         the file is in the zip format; nested dicts such as ``{"state_dict": ...}`` are
         flattened to dotted names), a ``.npz`` archive, a ``.npy`` array (named by the file
-        stem), or a folder of such files (not recursive). In a folder, ``.safetensors`` files
+        stem), a structured matrix saved by :meth:`StructuredMatrix.save` (one matrix named
+        by the file stem, read as its ``to_dense()``), or a folder of such files (not
+        recursive). In a folder, ``.safetensors`` files
         are used when present, else ``.pt``/``.pth``/``.bin``, else ``.npz``/``.npy``, so a
         Hugging Face model folder holding both ``model.safetensors`` and
         ``pytorch_model.bin`` is read once.
@@ -464,6 +548,7 @@ def load_weights(
     seen: dict[str, Path] = {}
     for f in files:
         reader = _READERS[f.suffix](f)
+        structured = getattr(reader, "structured", None)
         for name, shape, dtype, nbytes in reader.infos():
             if name in seen:
                 raise ValueError(
@@ -474,7 +559,8 @@ def load_weights(
             if reshape_conv and len(shape) == 4:
                 out_shape = (shape[0], shape[1] * shape[2] * shape[3])
             all_infos.append(
-                (reader, TensorInfo(name, out_shape, shape, dtype, str(f), int(nbytes)))
+                (reader, TensorInfo(name, out_shape, shape, dtype, str(f), int(nbytes),
+                                    structured))
             )
 
     if not all_infos:
@@ -495,3 +581,58 @@ def load_weights(
             f"regular expression); names are e.g. {_preview([i.name for _, i in candidates])}"
         )
     return WeightStore(p, entries, reshape_conv)
+
+
+def check_output(
+    out: str | Path, inputs: Iterable[str | Path] = (), *, force: bool = False,
+    option: str = "--out",
+) -> Path:
+    """Refuse an output path that is one of the inputs, or that exists (unless ``force``).
+
+    Parameters
+    ----------
+    out : str or Path
+        The file about to be written.
+    inputs : iterable of str or Path
+        Files (or folders: every file directly inside counts) the output is computed from.
+        An output that is the same file as an input, by any path, symlink or hard link
+        (``os.path.samefile``), is refused even with ``force``.
+    force : bool, default False
+        Allow replacing an existing output that is not an input.
+    option : str
+        How the output is named in messages (the CLI option).
+
+    Returns
+    -------
+    Path
+        ``out`` with ``~`` expanded.
+
+    Raises
+    ------
+    FileExistsError
+        ``out`` is an input, or exists and ``force`` is False.
+    IsADirectoryError
+        ``out`` is a folder.
+    """
+    p = Path(out).expanduser()
+    if not os.path.lexists(p):
+        return p
+    if p.is_dir():
+        raise IsADirectoryError(f"{option} {p} is a folder; give a file name")
+    for inp in inputs:
+        q = Path(inp).expanduser()
+        candidates = [c for c in q.iterdir() if c.is_file()] if q.is_dir() else [q]
+        for c in candidates:
+            try:
+                same = os.path.samefile(p, c)
+            except OSError:  # a dangling symlink or a vanished file is not the input
+                same = False
+            if same:
+                raise FileExistsError(
+                    f"{option} {p} is the input {c}"
+                    + (f" (resolved: {p.resolve()})" if p.resolve() != p.absolute() else "")
+                    + "; writing it would destroy the input: choose another output file"
+                )
+    if not force:
+        raise FileExistsError(f"{option} {p} already exists; pass --force to overwrite it")
+    return p

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["svd", "randomized_svd", "truncated_factors", "balanced_factors"]
+from .validation import check_positive_int
+
+__all__ = [
+    "svd", "randomized_svd", "truncated_factors", "balanced_factors", "check_sketch_options",
+]
 
 
 def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -17,6 +21,16 @@ def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     Cost: ``O(m n min(m, n))`` per matrix.
     """
     return torch.linalg.svd(W, full_matrices=False)
+
+
+def check_sketch_options(oversample: object, power_iters: object) -> tuple[int, int]:
+    """Validate the randomized range finder's ``oversample`` and ``power_iters`` (ints >= 0).
+
+    A negative ``oversample`` would silently lower the rank of the sketch (``-9`` gave rank 0);
+    a negative ``power_iters`` has no meaning. Raises TypeError/ValueError naming the argument.
+    """
+    return (check_positive_int(oversample, "oversample", minimum=0),
+            check_positive_int(power_iters, "power_iters", minimum=0))
 
 
 def randomized_svd(
@@ -41,7 +55,14 @@ def randomized_svd(
     Returns
     -------
     U : (m, rank), S : (rank,), Vh : (rank, n)
+
+    Raises
+    ------
+    ValueError
+        ``rank < 1``, ``oversample < 0`` or ``power_iters < 0``.
     """
+    rank = check_positive_int(rank, "rank")
+    oversample, power_iters = check_sketch_options(oversample, power_iters)
     m, n = W.shape
     k = min(rank + oversample, m, n)
     gen = torch.Generator(device=W.device).manual_seed(int(seed))
@@ -80,7 +101,10 @@ def truncated_factors(
     """Best rank-``rank`` factors ``(L, R, S_all)`` of ``W`` with ``W ~ L @ R.T``.
 
     ``S_all`` holds every singular value computed (all of them for ``method="exact"``).
+    ``oversample`` and ``power_iters`` (integers >= 0) are checked for both methods, so a bad
+    value is refused even where the exact SVD ignores it.
     """
+    check_sketch_options(oversample, power_iters)
     if method == "exact":
         U, S, Vh = svd(W)
         L, R = balanced_factors(U[:, :rank], S[:rank], Vh[:rank])

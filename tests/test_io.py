@@ -179,3 +179,48 @@ def test_unknown_key_error_lists_names(tmp_path, state):
     s = ga.load_weights(p)
     with pytest.raises(KeyError, match="enc.0.attn.q.weight"):
         s["missing"]
+
+
+# ------------------------------------------------- structured-matrix files, output guard
+def test_structured_files_in_a_folder_are_matrices(tmp_path, state):
+    from gblr_approx.io import structured_metadata
+
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    g = torch.Generator().manual_seed(4)
+    A = ga.BlockLowRank.project(torch.randn(12, 8, generator=g, dtype=torch.float64), 60)
+    A.save(tmp_path / "q_blr.safetensors")
+    assert structured_metadata(tmp_path / "q_blr.safetensors")["format"] == "blocklowrank"
+    assert structured_metadata(tmp_path / "model.safetensors") is None  # HF: format "pt"
+    assert structured_metadata(tmp_path) is None
+    store = ga.load_weights(tmp_path)
+    names = list(store)  # file order: the model's matrices, then the saved one
+    assert set(names[:-1]) == set(MATRICES) and names[-1] == "q_blr"
+    info = store.info("q_blr")
+    assert info.structured == "blocklowrank" and info.shape == (12, 8)
+    assert info.dtype == "float64" and info.nbytes < 12 * 8 * 8  # the stored factors
+    assert torch.equal(store["q_blr"], A.to_dense())
+    assert store.info(MATRICES[0]).structured is None
+
+
+def test_check_output(tmp_path):
+    from gblr_approx.io import check_output
+
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(b"data")
+    new = tmp_path / "sub" / "new.safetensors"
+    assert check_output(new, [src]) == new  # not there yet: fine
+    new.parent.mkdir()
+    (tmp_path / "link").symlink_to(src)
+    for same in (src, tmp_path / "link", tmp_path / "sub" / ".." / "in.safetensors"):
+        with pytest.raises(FileExistsError, match="is the input"):
+            check_output(same, [src], force=True)
+    with pytest.raises(FileExistsError, match="is the input"):  # a folder's files count
+        check_output(src, [tmp_path], force=True)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+        check_output(other, [src])
+    assert check_output(other, [src], force=True) == other
+    with pytest.raises(IsADirectoryError):
+        check_output(tmp_path, [src], force=True)
+    assert src.read_bytes() == b"data" and other.read_bytes() == b"old"

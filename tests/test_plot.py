@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import matplotlib
 
@@ -28,6 +29,11 @@ import gblr_approx as ga  # noqa: E402
 from gblr_approx import plot as gp  # noqa: E402
 from gblr_approx.plot.command import plot as plot_command  # noqa: E402
 from gblr_approx.plot.command import read_results  # noqa: E402
+from gblr_approx.plot.style import FORMAT_ORDER  # noqa: E402
+
+# The shared table holds formats without a successful fit on purpose; the warning that names
+# them is checked in test_error_vs_budget_one_matrix and kept out of the report elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:no successful fit:UserWarning")
 
 FORMATS = ["lowrank", "blocksparse", "gblr"]
 MATRICES = ["encoder.layer.0.q.weight", "encoder.layer.0.k.weight", "encoder.layer.0.v.weight"]
@@ -88,7 +94,11 @@ def _check_saved(fig, tmp_path, name: str) -> None:
 
 def _lines(ax):
     """Data lines of an axes (not reference lines), by legend label."""
-    return {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    return {ln.get_label(): ln for ln in ax.get_lines()
+            if not ln.get_label().startswith("_") and not ln.get_label().endswith(NOTE)}
+
+
+NOTE = ": no successful fit"  # legend note of a format none of whose fits succeeded
 
 
 # ----------------------------------------------------------------------------------- style
@@ -127,11 +137,15 @@ def test_import_does_not_load_pyplot():
 
 # ------------------------------------------------------------------------ error vs budget
 def test_error_vs_budget_one_matrix(table, tmp_path):
-    fig = gp.error_vs_budget(table, matrix=MATRICES[0])
+    with pytest.warns(UserWarning, match=r"no successful fit for format\(s\) monarch"):
+        fig = gp.error_vs_budget(table, matrix=MATRICES[0])
     assert isinstance(fig, matplotlib.figure.Figure)
     ax = fig.axes[0]
     lines = _lines(ax)
-    assert set(lines) == {"Low-rank", "Block-sparse", "GBLR"}  # failed/infeasible rows dropped
+    # failed/infeasible rows are not drawn, but a format with no successful fit is named
+    assert set(lines) == {"Low-rank", "Block-sparse", "GBLR"}
+    note = [ln for ln in ax.get_lines() if ln.get_label() == "Monarch" + NOTE]
+    assert len(note) == 1 and len(note[0].get_xdata()) == 0
     for fmt in FORMATS:
         ln = lines[gp.format_label(fmt)]
         assert to_hex(ln.get_color()).upper() == gp.format_color(fmt).upper()
@@ -139,8 +153,8 @@ def test_error_vs_budget_one_matrix(table, tmp_path):
         np.testing.assert_allclose(ln.get_xdata(), np.sort(rows.budget_fraction))
     assert "budget" in ax.get_xlabel() and "MACs" in ax.get_xlabel()
     assert "relative error" in ax.get_ylabel()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Low-rank", "Block-sparse",
-                                                                   "GBLR"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "Low-rank", "Block-sparse", "GBLR", "Monarch: no successful fit"]
     assert fig.get_size_inches()[0] == pytest.approx(3.3)
     _check_saved(fig, tmp_path, "evb1")
 
@@ -191,7 +205,8 @@ def test_layer_grid_one_panel_per_layer(table, tmp_path):
         assert len(ax.get_lines()) == len(FORMATS)
     assert [ax.get_title() for ax in fig.axes] == ["q", "k", "v"]  # shared prefix dropped
     legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend_texts == ["Low-rank", "Block-sparse", "GBLR"]
+    assert legend_texts == ["Low-rank", "Block-sparse", "GBLR", "Monarch" + NOTE,
+                            "BLAST" + NOTE]
     assert any("budget" in t.get_text() for t in fig.texts)  # one shared x label
     _check_saved(fig, tmp_path, "grid")
 
@@ -515,3 +530,101 @@ def test_gallery_colour_table_matches_the_code():
     assert len(rows) == len(gp.FORMAT_COLORS)
     for label, colour, marker in rows:
         assert gp.format_color(label) == colour and gp.format_marker(label) == marker
+
+
+# ------------------------------------------------------- many layers: legible, never clipped
+_KINDS = ["attention.self.query", "attention.self.key", "attention.self.value",
+          "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def _layer_names(k):
+    return [f"encoder.layer.{i // 6}.{_KINDS[i % 6]}.weight" for i in range(k)]
+
+
+def _many_matrices(k):
+    g = torch.Generator().manual_seed(5)
+    return {n: torch.randn(24, 20, generator=g) * torch.linspace(1, 0.05, 20) ** (1 + i / k)
+            for i, n in enumerate(_layer_names(k))}
+
+
+def _many_rows(k):
+    rows = [dict(matrix=n, rows=24, cols=20, format=f, budget=b, flops=int(b * 480),
+                 budget_fraction=b, rel_error=(1 - b) ** (1 + 0.2 * j), rel_error_2=0.5,
+                 seconds=0.1, status="ok", message="")
+            for n in _layer_names(k) for j, f in enumerate(FORMAT_ORDER[1:])
+            for b in (0.1, 0.25, 0.5)]
+    return pd.DataFrame(rows)
+
+
+def _assert_legible(fig, max_height=9.0):
+    """Everything drawn lies inside the figure; legends stay off the panels; titles apart."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    box = fig.bbox
+
+    def inside(bb, what):
+        assert (bb.x0 >= box.x0 - 1 and bb.y0 >= box.y0 - 1 and bb.x1 <= box.x1 + 1
+                and bb.y1 <= box.y1 + 1), f"{what} {bb} is clipped by the figure {box}"
+
+    assert fig.get_size_inches()[1] <= max_height + 1e-9
+    panels = [a.get_window_extent(r) for a in fig.axes]
+    for a in fig.axes:  # tick labels, axis labels and titles of every panel
+        inside(a.get_tightbbox(r), f"axes {a.get_title()!r}")
+    for t in (fig._supxlabel, fig._supylabel):
+        if t is not None:
+            inside(t.get_window_extent(r), "shared label")
+    for leg in fig.legends:
+        bb = leg.get_window_extent(r)
+        inside(bb, "figure legend")
+        assert not any(bb.overlaps(p) for p in panels), "the legend covers a panel"
+    for a in fig.axes:
+        if a.get_legend() is not None:
+            inside(a.get_legend().get_window_extent(r), "axes legend")
+    titles = [a.title.get_window_extent(r) for a in fig.axes if a.get_title()]
+    for i, t1 in enumerate(titles):
+        for t2 in titles[i + 1:]:
+            assert not t1.overlaps(t2), "panel titles run into each other"
+
+
+@pytest.mark.parametrize("k", [5, 18, 40])
+def test_spectrum_readable_at_many_layers(k):
+    mats = _many_matrices(k)
+    fig = gp.spectrum(mats)
+    _assert_legible(fig)
+    texts = fig.legends[0].get_texts() if fig.legends else fig.axes[1].get_legend().get_texts()
+    assert len(texts) == k  # every layer named
+    if k > 6:
+        assert fig.legends and fig.legends[0]._ncols >= 3  # below the panels, in columns
+    plt.close(fig)
+    fig = gp.spectrum(mats, layout="grid")
+    assert len(fig.axes) == k
+    _assert_legible(fig)
+
+
+@pytest.mark.parametrize("k", [5, 18, 40])
+def test_layer_grid_readable_at_many_layers(k):
+    fig = gp.layer_grid(_many_rows(k))
+    assert len(fig.axes) == k
+    _assert_legible(fig)
+    assert fig.get_size_inches()[0] == pytest.approx(7.0)
+
+
+def test_layer_grid_pages_split_long_models():
+    pages = gp.layer_grid_pages(_many_rows(40), per_page=16)
+    assert [len(f.axes) for f in pages] == [14, 13, 13]  # balanced pages, every layer once
+    titles = [a.get_title().replace("\n", "") for f in pages for a in f.axes]
+    assert len(titles) == 40 and len(set(titles)) == 40
+    for f in pages:
+        _assert_legible(f)
+
+
+def test_command_layer_grid_writes_pages_beyond_a_page(tmp_path):
+    csv = tmp_path / "big.csv"
+    _many_rows(60).to_csv(csv, index=False)  # 60 layers: more than one page holds (54)
+    res = _invoke([csv, "--kind", "layer-grid", "--out", tmp_path / "grid.png", "--dpi", "40",
+                   "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output)
+    assert rec["pages"] == 2 and rec["height_in"] <= 9.0
+    assert [Path(p).name for p in rec["out"]] == ["grid-p1.png", "grid-p2.png"]
+    assert all(Path(p).stat().st_size > 2000 for p in rec["out"])

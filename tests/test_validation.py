@@ -114,3 +114,31 @@ def test_load_errors(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable .safetensors file"):
         ga.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("opts", "exc", "pattern"),
+    [
+        ({"oversample": -9}, ValueError, "oversample must be an integer >= 0; got -9"),
+        ({"oversample": -1}, ValueError, "oversample must be an integer >= 0"),
+        ({"power_iters": -1}, ValueError, "power_iters must be an integer >= 0; got -1"),
+        ({"oversample": 2.5}, TypeError, "oversample must be an integer"),
+        ({"power_iters": "2"}, TypeError, "power_iters must be an integer"),
+    ],
+)
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_randomized_lowrank_refuses_bad_sketch(opts, exc, pattern, method):
+    # before: oversample=-9 silently gave a rank-0 sketch and power_iters=-1 was accepted
+    with pytest.raises(exc, match=pattern):
+        ga.project(W, "lowrank", 0.5, method=method, **opts)
+
+
+def test_randomized_svd_refuses_bad_sketch_directly():
+    from gblr_approx.linalg import randomized_svd
+
+    with pytest.raises(ValueError, match="oversample"):
+        randomized_svd(W, 3, oversample=-9)
+    with pytest.raises(ValueError, match="power_iters"):
+        randomized_svd(W, 3, power_iters=-1)
+    U, S, Vh = randomized_svd(W, 3, oversample=0, power_iters=0)  # zero is valid
+    assert U.shape == (12, 3) and S.shape == (3,) and Vh.shape == (3, 16)

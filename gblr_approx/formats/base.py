@@ -225,23 +225,43 @@ def load(path: str | Path, device: torch.device | str | None = None) -> Structur
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # clone: the tensors read sit at unaligned offsets of the file buffer, where BLAS
+            # takes other kernels and products differ from the saved matrix's in the last bit
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from exc
-    if "format" not in meta:
+    fmt = str(meta.get("format", ""))
+    if fmt.lower().replace("-", "").replace("_", "") not in FORMATS:
+        what = f"its metadata says format={fmt!r}, " if fmt else "it has no 'format' metadata, "
         raise ValueError(
-            f"{path} has no 'format' metadata; it was not written by StructuredMatrix.save"
+            f"{path} is a weights file ({len(tensors)} tensors; {what}not a structured matrix "
+            "written by StructuredMatrix.save); read it with gblr_approx.load_weights(path)"
         )
-    version = int(meta.get("format_version", "1"))
+    damaged = f"{path} is a damaged {fmt} file (edited or not written by StructuredMatrix.save)"
+    if "shape" not in meta:
+        raise ValueError(f"{damaged}: its metadata has no 'shape'")
+    try:
+        version = int(meta.get("format_version", "1"))
+        shape = tuple(json.loads(meta["shape"]))
+        config = json.loads(meta.get("config", "{}"))
+        info = json.loads(meta.get("info", "{}"))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{damaged}: unreadable metadata: {exc}") from exc
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} uses format version {version}; this gblr_approx reads up to {FORMAT_VERSION}"
         )
-    cls = get_format(meta["format"])
-    shape = tuple(json.loads(meta["shape"]))
-    config = json.loads(meta.get("config", "{}"))
-    out = cls._from_state(tensors, config, shape)
-    out.info = json.loads(meta.get("info", "{}"))
+    try:
+        out = get_format(fmt)._from_state(tensors, config, shape)
+    except KeyError as exc:
+        raise ValueError(f"{damaged}: tensor or setting {exc.args[0]!r} is missing; it holds "
+                         f"{', '.join(sorted(tensors)) or 'no tensors'}") from exc
+    except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"{damaged}: {' '.join(str(exc).split())}") from exc
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{damaged}: its metadata says shape {list(shape)} but its tensors "
+                         f"make a {out.shape[0]}x{out.shape[1]} matrix")
+    out.info = info
     if device is not None:
         out = out.to(device=device)
     return out

@@ -28,7 +28,7 @@ Conventions
 
 from .blocks import allocation_table, block_energy, budget_allocation
 from .error_budget import error_vs_budget
-from .layer_grid import layer_grid
+from .layer_grid import layer_grid, layer_grid_pages
 from .layout import component_rectangles, coverage, gblr_layout
 from .masks import gaudi_mask
 from .spectrum import singular_values_of, spectrum
@@ -50,6 +50,7 @@ from .style import (
 __all__ = [
     "error_vs_budget",
     "layer_grid",
+    "layer_grid_pages",
     "spectrum",
     "gblr_layout",
     "gaudi_mask",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -82,8 +83,14 @@ def short_names(names: Sequence[str]) -> list[str]:
     return stripped
 
 
-def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df") -> Any:
-    """Validate a sweep table and return its rows with status "ok" (if a status is given)."""
+def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df", ok_only: bool = True
+                ) -> Any:
+    """Validate a sweep table and return its rows with status "ok" (if a status is given).
+
+    With ``ok_only`` (default) an empty table or one without a successful fit is refused and
+    formats without a successful fit are warned about (see :func:`ok_rows`); with
+    ``ok_only=False`` every validated row is returned.
+    """
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):
@@ -98,9 +105,60 @@ def check_sweep(df: Any, needed: Iterable[str], *, what: str = "df") -> Any:
             f"format, budget, flops, budget_fraction, rel_error, rel_error_2, seconds, status; "
             f"got {list(df.columns)}"
         )
-    if "status" in df.columns:
-        df = df[df["status"].astype(str) == "ok"]
+    if ok_only:
+        df, _ = ok_rows(df)
     return df
+
+
+def ok_rows(df: Any, *, what: str = "the sweep table") -> tuple[Any, list[str]]:
+    """The successful rows of a sweep table and the formats that have none.
+
+    Refuses an empty table or one in which no fit succeeded (ValueError saying how many fits
+    there were and why they failed), and warns (UserWarning) naming every format none of
+    whose fits succeeded, so that it does not silently vanish from a figure. Returns
+    ``(ok_table, failed_formats)``.
+    """
+    if len(df) == 0:
+        raise ValueError(f"nothing to plot: {what} is empty (0 rows)")
+    if "status" not in df.columns:
+        return df, []
+    status = df["status"].astype(str)
+    ok = df[status == "ok"]
+    if ok.empty:
+        raise ValueError(f"nothing to plot: none of the {len(df)} fits in {what} succeeded "
+                         f"({_status_counts(df)})")
+    good = set(ok["format"].astype(str))
+    dead = [f for f in ordered_unique(df["format"].astype(str)) if f not in good]
+    if dead:
+        import warnings
+
+        detail = ", ".join(f"{f} ({_status_counts(df[df['format'].astype(str) == f])})"
+                           for f in dead)
+        warnings.warn(f"no successful fit for format(s) {detail}; shown in the legend as "
+                      "'no successful fit'", UserWarning, stacklevel=3)
+    return ok, dead
+
+
+def _status_counts(df: Any) -> str:
+    """``"3 failed, 1 infeasible; first: <message>"`` for the rows of a sweep table."""
+    counts = df["status"].astype(str).value_counts()
+    text = ", ".join(f"{int(c)} {k}" for k, c in counts.items())
+    if "message" in df.columns:
+        msgs = [str(m) for m in df["message"] if isinstance(m, str) and m.strip()]
+        if msgs:
+            first = " ".join(msgs[0].split())
+            text += f"; first: {first[:100]}{'...' if len(first) > 100 else ''}"
+    return text
+
+
+def failed_format_handles(formats: Sequence[str]) -> list[Any]:
+    """Legend entries (no line) ``"<Format>: no successful fit"`` for formats with no data."""
+    from matplotlib.lines import Line2D
+
+    from .style import format_color, format_label
+
+    return [Line2D([], [], linestyle="none", marker="x", color=format_color(f),
+                   label=f"{format_label(f)}: no successful fit") for f in formats]
 
 
 def select(df: Any, column: str, values: Any) -> Any:
@@ -180,3 +238,61 @@ def legend_columns(labels: Sequence[str], width_in: float, *, fontsize_pt: float
     longest = max(len(str(s)) for s in labels)
     entry = (0.58 * longest + 2.8) * em
     return max(1, min(len(labels), limit, int(width_in // entry)))
+
+
+#: Tallest figure the small-multiple figures make (inches): the text height of a page.
+MAX_HEIGHT = 9.0
+#: Smallest panel of a small-multiple figure (inches) before a second page is needed.
+MIN_PANEL_WIDTH = 1.1
+MIN_PANEL_HEIGHT = 0.85
+
+
+def grid_geometry(k: int, width_in: float, *, ncols: int | None = None,
+                  panel_height: float = 1.35, extra: float = 0.55,
+                  max_height: float = MAX_HEIGHT,
+                  min_panel_height: float = MIN_PANEL_HEIGHT) -> tuple[int, int, float]:
+    """Columns, rows and height of a grid of ``k`` panels that stays within a page.
+
+    Starts from 4 columns at page width (2 in a single column) and adds columns, down to
+    :data:`MIN_PANEL_WIDTH`, until ``rows * panel_height + extra <= max_height``; then shrinks
+    the rows, down to :data:`MIN_PANEL_HEIGHT`. Only more than :func:`page_capacity` panels
+    make a taller figure (split them into pages instead). ``ncols`` fixes the columns.
+
+    Returns
+    -------
+    (ncols, nrows, height_in)
+    """
+    widest = max(1, int(width_in // MIN_PANEL_WIDTH))
+    if ncols is None:
+        ncols = min(4 if width_in >= 5 else 2, widest)
+        while ncols < widest and math.ceil(k / ncols) * panel_height + extra > max_height:
+            ncols += 1
+    ncols = max(1, min(ncols, k))
+    nrows = math.ceil(k / ncols)
+    ph = max(min_panel_height, min(panel_height, (max_height - extra) / nrows))
+    return ncols, nrows, nrows * ph + extra
+
+
+def page_capacity(width_in: float, *, extra: float = 0.55, max_height: float = MAX_HEIGHT,
+                  rows_per_panel: int = 1) -> int:
+    """Most panels :func:`grid_geometry` fits on one page of ``max_height`` inches."""
+    widest = max(1, int(width_in // MIN_PANEL_WIDTH))
+    rows = max(1, int((max_height - extra) // (MIN_PANEL_HEIGHT * rows_per_panel)))
+    return widest * rows
+
+
+def fit_title(text: str, width_in: float, fontsize_pt: float) -> str:
+    """``text`` broken at a dot (or space) into two lines when it is wider than ``width_in``.
+
+    The width is estimated (0.58 em per character), so that panel titles of small multiples
+    do not run into their neighbours.
+    """
+    if len(text) * 0.58 * fontsize_pt / 72.0 <= width_in:
+        return text
+    cuts = [i for i, c in enumerate(text) if c in ". _"]
+    if not cuts:
+        return text
+    mid = len(text) / 2
+    i = min(cuts, key=lambda j: abs(j + 0.5 - mid))
+    keep = text[i] if text[i] == "." else ""
+    return text[: i + 1 if keep else i] + "\n" + text[i + 1:]

@@ -145,15 +145,16 @@ def _pick(names: list[str], wanted: list[str]) -> list[str]:
     return out
 
 
-def _load_weights(path: Path | None, include: Sequence[str], exclude: Sequence[str]
-                  ) -> dict[str, Any]:
+def _load_weights(path: Path | None, include: Sequence[str], exclude: Sequence[str],
+                  reshape_conv: bool = False) -> dict[str, Any]:
     if path is None:
         from ..datasets import minilm_sample
 
         return dict(minilm_sample())
     from ..io import load_weights
 
-    store = load_weights(path, list(include) or None, list(exclude) or None)
+    store = load_weights(path, list(include) or None, list(exclude) or None,
+                         reshape_conv=reshape_conv)
     return {name: store[name] for name in store}
 
 
@@ -192,6 +193,8 @@ def _load_weights(path: Path | None, include: Sequence[str], exclude: Sequence[s
               help="Weights: keep tensors whose name matches (glob or 're:regex').")
 @click.option("--exclude", "-x", multiple=True, metavar="PATTERN",
               help="Weights: drop tensors whose name matches (glob or 're:regex').")
+@click.option("--reshape-conv", is_flag=True,
+              help="Weights: read 4-D conv kernels as out x (in*kh*kw) matrices.")
 @click.option("--title", default=None, help="Axes title (single-panel figures).")
 @click.option("--dpi", type=click.IntRange(min=30, max=2400), default=300, show_default=True,
               help="Resolution of PNG output.")
@@ -200,12 +203,15 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
          formats: Sequence[str], width: str | None, height: float | None, error: str,
          logy: bool, logx: bool, aggregate: str, target_error: float | None, best: bool,
          grid_text: str, x_axis: str, layout: str, include: Sequence[str],
-         exclude: Sequence[str], title: str | None, dpi: int, as_json: bool) -> None:
+         exclude: Sequence[str], reshape_conv: bool, title: str | None, dpi: int,
+         as_json: bool) -> None:
     """Draw a paper figure from RESULTS and write it to --out.
 
     RESULTS is a sweep output folder or table (.csv/.json) for error-vs-budget, layer-grid
     and budget-allocation; a checkpoint for spectrum and block-energy (default: the embedded
-    MiniLM sample); a saved GBLR matrix for gblr-layout.
+    MiniLM sample); a saved GBLR matrix for gblr-layout. An empty table, or one in which no
+    fit succeeded, is refused (exit 1); a format none of whose fits succeeded is named in a
+    warning and in the legend. --out is replaced when it exists, but never when it is RESULTS.
     """
     import matplotlib
 
@@ -218,7 +224,7 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
         budget_allocation,
         error_vs_budget,
         gblr_layout,
-        layer_grid,
+        layer_grid_pages,
         save_figure,
         spectrum,
     )
@@ -226,6 +232,13 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
     if not out.suffix:
         raise click.BadParameter(f"{out} has no suffix; use .pdf, .svg, .png or .eps",
                                  param_hint="--out")
+    if results is not None:
+        from ..io import check_output
+
+        try:  # figures are redrawn in place, but a figure never replaces its input
+            check_output(out, [results], force=True)
+        except (FileExistsError, IsADirectoryError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--out") from None
     width = width or _DEFAULT_WIDTH.get(kind, "single")
     wanted = _split(matrices)
     fmts = _split(formats) or None
@@ -236,6 +249,9 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
         if results is None:
             raise click.UsageError(f"--kind {kind} needs RESULTS: a sweep folder or table")
         df = read_results(results)
+        if len(df) == 0:
+            raise click.ClickException(f"nothing to plot: {results} holds no rows (an empty "
+                                       "sweep table: did the sweep write any result?)")
         if "matrix" not in df.columns:
             raise click.BadParameter(f"{results} is not a sweep table (no 'matrix' column)",
                                      param_hint="RESULTS")
@@ -246,8 +262,13 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
                                   error=error, logy=logy, logx=logx, width=width, height=height,
                                   title=title)
         elif kind == "layer-grid":
-            fig = layer_grid(df, matrix=chosen, formats=fmts, error=error, logy=logy, logx=logx,
-                             width=width, height=height)
+            figs = layer_grid_pages(df, matrix=chosen, formats=fmts, error=error, logy=logy,
+                                    logx=logx, width=width, height=height)
+            if len(figs) > 1:  # more layers than a page holds: one file per page
+                record.update(rows=int(len(df)), matrices=chosen or names)
+                _save_pages(figs, out, dpi, kind, record, as_json)
+                return
+            fig = figs[0]
         else:
             ok = df[df["status"].astype(str) == "ok"] if "status" in df.columns else df
             if target_error is None and ok.duplicated(["matrix", "format"]).any():
@@ -260,7 +281,7 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
                                     title=title)
         record.update(rows=int(len(df)), matrices=chosen or names)
     elif source == "weights":
-        weights = _load_weights(results, include, exclude)
+        weights = _load_weights(results, include, exclude, reshape_conv)
         if not weights:
             raise click.UsageError("no matrices found (check --include/--exclude)")
         chosen = _pick(list(weights), wanted)
@@ -294,3 +315,27 @@ def plot(results: Path | None, kind: str, out: Path, matrices: Sequence[str],
         click.echo(json.dumps(record, indent=1))
     else:
         click.echo(f"wrote {path} ({kind}, {w_in:.2f} x {h_in:.2f} in)")
+
+
+def _save_pages(figs: list[Any], out: Path, dpi: int, kind: str, record: dict[str, Any],
+                as_json: bool) -> None:
+    """Write the pages of a small-multiple figure as OUT-p1.SUFFIX, OUT-p2.SUFFIX, ..."""
+    import matplotlib.pyplot as plt
+
+    from . import save_figure
+
+    paths = []
+    try:
+        for i, f in enumerate(figs, 1):
+            paths.append(save_figure(f, out.with_name(f"{out.stem}-p{i}{out.suffix}"), dpi=dpi))
+            w_in, h_in = (float(v) for v in f.get_size_inches())
+    finally:
+        for f in figs:
+            plt.close(f)
+    record.update(out=[str(p) for p in paths], pages=len(paths), width_in=round(w_in, 3),
+                  height_in=round(h_in, 3))
+    if as_json:
+        click.echo(json.dumps(record, indent=1))
+    else:
+        click.echo(f"wrote {len(paths)} pages ({kind}, {w_in:.2f} x at most {h_in:.2f} in): "
+                   + ", ".join(str(p) for p in paths))

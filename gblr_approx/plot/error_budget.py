@@ -11,9 +11,11 @@ from ._common import (
     BUDGET_LABEL,
     check_sweep,
     error_label,
+    failed_format_handles,
     figure_of,
     legend_columns,
     maybe_style,
+    ok_rows,
     ordered_unique,
     plain_log_labels,
     select,
@@ -94,9 +96,10 @@ def error_vs_budget(
         raise ValueError(f"aggregate must be one of {_AGGREGATES}; got {aggregate!r}")
     if legend not in ("best", "outside", "right", False, None):
         raise ValueError(f"legend must be 'best', 'outside', 'right' or False; got {legend!r}")
-    table = check_sweep(df, ["matrix", "format", "budget_fraction", error])
+    table = check_sweep(df, ["matrix", "format", "budget_fraction", error], ok_only=False)
     table = select(table, "matrix", matrix)
     table = _select_formats(table, formats)
+    table, failed = ok_rows(table)
     table = table[np.isfinite(table[error].astype(float)) & np.isfinite(
         table["budget_fraction"].astype(float))]
     if logy:
@@ -117,6 +120,9 @@ def error_vs_budget(
         _set_scales(ax, logx=logx, logy=logy)
         if title:
             ax.set_title(title)
+        if failed:  # a format none of whose fits succeeded is named, not silently dropped
+            for h in failed_format_handles(failed):
+                ax.add_line(h)
         if legend and ax.get_legend_handles_labels()[0]:
             _place_legend(ax, legend)
     return fig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,10 +11,15 @@ from ._common import (
     BUDGET_LABEL,
     check_sweep,
     error_label,
+    failed_format_handles,
     figure_of,
+    fit_title,
+    grid_geometry,
     legend_columns,
     maybe_style,
+    ok_rows,
     ordered_unique,
+    page_capacity,
     plain_log_labels,
     select,
     short_names,
@@ -23,7 +27,7 @@ from ._common import (
 from .error_budget import _select_formats, draw_error_curves, format_handles
 from .style import format_sort_key
 
-__all__ = ["layer_grid"]
+__all__ = ["layer_grid", "layer_grid_pages"]
 
 
 def layer_grid(
@@ -61,8 +65,8 @@ def layer_grid(
     logy, logx : bool
         Logarithmic axes.
     ncols : int, optional
-        Panels per row; default 4 at double width, 2 at single width (at most the number of
-        matrices).
+        Panels per row; default 4 at double width, 2 at single width, more (panels down to
+        1.1 in wide) when that keeps the figure within a page (9 in).
     sharey : bool
         Share the y axis across panels (compare layers at a glance).
     legend : bool
@@ -70,18 +74,22 @@ def layer_grid(
     width : {"single", "double"} or float
         Width of a new figure.
     height : float, optional
-        Height of a new figure in inches; default ``panel_height`` per row plus the legend.
+        Height of a new figure in inches; default ``panel_height`` per row plus the legend,
+        rows shrunk (down to 0.85 in) so the figure stays within 9 in. More panels than a
+        page holds (54 at page width) make a taller figure: draw them with
+        :func:`layer_grid_pages` instead.
     panel_height : float
-        Inches per row of panels when ``height`` is not given.
+        Inches per row of panels when ``height`` is not given (an upper bound).
 
     Returns
     -------
     matplotlib.figure.Figure
         One axes per matrix, titled with its (shortened) name; one line per format in each.
     """
-    table = check_sweep(df, ["matrix", "format", "budget_fraction", error])
+    table = check_sweep(df, ["matrix", "format", "budget_fraction", error], ok_only=False)
     table = select(table, "matrix", matrix)
     table = _select_formats(table, formats)
+    table, failed = ok_rows(table)
     table = table[np.isfinite(table[error].astype(float))]
     if logy:
         table = table[table[error].astype(float) > 0]
@@ -101,10 +109,10 @@ def layer_grid(
         if ax is None:
             from .style import WIDTHS, new_figure
 
-            wide = (WIDTHS.get(width, 7.0) if isinstance(width, str) else float(width)) >= 5
-            ncols = min(ncols or (4 if wide else 2), k)
-            nrows = math.ceil(k / ncols)
-            h = height or nrows * panel_height + 0.55
+            width_in = WIDTHS.get(width, 7.0) if isinstance(width, str) else float(width)
+            ncols, nrows, h = grid_geometry(k, width_in, ncols=ncols,
+                                            panel_height=panel_height)
+            h = height or h
             fig, grid = new_figure(width, h, nrows=nrows, ncols=ncols, squeeze=False,
                                    sharex=True, sharey=sharey)
             panels = list(grid.ravel()[:k])
@@ -118,11 +126,12 @@ def layer_grid(
             fig = figure_of(panels[0])
             ncols = ncols or k
             own = False
+        panel_w = fig.get_size_inches()[0] / max(ncols, 1) - 0.3  # minus the tick labels
         for a, name, t in zip(panels, names, titles, strict=False):
             sub = table[table["matrix"].astype(str) == name]
             draw_error_curves(a, sub, aggregate="none", error=error, band=False,
                               linewidth=1.0, markersize=2.5)
-            a.set_title(t, fontsize="small")
+            a.set_title(fit_title(t, panel_w, 6.5), fontsize="small", linespacing=0.95)
             if logy:
                 a.set_yscale("log")
                 plain_log_labels(a.yaxis)
@@ -141,7 +150,7 @@ def layer_grid(
             fig.supxlabel(BUDGET_LABEL, fontsize="medium")
             fig.supylabel(error_label(error), fontsize="medium")
             if legend and fmts:
-                handles = format_handles(fmts)
+                handles = format_handles(fmts) + failed_format_handles(failed)
                 ncols = legend_columns([h.get_label() for h in handles],
                                        fig.get_size_inches()[0])
                 fig.legend(handles=handles, loc="outside upper center", ncols=ncols)
@@ -150,5 +159,44 @@ def layer_grid(
                 a.set_xlabel(BUDGET_LABEL)
                 a.set_ylabel(error_label(error))
             if legend and fmts:
-                panels[0].legend(handles=format_handles(fmts), loc="best")
+                panels[0].legend(handles=format_handles(fmts) + failed_format_handles(failed),
+                                 loc="best")
     return fig
+
+
+def layer_grid_pages(df: Any, *, per_page: int | None = None, width: str | float = "double",
+                     **options: Any) -> list[Any]:
+    """:func:`layer_grid` split into pages of at most ``per_page`` panels (one figure each).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Sweep table, as for :func:`layer_grid`.
+    per_page : int, optional
+        Panels per page; default as many as fit a page of 9 in at the minimum panel size
+        (54 at page width, 16 in a single column), balanced so pages hold about as many.
+    width : {"single", "double"} or float
+        Figure width.
+    **options
+        Passed to :func:`layer_grid` (``matrix``, ``formats``, ``error``, ``logy``, ...).
+
+    Returns
+    -------
+    list of matplotlib.figure.Figure
+        One figure per page, in table order; every page has the same columns and legend.
+    """
+    from .style import WIDTHS
+
+    table = check_sweep(df, ["matrix", "format"], ok_only=False)
+    matrix = options.pop("matrix", None)
+    if matrix is None:
+        names = ordered_unique(table["matrix"].astype(str))
+    else:
+        names = [matrix] if isinstance(matrix, str) else [str(m) for m in matrix]
+    width_in = WIDTHS.get(width, 7.0) if isinstance(width, str) else float(width)
+    cap = per_page or page_capacity(width_in)
+    if cap < 1:
+        raise ValueError(f"per_page must be >= 1; got {per_page!r}")
+    pages = max(1, -(-len(names) // cap))
+    chunks = [list(c) for c in np.array_split(np.array(names, dtype=object), pages)]
+    return [layer_grid(df, matrix=chunk, width=width, **options) for chunk in chunks]

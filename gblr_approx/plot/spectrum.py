@@ -8,7 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from ._common import figure_of, is_axes, maybe_style, short_names, to_numpy
+from ._common import (
+    figure_of,
+    fit_title,
+    grid_geometry,
+    is_axes,
+    legend_columns,
+    maybe_style,
+    plain_log_labels,
+    short_names,
+    to_numpy,
+)
 from .style import sequential_colors
 
 __all__ = ["spectrum", "singular_values_of"]
@@ -18,6 +28,13 @@ SINGULAR_LABEL = r"normalised singular value $\sigma_i/\sigma_1$"
 ENERGY_LABEL = r"cumulative energy $\Sigma_{j \leq i}\,\sigma_j^2\,/\,\|W\|_F^2$"
 SHORT_LABELS = {"singular": r"$\sigma_i/\sigma_1$", "energy": "cumulative energy"}
 INDEX_LABELS = {"index": "index $i$", "fraction": r"index fraction $i\,/\,\min(m, n)$"}
+#: The y labels on two lines, for panels too short for one (the figures made here).
+WRAPPED_LABELS = {
+    SINGULAR_LABEL: "normalised singular value\n" + r"$\sigma_i/\sigma_1$",
+    ENERGY_LABEL: "cumulative energy\n" + r"$\Sigma_{j \leq i}\,\sigma_j^2\,/\,\|W\|_F^2$",
+}
+#: Most legend entries drawn inside a panel; more go below the panels, in columns.
+INSIDE_LEGEND_MAX = 6
 
 
 def singular_values_of(obj: Any) -> np.ndarray:
@@ -105,9 +122,11 @@ def spectrum(
     max_index : int, optional
         Show only the first ``max_index`` singular values.
     ncols : int, optional
-        Panels per row for ``layout="grid"`` (default: up to 4).
+        Panels per row for ``layout="grid"`` (default: 4 at page width, more when that
+        keeps the figure within a page of 9 in).
     legend : bool
-        Legend naming the matrices (overlay with several matrices).
+        Legend naming the matrices (overlay with several matrices): inside the last panel
+        for up to 6 matrices, else below the panels in as many columns as fit the width.
     width : {"single", "double"} or float, optional
         New figure width; default ``"double"`` for two panels or a grid, else ``"single"``.
     height : float, optional
@@ -143,23 +162,41 @@ def spectrum(
         svs = [singular_values_of(data)]
     quantities = ["singular", "energy"] if kind == "both" else [kind]
     k = len(svs)
+    nq = len(quantities)
+    fig_w = None
+    grid_h = None
+    if ax is None:
+        from .style import figsize
+
+        fig_w = figsize(width or ("double" if (layout == "grid" or nq > 1) else "single"))[0]
     if layout == "grid":
-        ncols = min(ncols or 4, k)
-        nblocks = math.ceil(k / ncols)
-        shape = (nblocks * len(quantities), ncols)
+        if fig_w is not None:
+            ncols, nblocks, grid_h = grid_geometry(
+                k, fig_w, ncols=ncols, panel_height=1.35 * nq, extra=0.45,
+                min_panel_height=0.85 * nq)
+        else:
+            ncols = min(ncols or 4, k)
+            nblocks = math.ceil(k / ncols)
+        shape = (nblocks * nq, ncols)
     else:
-        ncols = len(quantities)
+        ncols = nq
         shape = (1, ncols)
-    n_panels_needed = (k if layout == "grid" else 1) * len(quantities)
+    n_panels_needed = (k if layout == "grid" else 1) * nq
+    below = legend and layout == "overlay" and k > INSIDE_LEGEND_MAX
+    leg_font = 6.0 if k > 24 else 7.0
+    leg_cols = legend_columns(labels, fig_w, fontsize_pt=leg_font, limit=8) if (
+        below and fig_w) else 1
 
     with maybe_style(ax is None):
         if ax is None:
             from .style import new_figure
 
-            w = width or ("double" if shape[1] > 1 else "single")
-            rows = shape[0]
-            h = height or (2.3 if rows == 1 and layout == "overlay" else 1.35 * rows + 0.45)
-            fig, grid = new_figure(w, h, nrows=shape[0], ncols=shape[1], squeeze=False)
+            if layout == "grid":
+                h = height or grid_h
+            else:  # the legend below adds its rows
+                rows_below = math.ceil(k / leg_cols) if below else 0
+                h = height or (2.3 + rows_below * leg_font * 1.45 / 72.0)
+            fig, grid = new_figure(fig_w, h, nrows=shape[0], ncols=shape[1], squeeze=False)
             panels = _panel_order(grid, k, quantities, layout, ncols)
             used = {id(a) for a in panels}
             for a in grid.ravel():
@@ -174,6 +211,7 @@ def spectrum(
                 )
             fig = figure_of(panels[0])
         own = ax is None
+        quantity_of = {}
         colors = sequential_colors(k)
         for j, (sv, label) in enumerate(zip(svs, labels, strict=True)):
             n_full = len(sv)
@@ -184,6 +222,7 @@ def spectrum(
                 idx = idx / float(n_full)
             for q, quantity in enumerate(quantities):
                 a = panels[j * len(quantities) + q] if layout == "grid" else panels[q]
+                quantity_of[id(a)] = quantity
                 lab = label if label else "_nolegend_"
                 if quantity == "singular":
                     y = sv / sv[0] if normalise and sv[0] > 0 else sv
@@ -200,9 +239,10 @@ def spectrum(
                 a.set_xlabel(INDEX_LABELS[x])
                 a.set_xlim(left=0)
                 if layout == "grid" and label and q == 0:
-                    a.set_title(label, fontsize="small")
+                    pw = fig.get_size_inches()[0] / ncols - 0.35 if own else 1e9
+                    a.set_title(fit_title(label, pw, 6.5), fontsize="small", linespacing=0.95)
         for a in panels[:n_panels_needed]:
-            if a.get_ylabel() == ENERGY_LABEL:
+            if quantity_of.get(id(a)) == "energy":
                 for lv in energy_levels:
                     a.axhline(float(lv), color="#888888", linewidth=0.5, linestyle=":",
                               zorder=1, label="_nolegend_")
@@ -219,22 +259,31 @@ def spectrum(
                     if len(quantities) == 1:
                         a.set_ylabel("")
                     elif a.get_ylabel():
-                        a.set_ylabel(SHORT_LABELS[_quantity_of(a)])
+                        a.set_ylabel(SHORT_LABELS[quantity_of[id(a)]])
                 fig.supxlabel(INDEX_LABELS[x], fontsize="medium")
                 if len(quantities) == 1:
                     q = quantities[0]
                     fig.supylabel(ENERGY_LABEL if q == "energy" else (
                         SINGULAR_LABEL if normalise else "singular value $\\sigma_i$"),
                         fontsize="medium")
+        if own:  # plain tick labels (0.3, 0.5, 1): narrow panels stay legible
+            for a in panels[:n_panels_needed]:
+                if quantity_of.get(id(a)) == "singular":
+                    plain_log_labels(a.yaxis)
+        if own and layout == "overlay":  # long labels on two lines: never clipped
+            for a in panels[:n_panels_needed]:
+                a.set_ylabel(WRAPPED_LABELS.get(a.get_ylabel(), a.get_ylabel()))
         if legend and layout == "overlay" and k > 1:
             target = panels[len(quantities) - 1]
-            loc = "lower right" if quantities[-1] == "energy" else "upper right"
-            target.legend(loc=loc)
+            if below and own:
+                handles, texts = target.get_legend_handles_labels()
+                fig.legend(handles, texts, loc="outside lower center", ncols=leg_cols,
+                           fontsize=leg_font, handlelength=1.2, columnspacing=0.8)
+            else:
+                loc = "lower right" if quantities[-1] == "energy" else "upper right"
+                target.legend(loc=loc, ncols=1 if k <= INSIDE_LEGEND_MAX else 2,
+                              fontsize=None if k <= INSIDE_LEGEND_MAX else "x-small")
     return fig
-
-
-def _quantity_of(a: Any) -> str:
-    return "energy" if a.get_ylabel() == ENERGY_LABEL else "singular"
 
 
 def _panel_order(grid: np.ndarray, k: int, quantities: list[str], layout: str,
