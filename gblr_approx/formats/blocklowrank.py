@@ -9,7 +9,17 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair
-from .base import StructuredMatrix, register_format
+from .base import (
+    ROW_FORM_BELOW,
+    StructuredMatrix,
+    batch_major,
+    bmm_nk,
+    gather_slabs,
+    register_format,
+    scatter_slabs,
+    slab_maps,
+    stack_rows,
+)
 
 __all__ = ["BlockLowRank", "balanced_splits"]
 
@@ -48,6 +58,17 @@ class BlockLowRank(StructuredMatrix):
 
     Cost: ``sum_ij r_ij * (p_i + q_j)`` MACs per mat-vec (each block applied as a factor pair);
     the same number of parameters.
+
+    Notes
+    -----
+    The product is two batched GEMMs, as for a Monarch matrix with ranks that vary by block:
+    ``z = blockdiag_j([V_1j ... V_b1j])^T x``, a gather regrouping ``z`` by block row, then
+    ``y = blockdiag_i([U_i1 ... U_ib2]) z``. The concatenated bases are zero-padded to the
+    largest block-column (block-row) rank and longest block, so the kernels run on
+    ``b2 * max_j(q_j) * max_j(R_j) + b1 * max_i(p_i) * max_i(R_i)`` stored entries (``flops``
+    counts only the real ones). The padded bases are packed once and reused while the factor
+    tensors are unchanged (tracked by their version counters); factors that require grad are
+    packed in every product, differentiably. ``X @ A`` uses the same packed bases.
     """
 
     format_name = "blocklowrank"
@@ -82,6 +103,84 @@ class BlockLowRank(StructuredMatrix):
                         f"{tuple(U.shape)} and {tuple(V.shape)}"
                     )
         self.factors = [list(row) for row in factors]
+        self._flat: tuple[torch.Tensor, torch.Tensor] | None = None  # set by _from_state
+        self._build_maps()
+        self._cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------ packing
+    def _build_maps(self) -> None:
+        """Index maps (built once, on the host) from the flat factors to the padded bases."""
+        rs, cs = self.row_splits, self.col_splits
+        b1, b2 = self.grid
+        ranks = [[U.shape[1] for U, _ in row] for row in self.factors]
+        p = [rs[i + 1] - rs[i] for i in range(b1)]
+        q = [cs[j + 1] - cs[j] for j in range(b2)]
+        Ru = max(sum(row) for row in ranks)
+        Rv = max(sum(ranks[i][j] for i in range(b1)) for j in range(b2))
+        nu = sum(p[i] * ranks[i][j] for i in range(b1) for j in range(b2))
+        nv = sum(q[j] * ranks[i][j] for i in range(b1) for j in range(b2))
+        pm, qm = max(p), max(q)
+        umap = torch.full((b1, pm, Ru), nu, dtype=torch.long)
+        vmap = torch.full((b2, qm, Rv), nv, dtype=torch.long)
+        zmap = torch.full((b1, Ru), b2 * Rv, dtype=torch.long)  # z by block row <- by column
+        zmap_t = torch.full((b2, Rv), b1 * Ru, dtype=torch.long)
+        ou, ov = 0, 0
+        col_off = [0] * b2
+        for i in range(b1):
+            row_off = 0
+            for j in range(b2):
+                r = ranks[i][j]
+                if r:
+                    umap[i, : p[i], row_off : row_off + r] = torch.arange(
+                        ou, ou + p[i] * r
+                    ).view(p[i], r)
+                    vmap[j, : q[j], col_off[j] : col_off[j] + r] = torch.arange(
+                        ov, ov + q[j] * r
+                    ).view(q[j], r)
+                    zmap[i, row_off : row_off + r] = torch.arange(
+                        j * Rv + col_off[j], j * Rv + col_off[j] + r
+                    )
+                    zmap_t[j, col_off[j] : col_off[j] + r] = torch.arange(
+                        i * Ru + row_off, i * Ru + row_off + r
+                    )
+                ou, ov = ou + p[i] * r, ov + q[j] * r
+                row_off += r
+                col_off[j] += r
+        dev = self.factors[0][0][0].device
+        self._umap, self._vmap = umap.flatten().to(dev), vmap.flatten().to(dev)
+        self._zmap, self._zmap_t = zmap.flatten().to(dev), zmap_t.flatten().to(dev)
+        self._pad_shapes = ((b1, pm, Ru), (b2, qm, Rv))
+        self._rmaps = slab_maps(rs, dev)
+        self._cmaps = slab_maps(cs, dev)
+
+    def _sources(self) -> list[torch.Tensor]:
+        return list(self._flat) if self._flat is not None else self._float_tensors()
+
+    def _flat_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._flat is not None:
+            return self._flat
+        Us = [U.reshape(-1) for row in self.factors for U, _ in row]
+        Vs = [V.reshape(-1) for row in self.factors for _, V in row]
+        return torch.cat(Us), torch.cat(Vs)
+
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        U, V = self._flat_factors()
+        pu, pv = self._pad_shapes
+        pad = torch.nn.functional.pad
+        Up = pad(U, (0, 1)).index_select(0, self._umap).view(pu)
+        Vp = pad(V, (0, 1)).index_select(0, self._vmap).view(pv)
+        return Up, Vp
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded bases ``(b1, max p, max R_i)`` and ``(b2, max q, max R_j)``."""
+        srcs = self._sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):
+            return self._pack()
+        key = tuple(t._version for t in srcs)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, *self._pack())
+        return self._cache[1], self._cache[2]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -95,9 +194,8 @@ class BlockLowRank(StructuredMatrix):
         )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        Us = [U.reshape(-1) for row in self.factors for U, _ in row]
-        Vs = [V.reshape(-1) for row in self.factors for _, V in row]
-        return {"ranks": self.ranks, "U": torch.cat(Us), "V": torch.cat(Vs)}
+        U, V = self._flat_factors()
+        return {"ranks": self.ranks, "U": U, "V": V}
 
     def _config(self) -> dict[str, Any]:
         return {"row_splits": self.row_splits, "col_splits": self.col_splits}
@@ -118,9 +216,13 @@ class BlockLowRank(StructuredMatrix):
                 iu, iv = iu + p * r, iv + q * r
                 row.append((Uij, Vij))
             factors.append(row)
-        return cls(shape, rs, cs, factors)
+        out = cls(shape, rs, cs, factors)
+        out._flat = (U, V)
+        return out
 
     def _float_tensors(self) -> list[torch.Tensor]:
+        if self._flat is not None:
+            return list(self._flat)
         return [t for row in self.factors for pair in row for t in pair]
 
     @property
@@ -142,16 +244,37 @@ class BlockLowRank(StructuredMatrix):
                     D[rs[i] : rs[i + 1], cs[j] : cs[j + 1]] = U @ V.T
         return D
 
+    @staticmethod
+    def _apply(
+        Vp: torch.Tensor,
+        Up: torch.Tensor,
+        zmap: torch.Tensor,
+        in_maps: tuple,
+        out_maps: tuple,
+        X: torch.Tensor,
+    ) -> torch.Tensor:
+        """``blockdiag(Up) @ regroup(blockdiag(Vp)^T @ X)`` for ``X`` (n, k).
+
+        ``Vp`` (b2, q, Rv), ``Up`` (b1, p, Ru); ``zmap`` takes the ``b1 * Ru`` rows of the
+        regrouped intermediate from the ``b2 * Rv`` computed ones (index ``b2 * Rv``: zero).
+        ``(b2 q Rv + b1 p Ru) k`` MACs in two batched GEMMs.
+        """
+        b2, q, _ = Vp.shape
+        b1, _, Ru = Up.shape
+        row = batch_major(X) or X.shape[1] < ROW_FORM_BELOW
+        Z = bmm_nk(Vp.mT, gather_slabs(X, b2, q, in_maps[0], row), row)  # (b2, Rv, k)
+        Zg = gather_slabs(stack_rows(Z, row), b1, Ru, zmap, row)  # (b1, Ru, k)
+        Y = bmm_nk(Up, Zg, row)  # (b1, p, k)
+        return scatter_slabs(stack_rows(Y, row), out_maps[1], row)
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
-        rs, cs = self.row_splits, self.col_splits
-        Y = X.new_zeros(self.shape[0], X.shape[1])
-        for j in range(len(cs) - 1):
-            Xj = X[cs[j] : cs[j + 1]]
-            for i in range(len(rs) - 1):
-                U, V = self.factors[i][j]
-                if U.shape[1]:
-                    Y[rs[i] : rs[i + 1]] += U @ (V.T @ Xj)
-        return Y
+        Up, Vp = self._packed()
+        return self._apply(Vp, Up, self._zmap, self._cmaps, self._rmaps, X)
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        # X @ A = (A^T X^T)^T: A^T's column-side bases are A's row-side ones and vice versa
+        Up, Vp = self._packed()
+        return self._apply(Up, Vp, self._zmap_t, self._rmaps, self._cmaps, X.T).T
 
     def _transpose(self) -> BlockLowRank:
         b1, b2 = self.grid

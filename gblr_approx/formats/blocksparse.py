@@ -9,7 +9,7 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair
-from .base import StructuredMatrix, register_format
+from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, register_format
 
 __all__ = ["BlockSparse", "grid_sizes"]
 
@@ -20,6 +20,47 @@ def grid_sizes(length: int, block: int) -> list[int]:
     """Sizes of the blocks cutting ``length`` into pieces of ``block`` (the last may be shorter)."""
     nb = math.ceil(length / block)
     return [min(block, length - i * block) for i in range(nb)]
+
+
+def _panel_plan(out_idx: torch.Tensor, in_idx: torch.Tensor, out_grid: int) -> dict[str, Any]:
+    """Group the block rows (``out_idx``) by their number of stored blocks.
+
+    The blocks of one block row side by side form a ``p x (c q)`` panel; block rows with the
+    same count ``c`` are one batched GEMM. Returns the block order ``perm`` (LongTensor
+    (nb,)), the groups ``(start, rows, c)`` as Python ints, each group's input slab indices
+    and ``inv`` (out_grid,): the position of every block row in the concatenated group
+    outputs (``len(order)`` = the zero slab for block rows without blocks).
+    """
+    dev = out_idx.device
+    out_l, in_l = out_idx.tolist(), in_idx.tolist()
+    per: list[list[int]] = [[] for _ in range(out_grid)]
+    for b, i in enumerate(out_l):
+        per[i].append(b)
+    by_count: dict[int, list[int]] = {}
+    for i, bl in enumerate(per):
+        if bl:
+            by_count.setdefault(len(bl), []).append(i)
+    perm: list[int] = []
+    order: list[int] = []
+    groups = []
+    for c in sorted(by_count):
+        rows = by_count[c]
+        groups.append((len(perm), len(rows), c))
+        for i in rows:
+            perm.extend(sorted(per[i], key=lambda b: in_l[b]))
+            order.append(i)
+    inv = [len(order)] * out_grid
+    for pos, i in enumerate(order):
+        inv[i] = pos
+    perm_t = torch.tensor(perm, dtype=torch.long, device=dev)
+    slabs = in_idx[perm_t] if perm else in_idx
+    return {
+        "perm": perm_t,
+        "groups": groups,
+        "slabs": [slabs[s : s + g * c] for s, g, c in groups],
+        "inv": torch.tensor(inv, dtype=torch.long, device=dev),
+        "empty": len(order) < out_grid,
+    }
 
 
 @register_format
@@ -41,6 +82,14 @@ class BlockSparse(StructuredMatrix):
 
     Cost: the number of stored in-matrix entries, ``sum_b rows_b * cols_b`` MACs per mat-vec
     (equal to ``nb * br * bc`` when the grid divides the shape); same number of parameters.
+
+    Notes
+    -----
+    ``A @ X`` is one gather of the ``nb`` input slabs, one batched GEMM over all stored blocks
+    (every block has the same padded shape) and one ``index_add_`` onto the block rows;
+    ``X @ A`` is the same with the roles of block rows and columns swapped. Raises
+    ``ValueError`` when a block position is repeated (the product would add both blocks while
+    ``to_dense`` keeps one).
     """
 
     format_name = "blocksparse"
@@ -73,9 +122,24 @@ class BlockSparse(StructuredMatrix):
             or int(block_cols.max()) >= self.grid[1]
         ):
             raise ValueError(f"block indices must lie in the {self.grid} grid")
+        if nb:
+            key = block_rows * self.grid[1] + block_cols
+            uniq, counts = torch.unique(key, return_counts=True)
+            if int(counts.max()) > 1:
+                dup = int(uniq[counts > 1][0])
+                raise ValueError(
+                    f"block position ({dup // self.grid[1]}, {dup % self.grid[1]}) is stored "
+                    f"{int(counts.max())} times; block_rows/block_cols must not repeat a position"
+                )
         self.block_rows = block_rows
         self.block_cols = block_cols
         self.blocks = blocks
+        # product plans (host work done once): A @ X groups block rows, X @ A block columns
+        self._plans = (
+            _panel_plan(block_rows, block_cols, self.grid[0]),
+            _panel_plan(block_cols, block_rows, self.grid[1]),
+        )
+        self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
 
     # ------------------------------------------------------------ geometry
     def _block_extent(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,18 +192,80 @@ class BlockSparse(StructuredMatrix):
         D[self.block_rows, self.block_cols] = self.blocks
         return D.permute(0, 2, 1, 3).reshape(gr * br, gc * bc)[:m, :n].contiguous()
 
+    def _panels(self, t: int) -> list[torch.Tensor]:
+        """Block-row panels ``(rows, p, c q)`` of every group (``t=1``: of ``A^T``)."""
+        plan = self._plans[t]
+        B = self.blocks.mT if t else self.blocks
+        grad = torch.is_grad_enabled() and self.blocks.requires_grad
+        cached = self._cache[t]
+        if not grad and cached is not None and cached[0] == self.blocks._version:
+            return cached[1]
+        with torch.set_grad_enabled(grad):
+            Bp = B.index_select(0, plan["perm"])
+            panels = []
+            for s, g, c in plan["groups"]:
+                seg = Bp[s : s + g * c].unflatten(0, (g, c))  # (g, c, p, q)
+                panels.append(seg.permute(0, 2, 1, 3).reshape(g, B.shape[1], c * B.shape[2]))
+        if not grad:
+            self._cache[t] = (self.blocks._version, panels)
+        return panels
+
+    def _product(self, t: int, X: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` (``t=0``) or ``A^T @ X`` (``t=1``) for ``X`` (n, k) with any strides.
+
+        Small ``k``: one gather of the input slabs, one batched GEMM over all stored blocks
+        and one ``index_add_``. Larger ``k``: per group of block rows with ``c`` blocks, one
+        gather and one batched GEMM with inner dimension ``c q`` (the block-row panels), then
+        one gather that puts the block rows in order. ``flops * k`` MACs either way.
+        """
+        out_idx, in_idx = (self.block_cols, self.block_rows) if t else (
+            self.block_rows, self.block_cols)
+        out_grid = self.grid[t]
+        out_len = self.shape[1] if t else self.shape[0]
+        p, q = self.block_shape[::-1] if t else self.block_shape
+        n, k = X.shape
+        pad = -n % q
+        F = torch.nn.functional
+        bm = batch_major(X)
+        if k < ROW_FORM_BELOW:  # every temporary batch-major: the fast bmm form for small k
+            B = self.blocks if t else self.blocks.mT  # (nb, q, p)
+            Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
+            G = Xr.unflatten(1, (-1, q)).index_select(1, in_idx).transpose(0, 1)  # (nb, k, q)
+            Yb = torch.bmm(G, B)  # (nb, k, p)
+            Y = Yb.new_zeros(out_grid, k, p).index_add_(0, out_idx, Yb)
+            if k == 1:
+                return Y.view(-1, 1)[:out_len]
+            return Y.transpose(0, 1).reshape(k, out_grid * p)[:, :out_len].T
+        plan = self._plans[t]
+        panels = self._panels(t)
+        outs = []
+        if bm:  # X = x.T for a row-major batch x (k, n): gather columns of x
+            Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
+            X3 = Xr.unflatten(1, (-1, q))  # (k, gc, q)
+            for (_, g, c), P, sl in zip(plan["groups"], panels, plan["slabs"], strict=True):
+                G = X3.index_select(1, sl).view(k, g, c * q).transpose(0, 1)  # (g, k, c q)
+                outs.append(torch.bmm(G, P.mT))  # (g, k, p)
+            if plan["empty"]:
+                outs.append(X.new_zeros(1, k, p))
+            Y = torch.cat(outs).transpose(0, 1).index_select(1, plan["inv"])  # (k, grid, p)
+            return Y.view(k, out_grid * p)[:, :out_len].T
+        Xs = (X if pad == 0 else F.pad(X, (0, 0, 0, pad))).reshape(-1, q * k)  # (gc, q k)
+        for (_, g, c), P, sl in zip(plan["groups"], panels, plan["slabs"], strict=True):
+            outs.append(torch.bmm(P, Xs.index_select(0, sl).view(g, c * q, k)))  # (g, p, k)
+        if plan["empty"]:
+            outs.append(X.new_zeros(1, p, k))
+        Y = torch.cat(outs).index_select(0, plan["inv"])  # (grid, p, k)
+        return Y.view(out_grid * p, k)[:out_len]
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
-        m, n = self.shape
-        br, bc = self.block_shape
-        mp, np_ = self._padded()
-        k = X.shape[1]
-        Xp = X.new_zeros(np_, k)
-        Xp[:n] = X
-        Xb = Xp.view(self.grid[1], bc, k)[self.block_cols]  # (nb, bc, k)
-        Yb = torch.bmm(self.blocks, Xb)  # (nb, br, k)
-        Y = X.new_zeros(self.grid[0], br, k)
-        Y.index_add_(0, self.block_rows, Yb)
-        return Y.view(mp, k)[:m]
+        return self._product(0, X)
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        # X @ A = (A^T X^T)^T: the transposed blocks, roles of rows and columns swapped
+        return self._product(1, X.T).T
+
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.blocks]
 
     def _transpose(self) -> BlockSparse:
         return BlockSparse(
@@ -153,8 +279,8 @@ class BlockSparse(StructuredMatrix):
     # ---------------------------------------------------------- projection
     @classmethod
     def _resolve_block_shape(cls, m: int, n: int, block_shape: Any) -> tuple[int, int]:
-        if block_shape is None:
-            block_shape = DEFAULT_BLOCK_SHAPE
+        if block_shape is None:  # the default adapts to small matrices
+            return min(DEFAULT_BLOCK_SHAPE[0], m), min(DEFAULT_BLOCK_SHAPE[1], n)
         br, bc = check_pair(block_shape, "block_shape")
         if br > m or bc > n:
             raise ValueError(
@@ -183,7 +309,9 @@ class BlockSparse(StructuredMatrix):
         ----------
         block_shape : int or (br, bc), default (32, 32)
             Block rows x block columns; any shape up to the matrix shape (edge blocks are
-            shorter when it does not divide the matrix).
+            shorter when it does not divide the matrix). The default is clipped to the matrix
+            shape (``(min(32, m), min(32, n))``); an explicit shape larger than the matrix is
+            an error.
         """
         m, n = W.shape
         br, bc = cls._resolve_block_shape(m, n, block_shape)

@@ -48,6 +48,9 @@ class Dense(StructuredMatrix):
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         return self.weight @ X
 
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        return X @ self.weight
+
     def _transpose(self) -> Dense:
         return Dense(self.weight.T.contiguous())
 

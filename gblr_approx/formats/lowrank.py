@@ -59,6 +59,9 @@ class LowRank(StructuredMatrix):
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         return self.U @ (self.V.T @ X)
 
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        return (X @ self.U) @ self.V.T
+
     def _transpose(self) -> LowRank:
         return LowRank(self.V, self.U)
 

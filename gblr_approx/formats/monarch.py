@@ -21,7 +21,7 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair, check_positive_int
-from .base import StructuredMatrix, register_format
+from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, bmm_nk, register_format
 
 __all__ = ["Monarch"]
 
@@ -98,27 +98,50 @@ class Monarch(StructuredMatrix):
         return M.T.contiguous() if self.transposed else M
 
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
+        """``M @ X`` for the untransposed matrix ``M``: two batched GEMMs and two regroupings.
+
+        ``R (J n + K m) k`` MACs; the regroupings copy the ``(K R J, k)`` intermediate and the
+        ``(m, k)`` result once each.
+        """
         K, J, R = self.in_blocks, self.out_blocks, self.rank
-        I, Lr = self.w1.shape[2], self.w2.shape[1]
+        Lr = self.w2.shape[1]
         k = X.shape[1]
-        z = torch.bmm(self.w1, X.reshape(K, I, k))  # (K, R*J, k)
-        z = z.view(K, R, J, k).permute(2, 0, 1, 3).reshape(J, K * R, k)
-        y = torch.bmm(self.w2, z)  # (J, Lr, k)
+        row = batch_major(X) or k < ROW_FORM_BELOW
+        z = bmm_nk(self.w1, X.unflatten(0, (K, -1)), row)  # (K, R*J, k)
+        if row:  # stored (K, k, R*J) -> (J, k, K*R)
+            z = z.mT.unflatten(2, (R, J)).permute(3, 1, 0, 2).reshape(J, k, K * R).mT
+        else:
+            z = z.unflatten(1, (R, J)).permute(2, 0, 1, 3).reshape(J, K * R, k)
+        y = bmm_nk(self.w2, z, row)  # (J, Lr, k); output row l*J + j
+        if row:
+            return y.mT.permute(1, 2, 0).reshape(k, Lr * J).T
         return y.permute(1, 0, 2).reshape(Lr * J, k)
 
     def _backward(self, Y: torch.Tensor) -> torch.Tensor:
-        """``M^T @ Y`` for the untransposed matrix ``M``."""
+        """``M^T @ Y`` for the untransposed matrix ``M`` (same cost as :meth:`_forward`)."""
         K, J, R = self.in_blocks, self.out_blocks, self.rank
-        I, Lr = self.w1.shape[2], self.w2.shape[1]
+        Lr = self.w2.shape[1]
         k = Y.shape[1]
-        y = Y.reshape(Lr, J, k).permute(1, 0, 2)  # (J, Lr, k)
-        z = torch.bmm(self.w2.transpose(1, 2), y)  # (J, K*R, k)
-        z = z.view(J, K, R, k).permute(1, 2, 0, 3).reshape(K, R * J, k)
-        x = torch.bmm(self.w1.transpose(1, 2), z)  # (K, I, k)
-        return x.reshape(K * I, k)
+        row = batch_major(Y) or k < ROW_FORM_BELOW
+        if row:
+            y = Y.T.unflatten(1, (Lr, J)).permute(2, 0, 1).contiguous().mT  # stored (J, k, Lr)
+        else:
+            y = Y.unflatten(0, (Lr, J)).permute(1, 0, 2)  # (J, Lr, k)
+        z = bmm_nk(self.w2.mT, y, row)  # (J, K*R, k)
+        if row:  # stored (J, k, K*R) -> (K, k, R*J)
+            z = z.mT.unflatten(2, (K, R)).permute(2, 1, 3, 0).reshape(K, k, R * J).mT
+        else:
+            z = z.unflatten(1, (K, R)).permute(1, 2, 0, 3).reshape(K, R * J, k)
+        x = bmm_nk(self.w1.mT, z, row)  # (K, I, k)
+        if row:
+            return x.mT.permute(1, 0, 2).reshape(k, -1).T
+        return x.reshape(-1, k)
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         return self._backward(X) if self.transposed else self._forward(X)
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        return (self._forward(X.T) if self.transposed else self._backward(X.T)).T
 
     def _transpose(self) -> Monarch:
         return Monarch(self.w1, self.w2, transposed=not self.transposed)
