@@ -52,6 +52,7 @@ __all__ = [
     "gather_slabs",
     "scatter_slabs",
     "take_rows",
+    "gather",
 ]
 
 FORMAT_VERSION = 1
@@ -160,6 +161,38 @@ def scatter_slabs(Y: torch.Tensor, scatter: torch.Tensor | None, row_form: bool)
     return Y.index_select(0, scatter)
 
 
+class _Gather(torch.autograd.Function):
+    """``src.index_select(dim, index)`` whose backward is the gather ``grad[inverse]``.
+
+    For maps that hit every source entry that matters exactly once (padding entries may repeat
+    and may take any gradient): the backward is then a plain gather instead of an
+    ``index_add_`` (which torch runs serially on CPU when indices repeat).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, src: torch.Tensor, dim: int, index: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
+        ctx.dim = dim
+        ctx.save_for_backward(inverse)
+        return src.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, inverse), None, None, None
+
+
+def gather(src: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``src.index_select(dim, index)``; ``inverse`` maps each source entry to a position of it.
+
+    Source entries that the result does not contain must only receive gradients that do not
+    matter (padding), since their gradient is read from ``inverse``'s position.
+    """
+    if torch.is_grad_enabled() and src.requires_grad:
+        return _Gather.apply(src, dim, index, inverse)
+    return src.index_select(dim, index)
+
+
 def take_rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``X[index]`` for ``X`` (n, k), keeping a batch-major ``X`` batch-major (one gather)."""
     if batch_major(X):
@@ -254,26 +287,49 @@ class StructuredMatrix(ABC):
         """Transpose, in the same format where the format allows it."""
         return self._transpose()
 
+    def _operand(self, X: Any, size: int) -> tuple[torch.Tensor, bool]:
+        """Validated ``(size, k)`` operand on this matrix's device and dtype (cheap when it is)."""
+        ref = self._float_tensors()[0]
+        if (
+            isinstance(X, torch.Tensor)
+            and X.dtype == ref.dtype
+            and X.device == ref.device
+            and 1 <= X.ndim <= 2
+            and X.shape[0] == size
+        ):
+            return (X.unsqueeze(1), True) if X.ndim == 1 else (X, False)
+        X2, is_vec = as_operand(X, size, "X")
+        return X2.to(device=ref.device, dtype=ref.dtype), is_vec
+
     def __matmul__(self, X: Any) -> torch.Tensor:
-        X2, is_vec = as_operand(X, self.shape[1], "X")
-        X2 = X2.to(device=self.device, dtype=self.dtype)
+        X2, is_vec = self._operand(X, self.shape[1])
         Y = self._matmul(X2)
         return Y[:, 0] if is_vec else Y
 
     def __rmatmul__(self, X: Any) -> torch.Tensor:
         """``X @ A`` for ``X`` of shape ``(m,)`` or ``(k, m)``; no transposed copy of ``A``."""
         t = X if isinstance(X, torch.Tensor) else torch.as_tensor(X)
-        if t.ndim == 1:
-            X2, _ = as_operand(t, self.shape[0], "X")
-            X2 = X2.to(device=self.device, dtype=self.dtype)
-            return self._rmatmul(X2.T)[0]
-        if t.ndim != 2:
+        if t.ndim > 2:
             raise ValueError(
                 f"X must be a vector (m,) or a matrix (k, m); got shape {tuple(t.shape)}"
             )
-        X2, _ = as_operand(t.T, self.shape[0], "X")
-        X2 = X2.to(device=self.device, dtype=self.dtype)
-        return self._rmatmul(X2.T)
+        X2, is_vec = self._operand(t if t.ndim < 2 else t.T, self.shape[0])
+        Y = self._rmatmul(X2.T)
+        return Y[0] if is_vec else Y
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # ``tensor @ A``: torch asks its operands first; answering here skips the TypeError that
+        # torch would otherwise raise (and turn into NotImplemented) before __rmatmul__ runs
+        if (
+            func in (torch.Tensor.__matmul__, torch.matmul)
+            and not kwargs
+            and len(args) == 2
+            and isinstance(args[1], StructuredMatrix)
+            and not isinstance(args[0], StructuredMatrix)
+        ):
+            return args[1].__rmatmul__(args[0])
+        return NotImplemented
 
     def matvec(self, x: Any) -> torch.Tensor:
         """Alias of ``A @ x``."""

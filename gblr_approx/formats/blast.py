@@ -190,6 +190,11 @@ class BLAST(StructuredMatrix):
         Vs = gather_slabs(V, b2, q, cg, False)  # (b2, q, r)
         Us = gather_slabs(U, b1, p, rg, False)  # (b1, p, r)
         bm = batch_major(X)
+        if k == 1:  # mat-vec: the same kernels on flat views
+            Xs = X.reshape(b2, 1, q) if cg is None else gather_slabs(X, b2, q, cg, True).mT
+            Z = torch.bmm(Xs, Vs)  # (b2, 1, r)
+            Uc = (S * Z.transpose(0, 1)).sum(1, keepdim=True)  # (b1, 1, r)
+            return scatter_slabs(torch.bmm(Uc, Us.mT).view(-1, 1), rs, False)
         if k < ROW_FORM_BELOW:  # small k: batch-major temporaries, the fast bmm form
             Z = torch.bmm(gather_slabs(X, b2, q, cg, True).mT, Vs)  # (b2, k, r)
             if k <= 4:  # u_i = sum_j s_ij * z_j elementwise: no tiny GEMMs

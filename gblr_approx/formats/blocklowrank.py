@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..budget import InfeasibleBudgetError
@@ -14,6 +15,7 @@ from .base import (
     StructuredMatrix,
     batch_major,
     bmm_nk,
+    gather,
     gather_slabs,
     register_format,
     scatter_slabs,
@@ -39,6 +41,59 @@ def balanced_splits(length: int, parts: int) -> list[int]:
     for i in range(parts):
         out.append(out[-1] + q + (1 if i < r else 0))
     return out
+
+
+#: Layout -> index maps (see :func:`_padded_maps`); rebuilding a matrix with the same grid and
+#: ranks (``StructuredLinear`` does it every forward) reuses them.
+_MAPS: dict[tuple, tuple] = {}
+_MAPS_MAX = 256
+
+
+def _padded_maps(
+    rs: list[int], cs: list[int], ranks: tuple[tuple[int, ...], ...]
+) -> tuple[torch.Tensor, ...]:
+    """Gather maps for the padded bases and the regrouping of the intermediate.
+
+    ``umap`` (b1 * max p * Ru) and ``vmap`` (b2 * max q * Rv) index the flat ``U`` / ``V``
+    extended by one zero (the padding); ``zmap`` (b1 * Ru) takes the intermediate by block row
+    from the one by block column, ``zmap_t`` the reverse (padding reads entry 0, which always
+    meets a zero column of the padded bases, so it adds exact zeros).
+    """
+    b1, b2 = len(rs) - 1, len(cs) - 1
+    p = [rs[i + 1] - rs[i] for i in range(b1)]
+    q = [cs[j + 1] - cs[j] for j in range(b2)]
+    R = np.array(ranks, dtype=np.int64).reshape(b1, b2)
+    Ru, Rv = int(R.sum(1).max()), int(R.sum(0).max())
+    nu = int(sum(p[i] * R[i].sum() for i in range(b1)))
+    nv = int(sum(q[j] * R[:, j].sum() for j in range(b2)))
+    umap = np.full((b1, max(p), Ru), nu, dtype=np.int64)
+    vmap = np.full((b2, max(q), Rv), nv, dtype=np.int64)
+    zmap = np.zeros((b1, Ru), dtype=np.int64)
+    zmap_t = np.zeros((b2, Rv), dtype=np.int64)
+    row_off = np.concatenate([np.zeros((b1, 1), np.int64), R.cumsum(1)[:, :-1]], 1)
+    col_off = np.concatenate([np.zeros((1, b2), np.int64), R.cumsum(0)[:-1]], 0)
+    ou = ov = 0
+    for i in range(b1):
+        for j in range(b2):
+            r = int(R[i, j])
+            if r:
+                a, c = int(row_off[i, j]), int(col_off[i, j])
+                umap[i, : p[i], a : a + r] = np.arange(ou, ou + p[i] * r).reshape(p[i], r)
+                vmap[j, : q[j], c : c + r] = np.arange(ov, ov + q[j] * r).reshape(q[j], r)
+                zmap[i, a : a + r] = np.arange(j * Rv + c, j * Rv + c + r)
+                zmap_t[j, c : c + r] = np.arange(i * Ru + a, i * Ru + a + r)
+            ou, ov = ou + p[i] * r, ov + q[j] * r
+    def inverse(fwd: np.ndarray, size: int) -> np.ndarray:
+        inv = np.zeros(size, dtype=np.int64)  # entries absent from fwd (padding) read 0
+        real = fwd < size - 1
+        inv[fwd[real]] = np.nonzero(real)[0]
+        return inv
+
+    umap, vmap = umap.reshape(-1), vmap.reshape(-1)
+    zmap, zmap_t = zmap.reshape(-1), zmap_t.reshape(-1)
+    # zmap and zmap_t are each other's inverses on the real entries
+    out = (umap, vmap, zmap, zmap_t, inverse(umap, nu + 1), inverse(vmap, nv + 1))
+    return tuple(torch.from_numpy(a) for a in out)
 
 
 @register_format
@@ -109,49 +164,25 @@ class BlockLowRank(StructuredMatrix):
 
     # ------------------------------------------------------------ packing
     def _build_maps(self) -> None:
-        """Index maps (built once, on the host) from the flat factors to the padded bases."""
+        """Index maps from the flat factors to the padded bases (cached per layout)."""
         rs, cs = self.row_splits, self.col_splits
+        ranks = tuple(tuple(U.shape[1] for U, _ in row) for row in self.factors)
+        dev = self.factors[0][0][0].device
+        key = (tuple(rs), tuple(cs), ranks, str(dev))
+        maps = _MAPS.get(key)
+        if maps is None:
+            maps = tuple(t.to(dev) for t in _padded_maps(rs, cs, ranks))
+            maps += (slab_maps(rs, dev), slab_maps(cs, dev))
+            if len(_MAPS) >= _MAPS_MAX:
+                _MAPS.pop(next(iter(_MAPS)))
+            _MAPS[key] = maps
+        self._umap, self._vmap, self._zmap, self._zmap_t, self._uinv, self._vinv = maps[:6]
+        self._rmaps, self._cmaps = maps[6], maps[7]
         b1, b2 = self.grid
-        ranks = [[U.shape[1] for U, _ in row] for row in self.factors]
-        p = [rs[i + 1] - rs[i] for i in range(b1)]
-        q = [cs[j + 1] - cs[j] for j in range(b2)]
+        pm, qm = self._rmaps[2], self._cmaps[2]
         Ru = max(sum(row) for row in ranks)
         Rv = max(sum(ranks[i][j] for i in range(b1)) for j in range(b2))
-        nu = sum(p[i] * ranks[i][j] for i in range(b1) for j in range(b2))
-        nv = sum(q[j] * ranks[i][j] for i in range(b1) for j in range(b2))
-        pm, qm = max(p), max(q)
-        umap = torch.full((b1, pm, Ru), nu, dtype=torch.long)
-        vmap = torch.full((b2, qm, Rv), nv, dtype=torch.long)
-        zmap = torch.full((b1, Ru), b2 * Rv, dtype=torch.long)  # z by block row <- by column
-        zmap_t = torch.full((b2, Rv), b1 * Ru, dtype=torch.long)
-        ou, ov = 0, 0
-        col_off = [0] * b2
-        for i in range(b1):
-            row_off = 0
-            for j in range(b2):
-                r = ranks[i][j]
-                if r:
-                    umap[i, : p[i], row_off : row_off + r] = torch.arange(
-                        ou, ou + p[i] * r
-                    ).view(p[i], r)
-                    vmap[j, : q[j], col_off[j] : col_off[j] + r] = torch.arange(
-                        ov, ov + q[j] * r
-                    ).view(q[j], r)
-                    zmap[i, row_off : row_off + r] = torch.arange(
-                        j * Rv + col_off[j], j * Rv + col_off[j] + r
-                    )
-                    zmap_t[j, col_off[j] : col_off[j] + r] = torch.arange(
-                        i * Ru + row_off, i * Ru + row_off + r
-                    )
-                ou, ov = ou + p[i] * r, ov + q[j] * r
-                row_off += r
-                col_off[j] += r
-        dev = self.factors[0][0][0].device
-        self._umap, self._vmap = umap.flatten().to(dev), vmap.flatten().to(dev)
-        self._zmap, self._zmap_t = zmap.flatten().to(dev), zmap_t.flatten().to(dev)
         self._pad_shapes = ((b1, pm, Ru), (b2, qm, Rv))
-        self._rmaps = slab_maps(rs, dev)
-        self._cmaps = slab_maps(cs, dev)
 
     def _sources(self) -> list[torch.Tensor]:
         return list(self._flat) if self._flat is not None else self._float_tensors()
@@ -167,8 +198,8 @@ class BlockLowRank(StructuredMatrix):
         U, V = self._flat_factors()
         pu, pv = self._pad_shapes
         pad = torch.nn.functional.pad
-        Up = pad(U, (0, 1)).index_select(0, self._umap).view(pu)
-        Vp = pad(V, (0, 1)).index_select(0, self._vmap).view(pv)
+        Up = gather(pad(U, (0, 1)), 0, self._umap, self._uinv).view(pu)
+        Vp = gather(pad(V, (0, 1)), 0, self._vmap, self._vinv).view(pv)
         return Up, Vp
 
     def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +280,7 @@ class BlockLowRank(StructuredMatrix):
         Vp: torch.Tensor,
         Up: torch.Tensor,
         zmap: torch.Tensor,
+        zinv: torch.Tensor,
         in_maps: tuple,
         out_maps: tuple,
         X: torch.Tensor,
@@ -256,25 +288,37 @@ class BlockLowRank(StructuredMatrix):
         """``blockdiag(Up) @ regroup(blockdiag(Vp)^T @ X)`` for ``X`` (n, k).
 
         ``Vp`` (b2, q, Rv), ``Up`` (b1, p, Ru); ``zmap`` takes the ``b1 * Ru`` rows of the
-        regrouped intermediate from the ``b2 * Rv`` computed ones (index ``b2 * Rv``: zero).
+        regrouped intermediate from the ``b2 * Rv`` computed ones and ``zinv`` is its inverse
+        (the backward of the regrouping is then a gather, too).
         ``(b2 q Rv + b1 p Ru) k`` MACs in two batched GEMMs.
         """
         b2, q, _ = Vp.shape
         b1, _, Ru = Up.shape
-        row = batch_major(X) or X.shape[1] < ROW_FORM_BELOW
+        k = X.shape[1]
+        if k == 1:  # mat-vec: the same kernels on flat views
+            Xs = X.reshape(b2, 1, q) if in_maps[0] is None else (
+                gather_slabs(X, b2, q, in_maps[0], True).mT)
+            Z = torch.bmm(Xs, Vp).view(-1)  # (b2 Rv,)
+            Y = torch.bmm(gather(Z, 0, zmap, zinv).view(b1, 1, Ru), Up.mT)  # (b1, 1, p)
+            return scatter_slabs(Y.view(-1, 1), out_maps[1], False)
+        row = batch_major(X) or k < ROW_FORM_BELOW
         Z = bmm_nk(Vp.mT, gather_slabs(X, b2, q, in_maps[0], row), row)  # (b2, Rv, k)
-        Zg = gather_slabs(stack_rows(Z, row), b1, Ru, zmap, row)  # (b1, Ru, k)
+        Zf = stack_rows(Z, row)  # (b2 Rv, k)
+        if batch_major(Zf):
+            Zg = gather(Zf.T, 1, zmap, zinv).T.unflatten(0, (b1, Ru))  # (b1, Ru, k)
+        else:
+            Zg = gather(Zf, 0, zmap, zinv).unflatten(0, (b1, Ru))
         Y = bmm_nk(Up, Zg, row)  # (b1, p, k)
         return scatter_slabs(stack_rows(Y, row), out_maps[1], row)
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         Up, Vp = self._packed()
-        return self._apply(Vp, Up, self._zmap, self._cmaps, self._rmaps, X)
+        return self._apply(Vp, Up, self._zmap, self._zmap_t, self._cmaps, self._rmaps, X)
 
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         # X @ A = (A^T X^T)^T: A^T's column-side bases are A's row-side ones and vice versa
         Up, Vp = self._packed()
-        return self._apply(Up, Vp, self._zmap_t, self._rmaps, self._cmaps, X.T).T
+        return self._apply(Up, Vp, self._zmap_t, self._zmap, self._rmaps, self._cmaps, X.T).T
 
     def _transpose(self) -> BlockLowRank:
         b1, b2 = self.grid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -14,6 +15,15 @@ from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, register_format
 __all__ = ["BlockSparse", "grid_sizes"]
 
 DEFAULT_BLOCK_SHAPE = (32, 32)
+
+#: (id(block_rows), id(block_cols), grid) -> (weak refs, versions, plans): rebuilding a matrix
+#: from the same, unchanged index tensors (``StructuredLinear`` does it every forward) skips
+#: validation and planning. Identity is checked through the weak references.
+_PLANS: dict[tuple, tuple] = {}
+_PLANS_MAX = 256
+
+#: Largest ``grid * nb`` for which a mat-vec sums block outputs with a 0/1 matrix product.
+SCATTER_MATRIX_MAX = 1 << 16
 
 
 def grid_sizes(length: int, block: int) -> list[int]:
@@ -53,11 +63,11 @@ def _panel_plan(out_idx: torch.Tensor, in_idx: torch.Tensor, out_grid: int) -> d
     for pos, i in enumerate(order):
         inv[i] = pos
     perm_t = torch.tensor(perm, dtype=torch.long, device=dev)
-    slabs = in_idx[perm_t] if perm else in_idx
     return {
         "perm": perm_t,
         "groups": groups,
-        "slabs": [slabs[s : s + g * c] for s, g, c in groups],
+        "sizes": [g * c for _, g, c in groups],
+        "slabs": in_idx[perm_t] if perm else in_idx,
         "inv": torch.tensor(inv, dtype=torch.long, device=dev),
         "empty": len(order) < out_grid,
     }
@@ -115,6 +125,33 @@ class BlockSparse(StructuredMatrix):
                 f"blocks must be (nb, {br}, {bc}) with block_rows/block_cols (nb,); got "
                 f"{tuple(blocks.shape)}, {tuple(block_rows.shape)}, {tuple(block_cols.shape)}"
             )
+        key = (id(block_rows), id(block_cols), self.grid)
+        plans = _PLANS.get(key)
+        if plans is not None:  # the same index tensors, unchanged: validated and planned before
+            rref, cref, rv, cv, plans = plans
+            if not (rref() is block_rows and cref() is block_cols
+                    and rv == block_rows._version and cv == block_cols._version):
+                plans = None
+        if plans is None:
+            self._validate(block_rows, block_cols, nb)
+            # product plans (host work done once): A @ X groups block rows, X @ A block columns
+            plans = (
+                _panel_plan(block_rows, block_cols, self.grid[0]),
+                _panel_plan(block_cols, block_rows, self.grid[1]),
+            )
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = (weakref.ref(block_rows), weakref.ref(block_cols),
+                           block_rows._version, block_cols._version, plans)
+        self._plans = plans
+        self.block_rows = block_rows
+        self.block_cols = block_cols
+        self.blocks = blocks
+        self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
+        self._scatter: list[torch.Tensor | None] = [None, None]
+
+    def _validate(self, block_rows: torch.Tensor, block_cols: torch.Tensor, nb: int) -> None:
+        """Indices inside the grid and no repeated block position (clear ValueErrors)."""
         if nb and (
             int(block_rows.min()) < 0
             or int(block_rows.max()) >= self.grid[0]
@@ -131,15 +168,6 @@ class BlockSparse(StructuredMatrix):
                     f"block position ({dup // self.grid[1]}, {dup % self.grid[1]}) is stored "
                     f"{int(counts.max())} times; block_rows/block_cols must not repeat a position"
                 )
-        self.block_rows = block_rows
-        self.block_cols = block_cols
-        self.blocks = blocks
-        # product plans (host work done once): A @ X groups block rows, X @ A block columns
-        self._plans = (
-            _panel_plan(block_rows, block_cols, self.grid[0]),
-            _panel_plan(block_cols, block_rows, self.grid[1]),
-        )
-        self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
 
     # ------------------------------------------------------------ geometry
     def _block_extent(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,14 +229,32 @@ class BlockSparse(StructuredMatrix):
         if not grad and cached is not None and cached[0] == self.blocks._version:
             return cached[1]
         with torch.set_grad_enabled(grad):
-            Bp = B.index_select(0, plan["perm"])
+            # torch.split (not slicing): its backward is one cat, not a zero-filled copy per piece
+            segs = B.index_select(0, plan["perm"]).split(plan["sizes"])
             panels = []
-            for s, g, c in plan["groups"]:
-                seg = Bp[s : s + g * c].unflatten(0, (g, c))  # (g, c, p, q)
+            for seg, (_, g, c) in zip(segs, plan["groups"], strict=True):
+                seg = seg.unflatten(0, (g, c))  # (g, c, p, q)
                 panels.append(seg.permute(0, 2, 1, 3).reshape(g, B.shape[1], c * B.shape[2]))
         if not grad:
             self._cache[t] = (self.blocks._version, panels)
         return panels
+
+    def _scatter_matrix(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
+        """0/1 matrix (grid, nb) summing block outputs into block rows (``None`` if large).
+
+        Built on the device without a host round trip and kept (last dtype); for a mat-vec one
+        ``(grid x nb) @ (nb x p)`` GEMM is cheaper than ``index_add_`` on small matrices.
+        """
+        out_idx = self.block_cols if t else self.block_rows
+        grid, nb = self.grid[t], out_idx.shape[0]
+        if grid * nb > SCATTER_MATRIX_MAX:
+            return None
+        S = self._scatter[t]
+        if S is None or S.dtype != like.dtype or S.device != like.device:
+            S = like.new_zeros(grid, nb)
+            S[out_idx, torch.arange(nb, device=like.device)] = 1.0
+            self._scatter[t] = S
+        return S
 
     def _product(self, t: int, X: torch.Tensor) -> torch.Tensor:
         """``A @ X`` (``t=0``) or ``A^T @ X`` (``t=1``) for ``X`` (n, k) with any strides.
@@ -225,10 +271,21 @@ class BlockSparse(StructuredMatrix):
         p, q = self.block_shape[::-1] if t else self.block_shape
         n, k = X.shape
         pad = -n % q
+        pad_out = out_grid * p - out_len
         F = torch.nn.functional
         bm = batch_major(X)
+        B = self.blocks if t else self.blocks.mT  # (nb, q, p)
+        if k == 1:  # mat-vec: the block sums by one small GEMM with the 0/1 scatter matrix
+            g = (X if pad == 0 else F.pad(X.reshape(-1), (0, pad))).reshape(-1, 1, q)
+            yb = torch.bmm(g.index_select(0, in_idx), B).view(-1, p)  # (nb, p)
+            S = self._scatter_matrix(t, yb)
+            if S is None:
+                y = yb.new_zeros(out_grid, p).index_add_(0, out_idx, yb)
+            else:
+                y = S @ yb
+            y = y.view(-1, 1)
+            return y if pad_out == 0 else y[:out_len]
         if k < ROW_FORM_BELOW:  # every temporary batch-major: the fast bmm form for small k
-            B = self.blocks if t else self.blocks.mT  # (nb, q, p)
             Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
             G = Xr.unflatten(1, (-1, q)).index_select(1, in_idx).transpose(0, 1)  # (nb, k, q)
             Yb = torch.bmm(G, B)  # (nb, k, p)
@@ -241,17 +298,19 @@ class BlockSparse(StructuredMatrix):
         outs = []
         if bm:  # X = x.T for a row-major batch x (k, n): gather columns of x
             Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
-            X3 = Xr.unflatten(1, (-1, q))  # (k, gc, q)
-            for (_, g, c), P, sl in zip(plan["groups"], panels, plan["slabs"], strict=True):
-                G = X3.index_select(1, sl).view(k, g, c * q).transpose(0, 1)  # (g, k, c q)
+            # one gather for all groups, split into per-group views (one backward scatter)
+            Gs = Xr.unflatten(1, (-1, q)).index_select(1, plan["slabs"]).split(plan["sizes"], 1)
+            for (_, g, c), P, G in zip(plan["groups"], panels, Gs, strict=True):
+                G = G.reshape(k, g, c * q).transpose(0, 1)  # (g, k, c q)
                 outs.append(torch.bmm(G, P.mT))  # (g, k, p)
             if plan["empty"]:
                 outs.append(X.new_zeros(1, k, p))
             Y = torch.cat(outs).transpose(0, 1).index_select(1, plan["inv"])  # (k, grid, p)
             return Y.view(k, out_grid * p)[:, :out_len].T
         Xs = (X if pad == 0 else F.pad(X, (0, 0, 0, pad))).reshape(-1, q * k)  # (gc, q k)
-        for (_, g, c), P, sl in zip(plan["groups"], panels, plan["slabs"], strict=True):
-            outs.append(torch.bmm(P, Xs.index_select(0, sl).view(g, c * q, k)))  # (g, p, k)
+        Gs = Xs.index_select(0, plan["slabs"]).split(plan["sizes"])
+        for (_, g, c), P, G in zip(plan["groups"], panels, Gs, strict=True):
+            outs.append(torch.bmm(P, G.view(g, c * q, k)))  # (g, p, k)
         if plan["empty"]:
             outs.append(X.new_zeros(1, p, k))
         Y = torch.cat(outs).index_select(0, plan["inv"])  # (grid, p, k)

@@ -106,6 +106,10 @@ class Monarch(StructuredMatrix):
         K, J, R = self.in_blocks, self.out_blocks, self.rank
         Lr = self.w2.shape[1]
         k = X.shape[1]
+        if k == 1:  # mat-vec: the same kernels on flat views
+            z = torch.bmm(X.reshape(K, 1, -1), self.w1.mT)  # (K, 1, R*J)
+            z = z.view(K, R, J).permute(2, 0, 1).reshape(J, 1, K * R)
+            return torch.bmm(z, self.w2.mT).view(J, Lr).T.reshape(-1, 1)
         row = batch_major(X) or k < ROW_FORM_BELOW
         z = bmm_nk(self.w1, X.unflatten(0, (K, -1)), row)  # (K, R*J, k)
         if row:  # stored (K, k, R*J) -> (J, k, K*R)
@@ -122,6 +126,10 @@ class Monarch(StructuredMatrix):
         K, J, R = self.in_blocks, self.out_blocks, self.rank
         Lr = self.w2.shape[1]
         k = Y.shape[1]
+        if k == 1:
+            y = Y.reshape(Lr, J).T.reshape(J, 1, Lr)
+            z = torch.bmm(y, self.w2).view(J, K, R).permute(1, 2, 0).reshape(K, 1, R * J)
+            return torch.bmm(z, self.w1).view(-1, 1)
         row = batch_major(Y) or k < ROW_FORM_BELOW
         if row:
             y = Y.T.unflatten(1, (Lr, J)).permute(2, 0, 1).contiguous().mT  # stored (J, k, Lr)
