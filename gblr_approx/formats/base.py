@@ -145,7 +145,7 @@ def gather_slabs(
     A view when ``gather`` is ``None``; otherwise one gather, batch-major when ``row_form``.
     """
     if gather is None:
-        return X.unflatten(0, (b, q))
+        return X.view(b, q, X.shape[1])
     if row_form:
         Xr = torch.nn.functional.pad(X.T, (0, 1))
         return Xr.index_select(1, gather).unflatten(1, (b, q)).permute(1, 2, 0)
@@ -304,7 +304,7 @@ class StructuredMatrix(ABC):
     def __matmul__(self, X: Any) -> torch.Tensor:
         X2, is_vec = self._operand(X, self.shape[1])
         Y = self._matmul(X2)
-        return Y[:, 0] if is_vec else Y
+        return Y.squeeze(1) if is_vec else Y
 
     def __rmatmul__(self, X: Any) -> torch.Tensor:
         """``X @ A`` for ``X`` of shape ``(m,)`` or ``(k, m)``; no transposed copy of ``A``."""
@@ -315,7 +315,7 @@ class StructuredMatrix(ABC):
             )
         X2, is_vec = self._operand(t if t.ndim < 2 else t.T, self.shape[0])
         Y = self._rmatmul(X2.T)
-        return Y[0] if is_vec else Y
+        return Y.squeeze(0) if is_vec else Y
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

@@ -148,6 +148,9 @@ class BLAST(StructuredMatrix):
     def _config(self) -> dict[str, Any]:
         return {"row_splits": list(self.row_splits), "col_splits": list(self.col_splits)}
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.U, self.V, self.S]
+
     @classmethod
     def _from_state(cls, tensors, config, shape):
         return cls(tensors["U"], tensors["V"], tensors["S"],

@@ -34,6 +34,9 @@ class Dense(StructuredMatrix):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight}
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
     @classmethod
     def _from_state(cls, tensors, config, shape):
         return cls(tensors["weight"])

@@ -45,6 +45,9 @@ class LowRank(StructuredMatrix):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"U": self.U, "V": self.V}
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.U, self.V]
+
     @classmethod
     def _from_state(cls, tensors, config, shape):
         return cls(tensors["U"], tensors["V"])

@@ -85,6 +85,9 @@ class Monarch(StructuredMatrix):
             "transposed": self.transposed,
         }
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.w1, self.w2]
+
     @classmethod
     def _from_state(cls, tensors, config, shape):
         return cls(tensors["w1"], tensors["w2"], transposed=config.get("transposed", False))
