@@ -289,17 +289,18 @@ class StructuredMatrix(ABC):
 
     def _operand(self, X: Any, size: int) -> tuple[torch.Tensor, bool]:
         """Validated ``(size, k)`` operand on this matrix's device and dtype (cheap when it is)."""
-        ref = self._float_tensors()[0]
+        ts = self._float_tensors()
+        dtype, device = (ts[0].dtype, ts[0].device) if ts else (self.dtype, self.device)
         if (
             isinstance(X, torch.Tensor)
-            and X.dtype == ref.dtype
-            and X.device == ref.device
+            and X.dtype == dtype
+            and X.device == device
             and 1 <= X.ndim <= 2
             and X.shape[0] == size
         ):
             return (X.unsqueeze(1), True) if X.ndim == 1 else (X, False)
         X2, is_vec = as_operand(X, size, "X")
-        return X2.to(device=ref.device, dtype=ref.dtype), is_vec
+        return X2.to(device=device, dtype=dtype), is_vec
 
     def __matmul__(self, X: Any) -> torch.Tensor:
         X2, is_vec = self._operand(X, self.shape[1])
