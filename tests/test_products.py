@@ -243,3 +243,11 @@ def test_cuda_products_transposes_and_gradients(name, shape, A, gen):
     want = _grads(C, X[:, :3], G, left=False, dense=True)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_products_of_a_matrix_without_float_tensors():
+    """An empty GBLR (no components) still multiplies (its dtype comes from its metadata)."""
+    G = ga.GBLR.zeros((4, 5), dtype=torch.float64)
+    assert torch.equal(G @ torch.ones(5, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(torch.ones(3, 4, dtype=torch.float64) @ G,
+                       torch.zeros(3, 5, dtype=torch.float64))
