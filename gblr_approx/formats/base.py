@@ -15,7 +15,15 @@ Subclass hooks
 ``_from_state(tensors, config, shape)`` (classmethod)
     Rebuild an instance from the two dicts above.
 ``flops`` (property), ``to_dense()``, ``_matmul(X)`` with ``X`` of shape ``(n, k)``,
-``_transpose()``; optional ``num_params`` (defaults to the float entries stored).
+``_transpose()``; optional ``num_params`` (defaults to the float entries stored) and
+``_rmatmul(X)``, the left product ``X @ A`` for ``X`` of shape ``(k, m)`` (defaults to
+``(A.T @ X.T).T``; formats override it to reuse their own storage instead of building ``A.T``).
+
+Product hooks receive ``X`` with any strides (``StructuredLinear`` passes the transposed view of
+a row-major batch), may return a non-contiguous view, must be differentiable by autograd and
+must not synchronise with the device (no ``.item()``, ``.tolist()``, ``int(tensor)``): index
+tensors are precomputed when the matrix is constructed. :func:`bmm_nk` is the shared batched
+product that picks the fast memory layout.
 ``project(W, budget, **options)`` (classmethod)
     Best approximation of a validated float tensor ``W`` within ``budget`` MACs (int).
 """
@@ -31,7 +39,21 @@ import torch
 
 from ..validation import as_operand
 
-__all__ = ["StructuredMatrix", "register_format", "FORMATS", "get_format", "FORMAT_VERSION"]
+__all__ = [
+    "StructuredMatrix",
+    "register_format",
+    "FORMATS",
+    "get_format",
+    "FORMAT_VERSION",
+    "bmm_nk",
+    "batch_major",
+    "stack_rows",
+    "slab_maps",
+    "gather_slabs",
+    "scatter_slabs",
+    "take_rows",
+    "gather",
+]
 
 FORMAT_VERSION = 1
 
@@ -56,6 +78,126 @@ def get_format(name: str) -> type[StructuredMatrix]:
     if key not in FORMATS:
         raise ValueError(f"unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}")
     return FORMATS[key]
+
+
+#: Below this many right-hand columns a batched product is computed in the row form
+#: ``X^T @ W^T`` (measured on MKL: the column form ``W @ X`` of ``torch.bmm`` costs ~60 us of
+#: fixed overhead per call when ``k`` is small, the row form ~3 us).
+ROW_FORM_BELOW = 32
+
+
+def batch_major(X: torch.Tensor) -> bool:
+    """Whether an ``(n, k)`` operand is stored batch-major (a transposed view of ``(k, n)``)."""
+    return X.shape[1] > 1 and X.stride(0) == 1 and X.stride(1) != 1
+
+
+def bmm_nk(W: torch.Tensor, X: torch.Tensor, row_form: bool) -> torch.Tensor:
+    """Batched ``W @ X``: ``W`` (b, p, q), ``X`` (b, q, k) with any strides -> (b, p, k).
+
+    ``row_form=True`` computes ``(X^T @ W^T)^T`` so the result is stored as ``(b, k, p)``
+    (returned as its transposed view); it is the fast call for small ``k`` and for batch-major
+    data. Cost: ``b p q k`` MACs, one kernel launch.
+    """
+    if row_form:
+        return torch.bmm(X.mT, W.mT).mT
+    return torch.bmm(W, X)
+
+
+def stack_rows(Y: torch.Tensor, row_form: bool) -> torch.Tensor:
+    """Stack ``Y`` (b, p, k) into ``(b * p, k)``: a view, or one copy into a batch-major result.
+
+    ``row_form`` says ``Y`` is stored as ``(b, k, p)`` (as :func:`bmm_nk` returns it); the
+    result is then stored as ``(k, b * p)`` and returned as its transposed view.
+    """
+    b, p, k = Y.shape
+    if row_form and k > 1:
+        return Y.permute(2, 0, 1).reshape(k, b * p).T
+    return Y.reshape(b * p, k)
+
+
+def slab_maps(
+    splits: list[int], device: torch.device | str | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Index maps between an axis cut at ``splits`` and equal slabs padded to the longest.
+
+    Returns ``(gather, scatter, q)``: ``gather`` (b * q,) takes the padded slabs from the axis
+    extended by one zero entry (index ``L`` = the padding), ``scatter`` (L,) takes the axis
+    back from the flattened slabs; both ``None`` when every slab already has ``q`` entries (a
+    plain reshape then does it).
+    """
+    sizes = [b - a for a, b in zip(splits, splits[1:], strict=False)]
+    q, L = max(sizes), splits[-1]
+    if min(sizes) == q:
+        return None, None, q
+    gather = torch.full((len(sizes), q), L, dtype=torch.long)
+    scatter = torch.empty(L, dtype=torch.long)
+    for i, (a, w) in enumerate(zip(splits, sizes, strict=False)):
+        gather[i, :w] = torch.arange(a, a + w)
+        scatter[a : a + w] = torch.arange(i * q, i * q + w)
+    return gather.flatten().to(device), scatter.to(device), q
+
+
+def gather_slabs(
+    X: torch.Tensor, b: int, q: int, gather: torch.Tensor | None, row_form: bool
+) -> torch.Tensor:
+    """The rows of ``X`` (L, k) as ``b`` padded slabs ``(b, q, k)`` (see :func:`slab_maps`).
+
+    A view when ``gather`` is ``None``; otherwise one gather, batch-major when ``row_form``.
+    """
+    if gather is None:
+        return X.view(b, q, X.shape[1])
+    if row_form:
+        Xr = torch.nn.functional.pad(X.T, (0, 1))
+        return Xr.index_select(1, gather).unflatten(1, (b, q)).permute(1, 2, 0)
+    return torch.nn.functional.pad(X, (0, 0, 0, 1)).index_select(0, gather).unflatten(0, (b, q))
+
+
+def scatter_slabs(Y: torch.Tensor, scatter: torch.Tensor | None, row_form: bool) -> torch.Tensor:
+    """Drop the padding rows of stacked slabs ``Y`` (b * q, k) (inverse of gather_slabs)."""
+    if scatter is None:
+        return Y
+    if row_form:
+        return Y.T.index_select(1, scatter).T
+    return Y.index_select(0, scatter)
+
+
+class _Gather(torch.autograd.Function):
+    """``src.index_select(dim, index)`` whose backward is the gather ``grad[inverse]``.
+
+    For maps that hit every source entry that matters exactly once (padding entries may repeat
+    and may take any gradient): the backward is then a plain gather instead of an
+    ``index_add_`` (which torch runs serially on CPU when indices repeat).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, src: torch.Tensor, dim: int, index: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
+        ctx.dim = dim
+        ctx.save_for_backward(inverse)
+        return src.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, inverse), None, None, None
+
+
+def gather(src: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``src.index_select(dim, index)``; ``inverse`` maps each source entry to a position of it.
+
+    Source entries that the result does not contain must only receive gradients that do not
+    matter (padding), since their gradient is read from ``inverse``'s position.
+    """
+    if torch.is_grad_enabled() and src.requires_grad:
+        return _Gather.apply(src, dim, index, inverse)
+    return src.index_select(dim, index)
+
+
+def take_rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``X[index]`` for ``X`` (n, k), keeping a batch-major ``X`` batch-major (one gather)."""
+    if batch_major(X):
+        return X.T.index_select(1, index).T
+    return X.index_select(0, index)
 
 
 class StructuredMatrix(ABC):
@@ -109,6 +251,10 @@ class StructuredMatrix(ABC):
     @abstractmethod
     def _transpose(self) -> StructuredMatrix: ...
 
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        """``X @ A`` for ``X`` of shape ``(k, m)`` (validated); returns ``(k, n)``."""
+        return self._transpose()._matmul(X.T).T
+
     @classmethod
     def project(cls, W: torch.Tensor, budget: int, **options: Any) -> StructuredMatrix:
         raise NotImplementedError(f"format {cls.format_name!r} has no projection")
@@ -141,18 +287,50 @@ class StructuredMatrix(ABC):
         """Transpose, in the same format where the format allows it."""
         return self._transpose()
 
+    def _operand(self, X: Any, size: int) -> tuple[torch.Tensor, bool]:
+        """Validated ``(size, k)`` operand on this matrix's device and dtype (cheap when it is)."""
+        ts = self._float_tensors()
+        dtype, device = (ts[0].dtype, ts[0].device) if ts else (self.dtype, self.device)
+        if (
+            isinstance(X, torch.Tensor)
+            and X.dtype == dtype
+            and X.device == device
+            and 1 <= X.ndim <= 2
+            and X.shape[0] == size
+        ):
+            return (X.unsqueeze(1), True) if X.ndim == 1 else (X, False)
+        X2, is_vec = as_operand(X, size, "X")
+        return X2.to(device=device, dtype=dtype), is_vec
+
     def __matmul__(self, X: Any) -> torch.Tensor:
-        X2, is_vec = as_operand(X, self.shape[1], "X")
-        X2 = X2.to(device=self.device, dtype=self.dtype)
+        X2, is_vec = self._operand(X, self.shape[1])
         Y = self._matmul(X2)
-        return Y[:, 0] if is_vec else Y
+        return Y.squeeze(1) if is_vec else Y
 
     def __rmatmul__(self, X: Any) -> torch.Tensor:
-        # X @ A = (A^T @ X^T)^T
+        """``X @ A`` for ``X`` of shape ``(m,)`` or ``(k, m)``; no transposed copy of ``A``."""
         t = X if isinstance(X, torch.Tensor) else torch.as_tensor(X)
-        if t.ndim == 1:
-            return self.T @ t
-        return (self.T @ t.T).T
+        if t.ndim > 2:
+            raise ValueError(
+                f"X must be a vector (m,) or a matrix (k, m); got shape {tuple(t.shape)}"
+            )
+        X2, is_vec = self._operand(t if t.ndim < 2 else t.T, self.shape[0])
+        Y = self._rmatmul(X2.T)
+        return Y.squeeze(0) if is_vec else Y
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # ``tensor @ A``: torch asks its operands first; answering here skips the TypeError that
+        # torch would otherwise raise (and turn into NotImplemented) before __rmatmul__ runs
+        if (
+            func in (torch.Tensor.__matmul__, torch.matmul)
+            and not kwargs
+            and len(args) == 2
+            and isinstance(args[1], StructuredMatrix)
+            and not isinstance(args[0], StructuredMatrix)
+        ):
+            return args[1].__rmatmul__(args[0])
+        return NotImplemented
 
     def matvec(self, x: Any) -> torch.Tensor:
         """Alias of ``A @ x``."""

@@ -24,7 +24,16 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair, check_positive_int
-from .base import StructuredMatrix, register_format
+from .base import (
+    ROW_FORM_BELOW,
+    StructuredMatrix,
+    batch_major,
+    gather_slabs,
+    register_format,
+    scatter_slabs,
+    slab_maps,
+    stack_rows,
+)
 
 if TYPE_CHECKING:
     from ..fit.result import FitResult
@@ -106,6 +115,9 @@ class BLAST(StructuredMatrix):
         self.col_splits = (balanced_splits(n, b2) if col_splits is None
                            else _check_splits(col_splits, n, b2, "col_splits"))
         self.U, self.V, self.S = U, V, S
+        # padded-slab index maps for uneven blocks (None when the blocks are equal)
+        self._rmaps = slab_maps(self.row_splits, U.device)
+        self._cmaps = slab_maps(self.col_splits, U.device)
 
     # ------------------------------------------------------------ properties
     @property
@@ -129,20 +141,15 @@ class BLAST(StructuredMatrix):
         """MACs of one mat-vec: ``rank * (m + n + b1 * b2)``."""
         return int(rank) * (int(m) + int(n) + int(blocks[0]) * int(blocks[1]))
 
-    def _even(self) -> tuple[bool, bool]:
-        """Whether the row / column blocks all have the same size (reshape fast path)."""
-        m, n = self.shape
-        b1, b2 = self.blocks
-        even_r = m % b1 == 0 and self.row_splits == list(range(0, m + 1, m // b1))
-        even_c = n % b2 == 0 and self.col_splits == list(range(0, n + 1, n // b2))
-        return even_r, even_c
-
     # ----------------------------------------------------------------- hooks
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"U": self.U, "V": self.V, "S": self.S}
 
     def _config(self) -> dict[str, Any]:
         return {"row_splits": list(self.row_splits), "col_splits": list(self.col_splits)}
+
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.U, self.V, self.S]
 
     @classmethod
     def _from_state(cls, tensors, config, shape):
@@ -164,25 +171,59 @@ class BLAST(StructuredMatrix):
             rows.append(self.U[rs[i] : rs[i + 1]] @ Vs.T)
         return torch.cat(rows, dim=0)
 
+    @staticmethod
+    def _apply(
+        U: torch.Tensor,
+        V: torch.Tensor,
+        S: torch.Tensor,
+        rmaps: tuple,
+        cmaps: tuple,
+        X: torch.Tensor,
+    ) -> torch.Tensor:
+        """``A @ X`` for ``A_ij = U_i diag(S[i, j]) V_j^T``: three batched GEMMs.
+
+        ``z_j = V_j^T x_j`` (``n r k`` MACs), ``u_i = sum_j s_ij * z_j`` (``b1 b2 r k``) and
+        ``y_i = U_i u_i`` (``m r k``); uneven blocks are padded to the longest by one gather of
+        ``X`` and of the bases (index maps from :func:`slab_maps`).
+        """
+        b1, b2, _ = S.shape
+        rg, rs, p = rmaps
+        cg, _, q = cmaps
+        k = X.shape[1]
+        Vs = gather_slabs(V, b2, q, cg, False)  # (b2, q, r)
+        Us = gather_slabs(U, b1, p, rg, False)  # (b1, p, r)
+        bm = batch_major(X)
+        if k == 1:  # mat-vec: the same kernels on flat views
+            Xs = X.reshape(b2, 1, q) if cg is None else gather_slabs(X, b2, q, cg, True).mT
+            Z = torch.bmm(Xs, Vs)  # (b2, 1, r)
+            Uc = (S * Z.transpose(0, 1)).sum(1, keepdim=True)  # (b1, 1, r)
+            return scatter_slabs(torch.bmm(Uc, Us.mT).view(-1, 1), rs, False)
+        if k < ROW_FORM_BELOW:  # small k: batch-major temporaries, the fast bmm form
+            Z = torch.bmm(gather_slabs(X, b2, q, cg, True).mT, Vs)  # (b2, k, r)
+            if k <= 4:  # u_i = sum_j s_ij * z_j elementwise: no tiny GEMMs
+                Uc = (S.unsqueeze(2) * Z).sum(1)  # (b1, k, r)
+            else:  # one GEMM (k x b2) @ (b2 x b1) per rank index, on contiguous operands
+                St = S.permute(2, 1, 0).contiguous()
+                Uc = torch.bmm(Z.permute(2, 1, 0).contiguous(), St).permute(2, 1, 0).contiguous()
+            Y = torch.bmm(Uc, Us.mT)  # (b1, k, p)
+            return scatter_slabs(stack_rows(Y.mT, True), rs, True)
+        # large k: z stored (b2, r, k) so that the coupling GEMMs batch over r without copies
+        Z = torch.bmm(Vs.mT, gather_slabs(X, b2, q, cg, bm))  # (b2, r, k)
+        Uc = torch.bmm(S.permute(2, 0, 1).contiguous(), Z.transpose(0, 1))  # (r, b1, k)
+        if bm:
+            Y = torch.bmm(Uc.permute(1, 2, 0), Us.mT)  # (b1, k, p)
+            return scatter_slabs(stack_rows(Y.mT, True), rs, True)
+        Y = torch.bmm(Us, Uc.transpose(0, 1))  # (b1, p, k)
+        return scatter_slabs(Y.reshape(-1, k), rs, False)
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
-        b1, b2 = self.blocks
-        r, k = self.rank, X.shape[1]
-        even_r, even_c = self._even()
-        cs, rs = self.col_splits, self.row_splits
-        # z_j = V_j^T x_j  -> (b2, r, k)
-        if even_c:
-            q = self.shape[1] // b2
-            Z = self.V.reshape(b2, q, r).mT @ X.reshape(b2, q, k)
-        else:
-            Z = torch.stack([self.V[cs[j] : cs[j + 1]].T @ X[cs[j] : cs[j + 1]]
-                             for j in range(b2)])
-        # u_i = sum_j s_ij * z_j  -> (b1, r, k)
-        Uc = torch.einsum("ijr,jrk->irk", self.S, Z)
-        # y_i = U_i u_i
-        if even_r:
-            p = self.shape[0] // b1
-            return (self.U.reshape(b1, p, r) @ Uc).reshape(self.shape[0], k)
-        return torch.cat([self.U[rs[i] : rs[i + 1]] @ Uc[i] for i in range(b1)], dim=0)
+        return self._apply(self.U, self.V, self.S, self._rmaps, self._cmaps, X)
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        # X @ A = (A^T X^T)^T and A^T has blocks V_j diag(S[i, j]) U_i^T
+        return self._apply(
+            self.V, self.U, self.S.transpose(0, 1), self._cmaps, self._rmaps, X.T
+        ).T
 
     def _transpose(self) -> BLAST:
         return BLAST(self.V, self.U, self.S.transpose(0, 1).contiguous(),

@@ -5,11 +5,23 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair
-from .base import StructuredMatrix, register_format
+from .base import (
+    ROW_FORM_BELOW,
+    StructuredMatrix,
+    batch_major,
+    bmm_nk,
+    gather,
+    gather_slabs,
+    register_format,
+    scatter_slabs,
+    slab_maps,
+    stack_rows,
+)
 
 __all__ = ["BlockLowRank", "balanced_splits"]
 
@@ -31,6 +43,59 @@ def balanced_splits(length: int, parts: int) -> list[int]:
     return out
 
 
+#: Layout -> index maps (see :func:`_padded_maps`); rebuilding a matrix with the same grid and
+#: ranks (``StructuredLinear`` does it every forward) reuses them.
+_MAPS: dict[tuple, tuple] = {}
+_MAPS_MAX = 256
+
+
+def _padded_maps(
+    rs: list[int], cs: list[int], ranks: tuple[tuple[int, ...], ...]
+) -> tuple[torch.Tensor, ...]:
+    """Gather maps for the padded bases and the regrouping of the intermediate.
+
+    ``umap`` (b1 * max p * Ru) and ``vmap`` (b2 * max q * Rv) index the flat ``U`` / ``V``
+    extended by one zero (the padding); ``zmap`` (b1 * Ru) takes the intermediate by block row
+    from the one by block column, ``zmap_t`` the reverse (padding reads entry 0, which always
+    meets a zero column of the padded bases, so it adds exact zeros).
+    """
+    b1, b2 = len(rs) - 1, len(cs) - 1
+    p = [rs[i + 1] - rs[i] for i in range(b1)]
+    q = [cs[j + 1] - cs[j] for j in range(b2)]
+    R = np.array(ranks, dtype=np.int64).reshape(b1, b2)
+    Ru, Rv = int(R.sum(1).max()), int(R.sum(0).max())
+    nu = int(sum(p[i] * R[i].sum() for i in range(b1)))
+    nv = int(sum(q[j] * R[:, j].sum() for j in range(b2)))
+    umap = np.full((b1, max(p), Ru), nu, dtype=np.int64)
+    vmap = np.full((b2, max(q), Rv), nv, dtype=np.int64)
+    zmap = np.zeros((b1, Ru), dtype=np.int64)
+    zmap_t = np.zeros((b2, Rv), dtype=np.int64)
+    row_off = np.concatenate([np.zeros((b1, 1), np.int64), R.cumsum(1)[:, :-1]], 1)
+    col_off = np.concatenate([np.zeros((1, b2), np.int64), R.cumsum(0)[:-1]], 0)
+    ou = ov = 0
+    for i in range(b1):
+        for j in range(b2):
+            r = int(R[i, j])
+            if r:
+                a, c = int(row_off[i, j]), int(col_off[i, j])
+                umap[i, : p[i], a : a + r] = np.arange(ou, ou + p[i] * r).reshape(p[i], r)
+                vmap[j, : q[j], c : c + r] = np.arange(ov, ov + q[j] * r).reshape(q[j], r)
+                zmap[i, a : a + r] = np.arange(j * Rv + c, j * Rv + c + r)
+                zmap_t[j, c : c + r] = np.arange(i * Ru + a, i * Ru + a + r)
+            ou, ov = ou + p[i] * r, ov + q[j] * r
+    def inverse(fwd: np.ndarray, size: int) -> np.ndarray:
+        inv = np.zeros(size, dtype=np.int64)  # entries absent from fwd (padding) read 0
+        real = fwd < size - 1
+        inv[fwd[real]] = np.nonzero(real)[0]
+        return inv
+
+    umap, vmap = umap.reshape(-1), vmap.reshape(-1)
+    zmap, zmap_t = zmap.reshape(-1), zmap_t.reshape(-1)
+    # zmap and zmap_t are each other's inverses on the real entries
+    out = (umap, vmap, zmap, zmap_t, inverse(umap, nu + 1), inverse(vmap, nv + 1))
+    return tuple(torch.from_numpy(a) for a in out)
+
+
 @register_format
 class BlockLowRank(StructuredMatrix):
     """Block-low-rank matrix: a grid of contiguous blocks, each of its own rank.
@@ -48,6 +113,17 @@ class BlockLowRank(StructuredMatrix):
 
     Cost: ``sum_ij r_ij * (p_i + q_j)`` MACs per mat-vec (each block applied as a factor pair);
     the same number of parameters.
+
+    Notes
+    -----
+    The product is two batched GEMMs, as for a Monarch matrix with ranks that vary by block:
+    ``z = blockdiag_j([V_1j ... V_b1j])^T x``, a gather regrouping ``z`` by block row, then
+    ``y = blockdiag_i([U_i1 ... U_ib2]) z``. The concatenated bases are zero-padded to the
+    largest block-column (block-row) rank and longest block, so the kernels run on
+    ``b2 * max_j(q_j) * max_j(R_j) + b1 * max_i(p_i) * max_i(R_i)`` stored entries (``flops``
+    counts only the real ones). The padded bases are packed once and reused while the factor
+    tensors are unchanged (tracked by their version counters); factors that require grad are
+    packed in every product, differentiably. ``X @ A`` uses the same packed bases.
     """
 
     format_name = "blocklowrank"
@@ -82,6 +158,60 @@ class BlockLowRank(StructuredMatrix):
                         f"{tuple(U.shape)} and {tuple(V.shape)}"
                     )
         self.factors = [list(row) for row in factors]
+        self._flat: tuple[torch.Tensor, torch.Tensor] | None = None  # set by _from_state
+        self._build_maps()
+        self._cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------ packing
+    def _build_maps(self) -> None:
+        """Index maps from the flat factors to the padded bases (cached per layout)."""
+        rs, cs = self.row_splits, self.col_splits
+        ranks = tuple(tuple(U.shape[1] for U, _ in row) for row in self.factors)
+        dev = self.factors[0][0][0].device
+        key = (tuple(rs), tuple(cs), ranks, str(dev))
+        maps = _MAPS.get(key)
+        if maps is None:
+            maps = tuple(t.to(dev) for t in _padded_maps(rs, cs, ranks))
+            maps += (slab_maps(rs, dev), slab_maps(cs, dev))
+            if len(_MAPS) >= _MAPS_MAX:
+                _MAPS.pop(next(iter(_MAPS)))
+            _MAPS[key] = maps
+        self._umap, self._vmap, self._zmap, self._zmap_t, self._uinv, self._vinv = maps[:6]
+        self._rmaps, self._cmaps = maps[6], maps[7]
+        b1, b2 = self.grid
+        pm, qm = self._rmaps[2], self._cmaps[2]
+        Ru = max(sum(row) for row in ranks)
+        Rv = max(sum(ranks[i][j] for i in range(b1)) for j in range(b2))
+        self._pad_shapes = ((b1, pm, Ru), (b2, qm, Rv))
+
+    def _sources(self) -> list[torch.Tensor]:
+        return list(self._flat) if self._flat is not None else self._float_tensors()
+
+    def _flat_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._flat is not None:
+            return self._flat
+        Us = [U.reshape(-1) for row in self.factors for U, _ in row]
+        Vs = [V.reshape(-1) for row in self.factors for _, V in row]
+        return torch.cat(Us), torch.cat(Vs)
+
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        U, V = self._flat_factors()
+        pu, pv = self._pad_shapes
+        pad = torch.nn.functional.pad
+        Up = gather(pad(U, (0, 1)), 0, self._umap, self._uinv).view(pu)
+        Vp = gather(pad(V, (0, 1)), 0, self._vmap, self._vinv).view(pv)
+        return Up, Vp
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded bases ``(b1, max p, max R_i)`` and ``(b2, max q, max R_j)``."""
+        srcs = self._sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):
+            return self._pack()
+        key = tuple(t._version for t in srcs)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, *self._pack())
+        return self._cache[1], self._cache[2]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -95,9 +225,8 @@ class BlockLowRank(StructuredMatrix):
         )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        Us = [U.reshape(-1) for row in self.factors for U, _ in row]
-        Vs = [V.reshape(-1) for row in self.factors for _, V in row]
-        return {"ranks": self.ranks, "U": torch.cat(Us), "V": torch.cat(Vs)}
+        U, V = self._flat_factors()
+        return {"ranks": self.ranks, "U": U, "V": V}
 
     def _config(self) -> dict[str, Any]:
         return {"row_splits": self.row_splits, "col_splits": self.col_splits}
@@ -118,9 +247,13 @@ class BlockLowRank(StructuredMatrix):
                 iu, iv = iu + p * r, iv + q * r
                 row.append((Uij, Vij))
             factors.append(row)
-        return cls(shape, rs, cs, factors)
+        out = cls(shape, rs, cs, factors)
+        out._flat = (U, V)
+        return out
 
     def _float_tensors(self) -> list[torch.Tensor]:
+        if self._flat is not None:
+            return list(self._flat)
         return [t for row in self.factors for pair in row for t in pair]
 
     @property
@@ -142,16 +275,50 @@ class BlockLowRank(StructuredMatrix):
                     D[rs[i] : rs[i + 1], cs[j] : cs[j + 1]] = U @ V.T
         return D
 
+    @staticmethod
+    def _apply(
+        Vp: torch.Tensor,
+        Up: torch.Tensor,
+        zmap: torch.Tensor,
+        zinv: torch.Tensor,
+        in_maps: tuple,
+        out_maps: tuple,
+        X: torch.Tensor,
+    ) -> torch.Tensor:
+        """``blockdiag(Up) @ regroup(blockdiag(Vp)^T @ X)`` for ``X`` (n, k).
+
+        ``Vp`` (b2, q, Rv), ``Up`` (b1, p, Ru); ``zmap`` takes the ``b1 * Ru`` rows of the
+        regrouped intermediate from the ``b2 * Rv`` computed ones and ``zinv`` is its inverse
+        (the backward of the regrouping is then a gather, too).
+        ``(b2 q Rv + b1 p Ru) k`` MACs in two batched GEMMs.
+        """
+        b2, q, _ = Vp.shape
+        b1, _, Ru = Up.shape
+        k = X.shape[1]
+        if k == 1:  # mat-vec: the same kernels on flat views
+            Xs = X.reshape(b2, 1, q) if in_maps[0] is None else (
+                gather_slabs(X, b2, q, in_maps[0], True).mT)
+            Z = torch.bmm(Xs, Vp).view(-1)  # (b2 Rv,)
+            Y = torch.bmm(gather(Z, 0, zmap, zinv).view(b1, 1, Ru), Up.mT)  # (b1, 1, p)
+            return scatter_slabs(Y.view(-1, 1), out_maps[1], False)
+        row = batch_major(X) or k < ROW_FORM_BELOW
+        Z = bmm_nk(Vp.mT, gather_slabs(X, b2, q, in_maps[0], row), row)  # (b2, Rv, k)
+        Zf = stack_rows(Z, row)  # (b2 Rv, k)
+        if batch_major(Zf):
+            Zg = gather(Zf.T, 1, zmap, zinv).T.unflatten(0, (b1, Ru))  # (b1, Ru, k)
+        else:
+            Zg = gather(Zf, 0, zmap, zinv).unflatten(0, (b1, Ru))
+        Y = bmm_nk(Up, Zg, row)  # (b1, p, k)
+        return scatter_slabs(stack_rows(Y, row), out_maps[1], row)
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
-        rs, cs = self.row_splits, self.col_splits
-        Y = X.new_zeros(self.shape[0], X.shape[1])
-        for j in range(len(cs) - 1):
-            Xj = X[cs[j] : cs[j + 1]]
-            for i in range(len(rs) - 1):
-                U, V = self.factors[i][j]
-                if U.shape[1]:
-                    Y[rs[i] : rs[i + 1]] += U @ (V.T @ Xj)
-        return Y
+        Up, Vp = self._packed()
+        return self._apply(Vp, Up, self._zmap, self._zmap_t, self._cmaps, self._rmaps, X)
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        # X @ A = (A^T X^T)^T: A^T's column-side bases are A's row-side ones and vice versa
+        Up, Vp = self._packed()
+        return self._apply(Up, Vp, self._zmap_t, self._zmap, self._rmaps, self._cmaps, X.T).T
 
     def _transpose(self) -> BlockLowRank:
         b1, b2 = self.grid

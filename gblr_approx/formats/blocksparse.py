@@ -3,23 +3,74 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair
-from .base import StructuredMatrix, register_format
+from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, register_format
 
 __all__ = ["BlockSparse", "grid_sizes"]
 
 DEFAULT_BLOCK_SHAPE = (32, 32)
+
+#: (id(block_rows), id(block_cols), grid) -> (weak refs, versions, plans): rebuilding a matrix
+#: from the same, unchanged index tensors (``StructuredLinear`` does it every forward) skips
+#: validation and planning. Identity is checked through the weak references.
+_PLANS: dict[tuple, tuple] = {}
+_PLANS_MAX = 256
+
+#: Largest ``grid * nb`` for which a mat-vec sums block outputs with a 0/1 matrix product.
+SCATTER_MATRIX_MAX = 1 << 16
 
 
 def grid_sizes(length: int, block: int) -> list[int]:
     """Sizes of the blocks cutting ``length`` into pieces of ``block`` (the last may be shorter)."""
     nb = math.ceil(length / block)
     return [min(block, length - i * block) for i in range(nb)]
+
+
+def _panel_plan(out_idx: torch.Tensor, in_idx: torch.Tensor, out_grid: int) -> dict[str, Any]:
+    """Group the block rows (``out_idx``) by their number of stored blocks.
+
+    The blocks of one block row side by side form a ``p x (c q)`` panel; block rows with the
+    same count ``c`` are one batched GEMM. Returns the block order ``perm`` (LongTensor
+    (nb,)), the groups ``(start, rows, c)`` as Python ints, each group's input slab indices
+    and ``inv`` (out_grid,): the position of every block row in the concatenated group
+    outputs (``len(order)`` = the zero slab for block rows without blocks).
+    """
+    dev = out_idx.device
+    out_l, in_l = out_idx.tolist(), in_idx.tolist()
+    per: list[list[int]] = [[] for _ in range(out_grid)]
+    for b, i in enumerate(out_l):
+        per[i].append(b)
+    by_count: dict[int, list[int]] = {}
+    for i, bl in enumerate(per):
+        if bl:
+            by_count.setdefault(len(bl), []).append(i)
+    perm: list[int] = []
+    order: list[int] = []
+    groups = []
+    for c in sorted(by_count):
+        rows = by_count[c]
+        groups.append((len(perm), len(rows), c))
+        for i in rows:
+            perm.extend(sorted(per[i], key=lambda b: in_l[b]))
+            order.append(i)
+    inv = [len(order)] * out_grid
+    for pos, i in enumerate(order):
+        inv[i] = pos
+    perm_t = torch.tensor(perm, dtype=torch.long, device=dev)
+    return {
+        "perm": perm_t,
+        "groups": groups,
+        "sizes": [g * c for _, g, c in groups],
+        "slabs": in_idx[perm_t] if perm else in_idx,
+        "inv": torch.tensor(inv, dtype=torch.long, device=dev),
+        "empty": len(order) < out_grid,
+    }
 
 
 @register_format
@@ -41,6 +92,14 @@ class BlockSparse(StructuredMatrix):
 
     Cost: the number of stored in-matrix entries, ``sum_b rows_b * cols_b`` MACs per mat-vec
     (equal to ``nb * br * bc`` when the grid divides the shape); same number of parameters.
+
+    Notes
+    -----
+    ``A @ X`` is one gather of the ``nb`` input slabs, one batched GEMM over all stored blocks
+    (every block has the same padded shape) and one ``index_add_`` onto the block rows;
+    ``X @ A`` is the same with the roles of block rows and columns swapped. Raises
+    ``ValueError`` when a block position is repeated (the product would add both blocks while
+    ``to_dense`` keeps one).
     """
 
     format_name = "blocksparse"
@@ -66,6 +125,33 @@ class BlockSparse(StructuredMatrix):
                 f"blocks must be (nb, {br}, {bc}) with block_rows/block_cols (nb,); got "
                 f"{tuple(blocks.shape)}, {tuple(block_rows.shape)}, {tuple(block_cols.shape)}"
             )
+        key = (id(block_rows), id(block_cols), self.grid)
+        plans = _PLANS.get(key)
+        if plans is not None:  # the same index tensors, unchanged: validated and planned before
+            rref, cref, rv, cv, plans = plans
+            if not (rref() is block_rows and cref() is block_cols
+                    and rv == block_rows._version and cv == block_cols._version):
+                plans = None
+        if plans is None:
+            self._validate(block_rows, block_cols, nb)
+            # product plans (host work done once): A @ X groups block rows, X @ A block columns
+            plans = (
+                _panel_plan(block_rows, block_cols, self.grid[0]),
+                _panel_plan(block_cols, block_rows, self.grid[1]),
+            )
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = (weakref.ref(block_rows), weakref.ref(block_cols),
+                           block_rows._version, block_cols._version, plans)
+        self._plans = plans
+        self.block_rows = block_rows
+        self.block_cols = block_cols
+        self.blocks = blocks
+        self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
+        self._scatter: list[torch.Tensor | None] = [None, None]
+
+    def _validate(self, block_rows: torch.Tensor, block_cols: torch.Tensor, nb: int) -> None:
+        """Indices inside the grid and no repeated block position (clear ValueErrors)."""
         if nb and (
             int(block_rows.min()) < 0
             or int(block_rows.max()) >= self.grid[0]
@@ -73,9 +159,15 @@ class BlockSparse(StructuredMatrix):
             or int(block_cols.max()) >= self.grid[1]
         ):
             raise ValueError(f"block indices must lie in the {self.grid} grid")
-        self.block_rows = block_rows
-        self.block_cols = block_cols
-        self.blocks = blocks
+        if nb:
+            key = block_rows * self.grid[1] + block_cols
+            uniq, counts = torch.unique(key, return_counts=True)
+            if int(counts.max()) > 1:
+                dup = int(uniq[counts > 1][0])
+                raise ValueError(
+                    f"block position ({dup // self.grid[1]}, {dup % self.grid[1]}) is stored "
+                    f"{int(counts.max())} times; block_rows/block_cols must not repeat a position"
+                )
 
     # ------------------------------------------------------------ geometry
     def _block_extent(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,18 +220,111 @@ class BlockSparse(StructuredMatrix):
         D[self.block_rows, self.block_cols] = self.blocks
         return D.permute(0, 2, 1, 3).reshape(gr * br, gc * bc)[:m, :n].contiguous()
 
+    def _panels(self, t: int) -> list[torch.Tensor]:
+        """Block-row panels ``(rows, p, c q)`` of every group (``t=1``: of ``A^T``)."""
+        plan = self._plans[t]
+        B = self.blocks.mT if t else self.blocks
+        grad = torch.is_grad_enabled() and self.blocks.requires_grad
+        cached = self._cache[t]
+        if not grad and cached is not None and cached[0] == self.blocks._version:
+            return cached[1]
+        with torch.set_grad_enabled(grad):
+            # torch.split (not slicing): its backward is one cat, not a zero-filled copy per piece
+            segs = B.index_select(0, plan["perm"]).split(plan["sizes"])
+            panels = []
+            for seg, (_, g, c) in zip(segs, plan["groups"], strict=True):
+                seg = seg.unflatten(0, (g, c))  # (g, c, p, q)
+                panels.append(seg.permute(0, 2, 1, 3).reshape(g, B.shape[1], c * B.shape[2]))
+        if not grad:
+            self._cache[t] = (self.blocks._version, panels)
+        return panels
+
+    def _scatter_matrix(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
+        """0/1 matrix (grid, nb) summing block outputs into block rows (``None`` if large).
+
+        Built on the device without a host round trip and kept (last dtype); for a mat-vec one
+        ``(grid x nb) @ (nb x p)`` GEMM is cheaper than ``index_add_`` on small matrices.
+        """
+        out_idx = self.block_cols if t else self.block_rows
+        grid, nb = self.grid[t], out_idx.shape[0]
+        if grid * nb > SCATTER_MATRIX_MAX:
+            return None
+        S = self._scatter[t]
+        if S is None or S.dtype != like.dtype or S.device != like.device:
+            S = like.new_zeros(grid, nb)
+            S[out_idx, torch.arange(nb, device=like.device)] = 1.0
+            self._scatter[t] = S
+        return S
+
+    def _product(self, t: int, X: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` (``t=0``) or ``A^T @ X`` (``t=1``) for ``X`` (n, k) with any strides.
+
+        Small ``k``: one gather of the input slabs, one batched GEMM over all stored blocks
+        and one ``index_add_``. Larger ``k``: per group of block rows with ``c`` blocks, one
+        gather and one batched GEMM with inner dimension ``c q`` (the block-row panels), then
+        one gather that puts the block rows in order. ``flops * k`` MACs either way.
+        """
+        out_idx, in_idx = (self.block_cols, self.block_rows) if t else (
+            self.block_rows, self.block_cols)
+        out_grid = self.grid[t]
+        out_len = self.shape[1] if t else self.shape[0]
+        p, q = self.block_shape[::-1] if t else self.block_shape
+        n, k = X.shape
+        pad = -n % q
+        pad_out = out_grid * p - out_len
+        F = torch.nn.functional
+        bm = batch_major(X)
+        B = self.blocks if t else self.blocks.mT  # (nb, q, p)
+        if k == 1:  # mat-vec: the block sums by one small GEMM with the 0/1 scatter matrix
+            g = (X if pad == 0 else F.pad(X.reshape(-1), (0, pad))).reshape(-1, 1, q)
+            yb = torch.bmm(g.index_select(0, in_idx), B).view(-1, p)  # (nb, p)
+            S = self._scatter_matrix(t, yb)
+            if S is None:
+                y = yb.new_zeros(out_grid, p).index_add_(0, out_idx, yb)
+            else:
+                y = S @ yb
+            y = y.view(-1, 1)
+            return y if pad_out == 0 else y[:out_len]
+        if k < ROW_FORM_BELOW:  # every temporary batch-major: the fast bmm form for small k
+            Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
+            G = Xr.unflatten(1, (-1, q)).index_select(1, in_idx).transpose(0, 1)  # (nb, k, q)
+            Yb = torch.bmm(G, B)  # (nb, k, p)
+            Y = Yb.new_zeros(out_grid, k, p).index_add_(0, out_idx, Yb)
+            if k == 1:
+                return Y.view(-1, 1)[:out_len]
+            return Y.transpose(0, 1).reshape(k, out_grid * p)[:, :out_len].T
+        plan = self._plans[t]
+        panels = self._panels(t)
+        outs = []
+        if bm:  # X = x.T for a row-major batch x (k, n): gather columns of x
+            Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
+            # one gather for all groups, split into per-group views (one backward scatter)
+            Gs = Xr.unflatten(1, (-1, q)).index_select(1, plan["slabs"]).split(plan["sizes"], 1)
+            for (_, g, c), P, G in zip(plan["groups"], panels, Gs, strict=True):
+                G = G.reshape(k, g, c * q).transpose(0, 1)  # (g, k, c q)
+                outs.append(torch.bmm(G, P.mT))  # (g, k, p)
+            if plan["empty"]:
+                outs.append(X.new_zeros(1, k, p))
+            Y = torch.cat(outs).transpose(0, 1).index_select(1, plan["inv"])  # (k, grid, p)
+            return Y.view(k, out_grid * p)[:, :out_len].T
+        Xs = (X if pad == 0 else F.pad(X, (0, 0, 0, pad))).reshape(-1, q * k)  # (gc, q k)
+        Gs = Xs.index_select(0, plan["slabs"]).split(plan["sizes"])
+        for (_, g, c), P, G in zip(plan["groups"], panels, Gs, strict=True):
+            outs.append(torch.bmm(P, G.view(g, c * q, k)))  # (g, p, k)
+        if plan["empty"]:
+            outs.append(X.new_zeros(1, p, k))
+        Y = torch.cat(outs).index_select(0, plan["inv"])  # (grid, p, k)
+        return Y.view(out_grid * p, k)[:out_len]
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
-        m, n = self.shape
-        br, bc = self.block_shape
-        mp, np_ = self._padded()
-        k = X.shape[1]
-        Xp = X.new_zeros(np_, k)
-        Xp[:n] = X
-        Xb = Xp.view(self.grid[1], bc, k)[self.block_cols]  # (nb, bc, k)
-        Yb = torch.bmm(self.blocks, Xb)  # (nb, br, k)
-        Y = X.new_zeros(self.grid[0], br, k)
-        Y.index_add_(0, self.block_rows, Yb)
-        return Y.view(mp, k)[:m]
+        return self._product(0, X)
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        # X @ A = (A^T X^T)^T: the transposed blocks, roles of rows and columns swapped
+        return self._product(1, X.T).T
+
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.blocks]
 
     def _transpose(self) -> BlockSparse:
         return BlockSparse(
@@ -153,8 +338,8 @@ class BlockSparse(StructuredMatrix):
     # ---------------------------------------------------------- projection
     @classmethod
     def _resolve_block_shape(cls, m: int, n: int, block_shape: Any) -> tuple[int, int]:
-        if block_shape is None:
-            block_shape = DEFAULT_BLOCK_SHAPE
+        if block_shape is None:  # the default adapts to small matrices
+            return min(DEFAULT_BLOCK_SHAPE[0], m), min(DEFAULT_BLOCK_SHAPE[1], n)
         br, bc = check_pair(block_shape, "block_shape")
         if br > m or bc > n:
             raise ValueError(
@@ -183,7 +368,9 @@ class BlockSparse(StructuredMatrix):
         ----------
         block_shape : int or (br, bc), default (32, 32)
             Block rows x block columns; any shape up to the matrix shape (edge blocks are
-            shorter when it does not divide the matrix).
+            shorter when it does not divide the matrix). The default is clipped to the matrix
+            shape (``(min(32, m), min(32, n))``); an explicit shape larger than the matrix is
+            an error.
         """
         m, n = W.shape
         br, bc = cls._resolve_block_shape(m, n, block_shape)

@@ -34,6 +34,9 @@ class Dense(StructuredMatrix):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight}
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
     @classmethod
     def _from_state(cls, tensors, config, shape):
         return cls(tensors["weight"])
@@ -47,6 +50,9 @@ class Dense(StructuredMatrix):
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         return self.weight @ X
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        return X @ self.weight
 
     def _transpose(self) -> Dense:
         return Dense(self.weight.T.contiguous())

@@ -45,6 +45,9 @@ class LowRank(StructuredMatrix):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"U": self.U, "V": self.V}
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        return [self.U, self.V]
+
     @classmethod
     def _from_state(cls, tensors, config, shape):
         return cls(tensors["U"], tensors["V"])
@@ -58,6 +61,9 @@ class LowRank(StructuredMatrix):
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         return self.U @ (self.V.T @ X)
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        return (X @ self.U) @ self.V.T
 
     def _transpose(self) -> LowRank:
         return LowRank(self.V, self.U)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import StructuredMatrix, get_format, register_format
+from .base import StructuredMatrix, get_format, register_format, take_rows
 
 __all__ = ["Permuted"]
 
@@ -69,6 +69,7 @@ class Permuted(StructuredMatrix):
         self.row_perm = _check_perm(row_perm, m, "row_perm")
         self.col_perm = _check_perm(col_perm, n, "col_perm")
         self._inv_col = None if self.col_perm is None else torch.argsort(self.col_perm)
+        self._inv_row = None if self.row_perm is None else torch.argsort(self.row_perm)
 
     # ----------------------------------------------------------------- hooks
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -115,10 +116,19 @@ class Permuted(StructuredMatrix):
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         if self._inv_col is not None:
-            X = X[self._inv_col.to(X.device)]
+            X = take_rows(X, self._inv_col)
         Y = self.inner._matmul(X)
         if self.row_perm is not None:
-            Y = Y[self.row_perm.to(Y.device)]
+            Y = take_rows(Y, self.row_perm)
+        return Y
+
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        # (X @ A)[:, b] = sum_a X[:, a] inner[row_perm[a], col_perm[b]]
+        if self._inv_row is not None:
+            X = take_rows(X.T, self._inv_row).T
+        Y = self.inner._rmatmul(X)
+        if self.col_perm is not None:
+            Y = take_rows(Y.T, self.col_perm).T
         return Y
 
     def _transpose(self) -> Permuted:

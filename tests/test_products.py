@@ -1,0 +1,253 @@
+"""Products of every format on every code path, against the dense matrix.
+
+The product kernels pick their path from the operand: ``k = 1`` (mat-vec), small ``k``
+(batch-major temporaries), large ``k`` (``k >= ROW_FORM_BELOW``), and the memory layout of
+``X`` (feature-major ``(n, k)`` or batch-major, the transposed view ``StructuredLinear``
+passes). Each path must equal ``to_dense()`` products, for ``A @ X``, ``X @ A`` and their
+gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from catalogue import instances
+
+import gblr_approx as ga
+from gblr_approx.formats.base import ROW_FORM_BELOW
+from gblr_approx.formats.blocklowrank import balanced_splits
+
+KS = (1, 3, ROW_FORM_BELOW + 8)
+CASES = list(instances())
+IDS = [f"{name}-{m}x{n}" for name, (m, n), _ in CASES]
+
+
+def _operand(rows: int, k: int, batch_major: bool, gen: torch.Generator) -> torch.Tensor:
+    """``(rows, k)`` float64, stored feature-major or as the transposed view of ``(k, rows)``."""
+    if batch_major:
+        return torch.randn(k, rows, dtype=torch.float64, generator=gen).T
+    return torch.randn(rows, k, dtype=torch.float64, generator=gen)
+
+
+def _check_products(A: ga.StructuredMatrix, gen: torch.Generator) -> None:
+    m, n = A.shape
+    D = A.to_dense()
+    for k in KS:
+        for bm in (False, True):
+            X = _operand(n, k, bm, gen)
+            torch.testing.assert_close(A @ X, D @ X, rtol=1e-12, atol=1e-12)
+            Y = _operand(m, k, bm, gen).T  # (k, m), row-major or column-major
+            torch.testing.assert_close(Y @ A, Y @ D, rtol=1e-12, atol=1e-12)
+    y = torch.randn(m, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(y @ A, y @ D, rtol=1e-12, atol=1e-12)
+
+
+def _grads(A: ga.StructuredMatrix, X: torch.Tensor, G: torch.Tensor, left: bool, dense: bool):
+    """Gradients of ``sum(G * product)`` w.r.t. the stored floats of ``A`` and ``X``."""
+    ts = {k: t.detach().clone().requires_grad_(t.is_floating_point())
+          for k, t in A._tensors().items()}
+    B = type(A)._from_state(ts, A._config(), A.shape)
+    M = B.to_dense() if dense else B
+    X = X.detach().clone().requires_grad_(True)
+    Y = X @ M if left else M @ X
+    leaves = [t for t in ts.values() if t.requires_grad] + [X]
+    return torch.autograd.grad((G * Y).sum(), leaves, allow_unused=True, materialize_grads=True)
+
+
+def _check_grads(A: ga.StructuredMatrix, gen: torch.Generator, ks=(1, ROW_FORM_BELOW + 8)) -> None:
+    m, n = A.shape
+    for k in ks:
+        for left in (False, True):
+            for bm in (False, True):
+                X = _operand(m, k, bm, gen).T if left else _operand(n, k, bm, gen)
+                G = torch.randn(k, n, dtype=torch.float64, generator=gen) if left else (
+                    torch.randn(m, k, dtype=torch.float64, generator=gen))
+                got = _grads(A, X, G, left, dense=False)
+                want = _grads(A, X, G, left, dense=True)
+                for a, b in zip(got, want, strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_every_path_matches_dense(name, shape, A, gen):
+    _check_products(A, gen)
+
+
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_gradients_match_autograd_through_to_dense(name, shape, A, gen):
+    _check_grads(A, gen)
+
+
+# --------------------------------------------------- grouped-shape structures
+def _blocksparse(shape, block_shape, cells, gen):
+    """Block-sparse matrix with blocks at ``cells`` (zero padding outside the matrix)."""
+    m, n = shape
+    br, bc = block_shape
+    rows = torch.tensor([c[0] for c in cells])
+    cols = torch.tensor([c[1] for c in cells])
+    blocks = torch.randn(len(cells), br, bc, dtype=torch.float64, generator=gen)
+    h = (m - rows * br).clamp(max=br)
+    w = (n - cols * bc).clamp(max=bc)
+    mask = (torch.arange(br)[None, :, None] < h[:, None, None]) & (
+        torch.arange(bc)[None, None, :] < w[:, None, None])
+    return ga.BlockSparse(shape, block_shape, rows, cols, blocks * mask)
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_shape", "cells"),
+    [
+        # block rows with 0, 1, 2 and 3 blocks (four groups, an empty block row), ragged edges
+        ((23, 17), (5, 4), [(0, 0), (1, 1), (1, 4), (2, 0), (2, 2), (2, 3), (4, 4)]),
+        # rectangular, one full block row, an empty block column
+        ((8, 30), (4, 6), [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 2)]),
+        # a single block; all blocks in one block column
+        ((9, 9), (3, 3), [(1, 1)]),
+        ((12, 7), (3, 7), [(0, 0), (1, 0), (3, 0)]),
+    ],
+)
+def test_blocksparse_grouped_shapes(shape, block_shape, cells, gen):
+    A = _blocksparse(shape, block_shape, cells, gen)
+    _check_products(A, gen)
+    _check_grads(A, gen)
+    _check_products(A.T, gen)
+
+
+@pytest.mark.parametrize(
+    ("shape", "grid", "ranks"),
+    [
+        ((23, 17), (3, 4), [[0, 2, 1, 3], [4, 0, 0, 1], [1, 1, 5, 2]]),  # uneven, rank-0 blocks
+        ((10, 31), (1, 3), [[2, 7, 1]]),  # one block row, rectangular
+        ((9, 6), (3, 3), [[0, 0, 0], [0, 1, 0], [0, 0, 0]]),  # a single non-zero block
+    ],
+)
+def test_blocklowrank_grouped_shapes(shape, grid, ranks, gen):
+    m, n = shape
+    rs, cs = balanced_splits(m, grid[0]), balanced_splits(n, grid[1])
+    factors = [
+        [
+            (torch.randn(rs[i + 1] - rs[i], r, dtype=torch.float64, generator=gen),
+             torch.randn(cs[j + 1] - cs[j], r, dtype=torch.float64, generator=gen))
+            for j, r in enumerate(row)
+        ]
+        for i, row in enumerate(ranks)
+    ]
+    A = ga.BlockLowRank(shape, rs, cs, factors)
+    _check_products(A, gen)
+    _check_grads(A, gen)
+    _check_products(A.T, gen)
+
+
+@pytest.mark.parametrize(("shape", "blocks"), [((23, 17), (3, 4)), ((12, 30), (4, 5))])
+def test_blast_uneven_and_even_blocks(shape, blocks, gen):
+    m, n = shape
+    r = 3
+    A = ga.BLAST(torch.randn(m, r, dtype=torch.float64, generator=gen),
+                 torch.randn(n, r, dtype=torch.float64, generator=gen),
+                 torch.randn(*blocks, r, dtype=torch.float64, generator=gen))
+    _check_products(A, gen)
+    _check_grads(A, gen)
+
+
+@pytest.mark.parametrize(("J", "K", "R", "Lr", "I"), [(2, 3, 2, 5, 4), (4, 1, 3, 3, 7)])
+def test_monarch_rectangular_and_transposed(J, K, R, Lr, I, gen):
+    w1 = torch.randn(K, R * J, I, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(J, Lr, K * R, dtype=torch.float64, generator=gen)
+    A = ga.Monarch(w1, w2)
+    for M in (A, A.T):
+        _check_products(M, gen)
+        _check_grads(M, gen)
+
+
+# ------------------------------------------------------------- caches, syncs
+def test_blocklowrank_sees_in_place_factor_updates(gen):
+    A = next(a for name, _, a in instances() if name == "blocklowrank")
+    x = torch.randn(A.shape[1], dtype=torch.float64, generator=gen)
+    A @ x  # fills the packed-bases cache
+    U, V = next((U, V) for row in A.factors for U, V in row if U.shape[1])
+    with torch.no_grad():
+        U.mul_(3.0)
+        V.add_(1.0)
+    torch.testing.assert_close(A @ x, A.to_dense() @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_blocksparse_rebuild_reuses_plan_and_sees_block_updates(gen):
+    A = _blocksparse((23, 17), (5, 4), [(0, 0), (1, 1), (2, 0), (2, 3)], gen)
+    B = ga.BlockSparse(A.shape, A.block_shape, A.block_rows, A.block_cols, A.blocks)
+    assert B._plans is A._plans  # same index tensors: planned once
+    X = torch.randn(17, ROW_FORM_BELOW + 8, dtype=torch.float64, generator=gen)
+    B @ X  # fills the panel cache
+    with torch.no_grad():
+        B.blocks.mul_(-2.0)
+    torch.testing.assert_close(B @ X, B.to_dense() @ X, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_products_never_read_tensors_back_to_the_host(name, shape, A, gen, monkeypatch):
+    """No ``.item()``, ``.tolist()``, ``int()``/``bool()`` of a tensor inside a product (on
+    CUDA each would be a device synchronisation)."""
+    if name == "gblr":
+        pytest.skip("GBLR's product belongs to formats/gblr.py")
+    m, n = shape
+    X = torch.randn(n, ROW_FORM_BELOW + 8, dtype=torch.float64, generator=gen)
+    Y = torch.randn(4, m, dtype=torch.float64, generator=gen)
+    A @ X[:, 0], A @ X, Y @ A  # first calls fill caches, which must not read back either
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host read-back inside a product")
+
+    for attr in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, attr, boom)
+    A @ X[:, 0], A @ X, A @ X[:, :3], Y @ A, A._matmul(X.T.contiguous().T)
+
+
+# ------------------------------------------------------------------ issue 10
+def test_blocksparse_refuses_repeated_block_position():
+    blocks = torch.ones(3, 2, 2)
+    with pytest.raises(ValueError, match=r"block position \(1, 0\) is stored 2 times"):
+        ga.BlockSparse((4, 4), (2, 2), [1, 0, 1], [0, 1, 0], blocks)
+    ga.BlockSparse((4, 4), (2, 2), [1, 0, 1], [0, 1, 1], blocks)  # distinct positions: fine
+
+
+@pytest.mark.parametrize(("shape", "budget"), [((16, 20), 1.0), ((40, 12), 0.5), ((5, 70), 0.5)])
+def test_blocksparse_default_block_shape_adapts_to_small_matrices(shape, budget):
+    W = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    A = ga.project(W, "blocksparse", budget)  # (32, 32) used to raise "does not fit"
+    assert A.block_shape == (min(32, shape[0]), min(32, shape[1]))
+    assert 0 < A.flops <= budget * shape[0] * shape[1]
+    with pytest.raises(ValueError, match="does not fit"):
+        ga.project(W, "blocksparse", 0.5, block_shape=(64, 64))  # explicit: still refused
+
+
+# ----------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_cuda_products_transposes_and_gradients(name, shape, A, gen):
+    C = A.to(device="cuda")
+    m, n = shape
+    D = C.to_dense()
+    X = torch.randn(n, ROW_FORM_BELOW + 8, dtype=torch.float64, device="cuda")
+    Y = torch.randn(5, m, dtype=torch.float64, device="cuda")
+    C @ X, Y @ C, C @ X[:, 0]  # warm the caches before checking for synchronisations
+    if name != "gblr":  # GBLR's product belongs to formats/gblr.py
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = (C @ X, C @ X[:, 0], C @ X[:, :3], Y @ C, C.T @ Y.T)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = (D @ X, D @ X[:, 0], D @ X[:, :3], Y @ D, D.T @ Y.T)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(C.T.to_dense(), D.T, rtol=0, atol=1e-12)
+    G = torch.randn(m, 3, dtype=torch.float64, device="cuda")
+    got = _grads(C, X[:, :3], G, left=False, dense=False)
+    want = _grads(C, X[:, :3], G, left=False, dense=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_products_of_a_matrix_without_float_tensors():
+    """An empty GBLR (no components) still multiplies (its dtype comes from its metadata)."""
+    G = ga.GBLR.zeros((4, 5), dtype=torch.float64)
+    assert torch.equal(G @ torch.ones(5, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(torch.ones(3, 4, dtype=torch.float64) @ G,
+                       torch.zeros(3, 5, dtype=torch.float64))
