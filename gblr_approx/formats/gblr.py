@@ -419,6 +419,23 @@ class GBLR(StructuredMatrix):
             return X.new_zeros(self.shape[0], X.shape[1])
         return self.plan.matmul(self._panels(), X)
 
+    def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
+        """``X @ A`` for ``X`` of shape ``(k, m)``: the transpose's packed product.
+
+        The transposed matrix (a repacked copy of the factors) is kept while the factors are
+        unchanged and no gradient is needed; its plan comes from the shared plan cache.
+        """
+        U, V = self._Uf, self._Vf
+        if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
+            return self._transpose()._matmul(X.T).T
+        key = (U.data_ptr(), V.data_ptr(), U._version, V._version)
+        cache = getattr(self, "_transpose_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self._transpose())
+            self._transpose_cache = cache
+        return cache[1]._matmul(X.T).T
+
     def _matmul_loop(self, X: torch.Tensor) -> torch.Tensor:
         """Reference product: one gather, two small GEMMs and one scatter per component.
 
