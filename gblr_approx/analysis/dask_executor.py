@@ -25,7 +25,7 @@ from .executors import Executor, OnRow
 from .fitting import failed_row, fit_row
 from .plan import Task
 
-__all__ = ["DaskExecutor", "connect"]
+__all__ = ["DaskExecutor", "check_scheduler", "connect"]
 
 
 def _distributed() -> Any:
@@ -39,6 +39,23 @@ def _distributed() -> Any:
     return distributed
 
 
+def check_scheduler(scheduler: Any) -> None:
+    """TypeError / ValueError unless ``scheduler`` is a Client, ``"local"`` or an address."""
+    distributed = _distributed()
+    if isinstance(scheduler, distributed.Client):
+        return
+    if not isinstance(scheduler, str) or not scheduler:
+        raise TypeError(
+            "scheduler must be None, 'local', a scheduler address such as "
+            f"'tcp://host:8786', or a dask.distributed.Client; got {scheduler!r}"
+        )
+    if scheduler != "local" and ":" not in scheduler:
+        raise ValueError(
+            f"scheduler {scheduler!r} is not an address; write e.g. 'tcp://host:8786' "
+            "(or 'local' for a cluster on this machine)"
+        )
+
+
 def connect(scheduler: Any, workers: int = 1, threads: int | None = None) -> tuple[Any, list]:
     """A Dask client for ``scheduler`` and the objects to close after the sweep.
 
@@ -49,13 +66,9 @@ def connect(scheduler: Any, workers: int = 1, threads: int | None = None) -> tup
     the sweep.
     """
     distributed = _distributed()
+    check_scheduler(scheduler)
     if isinstance(scheduler, distributed.Client):
         return scheduler, []
-    if not isinstance(scheduler, str) or not scheduler:
-        raise TypeError(
-            "scheduler must be None, 'local', a scheduler address such as "
-            f"'tcp://host:8786', or a dask.distributed.Client; got {scheduler!r}"
-        )
     if scheduler == "local":
         import logging
 
@@ -65,11 +78,6 @@ def connect(scheduler: Any, workers: int = 1, threads: int | None = None) -> tup
             silence_logs=logging.ERROR)
         client = distributed.Client(cluster)
         return client, [client, cluster]
-    if "://" not in scheduler and ":" not in scheduler:
-        raise ValueError(
-            f"scheduler {scheduler!r} is not an address; write e.g. 'tcp://host:8786' "
-            "(or 'local' for a cluster on this machine)"
-        )
     try:
         client = distributed.Client(scheduler, timeout="30s")
     except (OSError, TimeoutError) as exc:
@@ -81,7 +89,7 @@ class DaskExecutor(Executor):
     """Runs each fit as a Dask task; see the module docstring."""
 
     def __init__(self, scheduler: Any, workers: int = 1, threads: int | None = None) -> None:
-        _distributed()  # fail early, before the sweep starts, when Dask is missing
+        check_scheduler(scheduler)  # before the sweep starts (and Dask is imported here)
         self.scheduler = scheduler
         self.workers = workers
         self.threads = 1 if threads is None else threads
