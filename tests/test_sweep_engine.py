@@ -232,3 +232,16 @@ def test_sweep_of_a_scaled_down_llm_checkpoint(tmp_path):
         rank = r["flops"] // (r["rows"] + r["cols"])
         s = torch.linalg.svdvals(W)
         assert r["rel_error"] == pytest.approx(float(s[rank:].norm() / s.norm()), rel=1e-4)
+
+
+def test_spectral_norm_by_lanczos_equals_the_svd():
+    from gblr_approx.analysis.fitting import spectral_norm
+
+    g = torch.Generator().manual_seed(3)
+    for m, n in [(90, 60), (60, 90)]:
+        M = torch.randn(m, n, generator=g, dtype=torch.float64)
+        M[:, 0] *= 1.0001  # nearly tied top singular values converge too
+        exact = float(torch.linalg.svdvals(M)[0])
+        assert spectral_norm(M, full_below=0) == pytest.approx(exact, rel=1e-12)
+        assert spectral_norm(M) == pytest.approx(exact, rel=1e-14)  # small: the full SVD
+    assert spectral_norm(torch.zeros(50, 40, dtype=torch.float64), full_below=0) == 0.0

@@ -26,7 +26,7 @@ from ..budget import InfeasibleBudgetError
 from ..validation import as_matrix
 from .plan import Source, Task, forget_stores, read_source, tensor_hash
 
-__all__ = ["fit_row", "failed_row", "forget_cache", "time_products"]
+__all__ = ["fit_row", "failed_row", "forget_cache", "spectral_norm", "time_products"]
 
 _CACHE: dict[str, Any] = {"key": None}
 
@@ -46,6 +46,36 @@ def forget_cache() -> None:
     forget_stores()
 
 
+#: Matrices whose smaller side is at most this get their spectral norm from a full SVD.
+FULL_SVD_BELOW = 1024
+
+
+def spectral_norm(M: torch.Tensor, full_below: int = FULL_SVD_BELOW) -> float:
+    """Largest singular value of a float64 matrix ``M`` of shape (m, n).
+
+    ``min(m, n) <= full_below``: all singular values (LAPACK), exact. Larger: Lanczos
+    bidiagonalisation of the top singular triplet (ARPACK via
+    :func:`scipy.sparse.linalg.svds`, tolerance 0 = machine precision, a fixed start vector),
+    about 2-4 orders of magnitude cheaper on a 4096 x 11008 layer (a few hundred products
+    with ``M`` and ``M^T``, ``O(m n)`` each, against ``O(m n min(m, n))``) and equal to the SVD's
+    value to ~1e-12 relative; the full SVD is the fallback if Lanczos does not converge.
+    """
+    m, n = M.shape
+    if min(m, n) <= full_below or not bool(M.any()):
+        return float(torch.linalg.matrix_norm(M, ord=2))
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, svds
+
+    A = M.detach().cpu().numpy()
+    v0 = np.random.default_rng(0).standard_normal(min(m, n))
+    try:
+        s = svds(A, k=1, tol=0, v0=v0, maxiter=20 * min(m, n), return_singular_vectors=False,
+                 solver="arpack")
+        return float(s[0])
+    except ArpackNoConvergence:
+        return float(torch.linalg.matrix_norm(M, ord=2))
+
+
 def _matrix_of(src: Source) -> tuple[torch.Tensor, float, float, str]:
     """The matrix (float32/64), its Frobenius and spectral norms and the hash of its stored
     values, cached per process for consecutive tasks on the same matrix."""
@@ -58,7 +88,7 @@ def _matrix_of(src: Source) -> tuple[torch.Tensor, float, float, str]:
     W = as_matrix(raw, src.name)
     W64 = W.to(torch.float64)
     fro = float(torch.linalg.norm(W64))
-    two = float(torch.linalg.matrix_norm(W64, ord=2))
+    two = spectral_norm(W64)
     _CACHE.update(key=key, W=W, fro=fro, two=two, hash=digest)
     return W, fro, two, digest
 
@@ -144,7 +174,7 @@ def fit_row(task: Task, threads: int | None = None) -> dict[str, Any]:
         with torch.no_grad():
             D = W.to(torch.float64) - A.to_dense().to(device=W.device, dtype=torch.float64)
             e_fro = float(torch.linalg.norm(D))
-            e_two = float(torch.linalg.matrix_norm(D, ord=2))
+            e_two = spectral_norm(D)
         rel = e_fro / fro if fro > 0 else (0.0 if e_fro == 0 else math.inf)
         rel2 = e_two / two if two > 0 else (0.0 if e_two == 0 else math.inf)
         if not (math.isfinite(rel) and math.isfinite(rel2)):
