@@ -297,6 +297,9 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
     from .analysis.sweep import DEFAULT_BUDGETS, default_formats
     from .analysis.sweep import sweep as run_sweep
 
+    if retry_failed and out is None:
+        raise click.UsageError("--retry-failed reruns the failed rows of an --out folder; "
+                               "give --out DIR")
     fmts = [_check_format(f, "--formats") for f in _split(formats)] or default_formats()
     blist = [_parse_budget(b, "--budgets") for b in _split(budgets)] or list(DEFAULT_BUDGETS)
     opts: dict[str, dict[str, Any]] = {}

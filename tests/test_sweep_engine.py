@@ -245,3 +245,11 @@ def test_spectral_norm_by_lanczos_equals_the_svd():
         assert spectral_norm(M, full_below=0) == pytest.approx(exact, rel=1e-12)
         assert spectral_norm(M) == pytest.approx(exact, rel=1e-14)  # small: the full SVD
     assert spectral_norm(torch.zeros(50, 40, dtype=torch.float64), full_below=0) == 0.0
+
+
+def test_cli_sweep_engine_options_are_checked():
+    res = CliRunner().invoke(main, ["sweep", "-f", "lowrank", "-b", "0.5", "--retry-failed"])
+    assert res.exit_code == 2 and "give --out DIR" in res.output
+    res = CliRunner().invoke(main, ["sweep", "-f", "lowrank", "-b", "0.5", "--product-batch",
+                                    "0"])
+    assert res.exit_code == 2 and "--product-batch" in res.output
