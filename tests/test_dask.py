@@ -155,11 +155,11 @@ def test_separately_started_scheduler_and_worker(ckpt, serial, tmp_path):
                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nworkers", "2",
+            [sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nworkers", "1",
              "--nthreads", "1", "--no-dashboard"],
             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with distributed.Client(addr, timeout="60s") as c:
-            c.wait_for_workers(2, timeout=60)
+            c.wait_for_workers(1, timeout=60)
         df = ga.sweep(ckpt, scheduler=addr, out=tmp_path / "py", **KW)
         _same(df, serial)
         res = CliRunner().invoke(main, ["sweep", str(ckpt), "-f", "lowrank,blocksparse",

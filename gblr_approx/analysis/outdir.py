@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .plan import Source, file_stat, read_source, tensor_hash
+from .plan import Source, file_stat, forget_stores, read_source, tensor_hash
 
 __all__ = ["ARGS_FILE", "LOCK_FILE", "OutputFolder", "SweepLockedError"]
 
@@ -106,6 +106,7 @@ class OutputFolder:
                     src.data_hash = rec["hash"]
                 else:  # changed, touched or moved: read this tensor once to know
                     src.data_hash = tensor_hash(read_source(src))
+                    forget_stores()
                     data[src.name] = {"hash": src.data_hash, "file": src.path, "stat": stat}
             if old != {src.data_hash}:
                 where = f" ({src.path})" if src.path else ""
