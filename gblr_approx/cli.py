@@ -367,9 +367,20 @@ def _inspect_structured(path: Path, as_json: bool) -> None:
 @click.option("--reshape-conv", is_flag=True, help="Sweep 4-D conv kernels as out x (in*kh*kw).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
+@click.option("--retry-failed", is_flag=True,
+              help="With --out: run the fits recorded as failed again (e.g. killed workers).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Run the fits on Dask: 'local' (a LocalCluster of --workers processes) or "
+                   "a scheduler address such as tcp://host:8786. Needs gblr_approx[dask].")
+@click.option("--time-products", is_flag=True,
+              help="Also time A @ X against the dense W @ X (columns product_seconds, "
+                   "dense_product_seconds) and print the speed-up.")
+@click.option("--product-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Columns of X for --time-products.")
 @_json_opt
 def sweep(path, formats, budgets, include, exclude, options, out, workers, threads, seed,
-          reshape_conv, progress, as_json) -> None:
+          reshape_conv, progress, retry_failed, scheduler, time_products, product_batch,
+          as_json) -> None:
     """Error versus budget of every format for every matrix of a checkpoint.
 
     Without PATH, runs on the five embedded MiniLM layers. Prints relative Frobenius errors
@@ -380,6 +391,9 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
     from .analysis.sweep import DEFAULT_BUDGETS, default_formats
     from .analysis.sweep import sweep as run_sweep
 
+    if retry_failed and out is None:
+        raise click.UsageError("--retry-failed reruns the failed rows of an --out folder; "
+                               "give --out DIR")
     fmts = [_check_format(f, "--formats") for f in _split(formats)] or default_formats()
     blist = [_parse_budget(b, "--budgets") for b in _split(budgets)] or list(DEFAULT_BUDGETS)
     opts: dict[str, dict[str, Any]] = {}
@@ -414,13 +428,16 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
         progress = False
     t0 = time.perf_counter()
     df = run_sweep(matrices, fmts, blist, options=opts, out=out, workers=workers, seed=seed,
-                   progress=progress, threads_per_worker=threads)
+                   progress=progress, threads_per_worker=threads, retry_failed=retry_failed,
+                   scheduler=scheduler, time_products=product_batch if time_products else False)
     wall = time.perf_counter() - t0
     if as_json:
         _print_json(df.to_dict(orient="records"))
         _sweep_verdict(df)
         return
     _print_sweep(df, blist)
+    if time_products:
+        _print_speedups(df, blist, product_batch)
     counts = df["status"].value_counts()
     click.echo(
         f"\n{len(df)} fits of {df['matrix'].nunique()} matrices from {source}: "
@@ -496,6 +513,21 @@ def _print_sweep(df, budgets) -> None:
                        "fit seconds"],
                  {"mean rel_error": ".4f", "MACs used / budget": ".3f", "params / dense": ".3f",
                   "fit seconds": ".2f"})
+
+
+def _print_speedups(df, budgets, batch: int) -> None:
+    rows = []
+    for (mat, fmt), g in df.groupby(["matrix", "format"], sort=False):
+        row: dict[str, Any] = {"matrix": mat, "shape": g["shape"].iloc[0], "format": fmt}
+        for _, r in g.iterrows():
+            key = f"{r['budget']:g}" if isinstance(r["budget"], float) else str(r["budget"])
+            row[key] = (f"{r['dense_product_seconds'] / r['product_seconds']:.2f}x"
+                        if r["status"] == "ok" and r["product_seconds"] > 0 else r["status"])
+        rows.append(row)
+    click.echo(f"\nmeasured speed-up of A @ X over the dense W @ X (X with {batch} column(s), "
+               "median of 7, in the fitting process; below 1x the structured product is slower):")
+    _print_table(rows, ["matrix", "shape", "format",
+                        *[f"{b:g}" if isinstance(b, float) else str(b) for b in budgets]])
 
 
 def _pick(store, name: str | None):
