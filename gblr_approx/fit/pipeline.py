@@ -211,18 +211,34 @@ def _fit_gblr(
     if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"tol must be a float in [0, 1) or None; got {tol!r}")
     polish_sweeps = check_positive_int(opts.pop("polish_sweeps", 3), "polish_sweeps", minimum=0)
-    prox_keys = ("lr", "structure_lr", "sigma", "penalty", "restarts")
+    start = opts.pop("start", None)
+    if start is not None and not isinstance(start, GBLR):
+        raise TypeError(f"start must be a GBLR matrix or None; got {type(start).__name__}")
+    if start is not None and (tuple(start.shape) != (m, n) or start.flops > B):
+        raise ValueError(
+            f"start must be a {m}x{n} GBLR within the budget ({B} MACs); got shape "
+            f"{tuple(start.shape)} and {start.flops} MACs"
+        )
+    sweeps = opts.pop("sweeps", None)
+    if sweeps is not None:
+        sweeps = check_positive_int(sweeps, "sweeps", minimum=0)
+    prox_keys = (
+        "lr", "structure_lr", "sigma", "penalty", "restarts", "cg_iters", "refit_every",
+        "refit_iters", "gradient",
+    )
     prox_opts = {k: opts.pop(k) for k in prox_keys if k in opts}
     if opts:
         raise TypeError(
-            f"unknown option(s) {sorted(opts)} for fit_gblr; known: algorithm, grids, "
-            f"block_shapes, mixed_grids, mixed_iters, tol, polish_sweeps, dtype, "
+            f"unknown option(s) {sorted(opts)} for fit_gblr; known: algorithm, start, sweeps, "
+            f"grids, block_shapes, mixed_grids, mixed_iters, tol, polish_sweeps, dtype, "
             f"{', '.join(prox_keys)}"
         )
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
     if steps is None:
-        steps = 200 if algorithm == "proximal" else 25
+        steps = 60 if algorithm == "proximal" else 25
+    if sweeps is None:
+        sweeps = 25 if algorithm == "proximal" else steps
 
     Wc = W.to(device=dev, dtype=dtype)
     nrm = float(Wc.double().norm()) or 1.0
@@ -262,17 +278,27 @@ def _fit_gblr(
         record(stage, err, G.flops, G.num_components)
 
     try:
+        if start is not None:
+            offer("init:given", start.to(device=dev, dtype=dtype))
+            if algorithm in ("auto", "intervals", "proximal"):
+                algorithm_starts = False
+            else:
+                algorithm_starts = True
+        else:
+            algorithm_starts = True
         # ---- stage 1: embedded starts
-        for name, G in embedded_candidates(Wc, B, grids, block_shapes):
+        for name, G in (
+            embedded_candidates(Wc, B, grids, block_shapes) if algorithm_starts else ()
+        ):
             offer(f"init:{name}", G)
             if state["stop"]:
                 break
-        if algorithm != "embedded" and not state["stop"]:
+        if algorithm != "embedded" and algorithm_starts and not state["stop"]:
             # matrices with exact zeros: components read off the non-zero pattern
             for name, G in support_candidates(Wc, B):
                 offer(f"init:{name}", G)
         best_model: BlockModel | None = None
-        if algorithm != "embedded" and not state["stop"]:
+        if algorithm != "embedded" and algorithm_starts and not state["stop"]:
             for name, model, err in mixed_candidates(
                 Wc, B, mixed_grids, iters=mixed_iters, max_components=components
             ):
@@ -297,8 +323,8 @@ def _fit_gblr(
             offer("init:entries", G)
 
         # ---- stage 2: structure learning by interval ALS (exact prox-type updates)
-        if algorithm in ("auto", "intervals") and steps and not state["stop"]:
-            for G, err, cost in interval_stage(Wc, B, state["best"], steps, components, tol=tol):
+        if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
+            for G, err, cost in interval_stage(Wc, B, state["best"], sweeps, components, tol=tol):
                 before = state["err"]
                 if G is None:
                     record("intervals", err, cost, -1)
@@ -313,7 +339,7 @@ def _fit_gblr(
         if algorithm == "proximal" and steps and not state["stop"]:
             from .proximal import proximal_gradient
 
-            for G, err, loss in proximal_gradient(
+            for G, err, loss, cost in proximal_gradient(
                 Wc,
                 B,
                 state["best"],
@@ -321,11 +347,18 @@ def _fit_gblr(
                 seed=seed,
                 rank_per_component=rank_per_component,
                 components=components,
+                best=state["err"],
                 **prox_opts,
             ):
                 before = state["err"]
-                offer("proximal", G, err)
-                history[-1]["loss"] = loss
+                if G is None:
+                    record("proximal", err, cost, -1, loss)
+                elif G is not state["best"]:
+                    offer("proximal", G, err)
+                    history[-1]["loss"] = loss
+                else:
+                    continue  # step 0: the start itself
+
                 if state["err"] < before:
                     best_model = None
                 if state["stop"]:
