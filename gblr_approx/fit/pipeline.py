@@ -235,6 +235,7 @@ def _fit_gblr(
         )
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    steps_given = steps
     if steps is None:
         steps = 60 if algorithm == "proximal" else 25
     if sweeps is None:
@@ -339,6 +340,13 @@ def _fit_gblr(
         if algorithm == "proximal" and steps and not state["stop"]:
             from .proximal import proximal_gradient
 
+            pending = None
+            if steps_given is None:
+                # one step costs about 10 products of size m n P (P = rank-1 pieces of the
+                # start): about 60 steps for a 384 x 384 layer at 25 %, fewer for bigger ones
+                P = int(state["best"].ranks.sum())
+                steps = max(10, min(60, round(60 * 6e7 / max(m * n * P, 1))))
+
             for G, err, loss, cost in proximal_gradient(
                 Wc,
                 B,
@@ -351,18 +359,21 @@ def _fit_gblr(
                 **prox_opts,
             ):
                 before = state["err"]
-                if G is None:
-                    record("proximal", err, cost, -1, loss)
-                elif G is not state["best"]:
-                    offer("proximal", G, err)
-                    history[-1]["loss"] = loss
-                else:
+                if G is state["best"]:
                     continue  # step 0: the start itself
+                if G is not None and err < state["err"]:
+                    # a snapshot: materialised once the stage ends (building is a loop over
+                    # the components); the error is exact already
+                    pending = G
+                    state["err"], state["source"] = err, "proximal"
+                record("proximal", err, cost, -1, loss)
 
                 if state["err"] < before:
                     best_model = None
                 if state["stop"]:
                     break
+            if pending is not None:
+                state["best"] = pending()
 
         # ---- stage 4: exact polishing on the best rectangles
         if algorithm == "bcd" and polish_sweeps and not state["stop"]:

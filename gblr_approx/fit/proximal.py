@@ -40,7 +40,7 @@ components inside a step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -169,6 +169,17 @@ class GaudiParams:
     def cost(self) -> int:
         return hard_cost(self.wo, self.wi, self.m, self.n, self.r)
 
+    def snapshot(self) -> Callable[[], GBLR]:
+        """A copy of the current iterate that builds its hard GBLR when called (building it
+        loops over the components, so it is done only for the iterate finally kept)."""
+        q = GaudiParams(
+            self.U.detach().clone(),
+            self.V.detach().clone(),
+            *(t.detach().clone() for t in (self.wo, self.lo, self.wi, self.li)),
+            r=self.r,
+        )
+        return q.to_gblr
+
     def to_gblr(self) -> GBLR:
         """The hard matrix: factors restricted to the rounded intervals (empty ones dropped)."""
         m, n, r = self.m, self.n, self.r
@@ -197,16 +208,30 @@ def cg_factor_solve(
     ``X``. ``W (a, b)``, ``X, Mx (a, P)``, ``B (b, P)``. Cost ``O(a b P + iters a P^2)``.
     Entries where ``Mx = 0`` are returned unchanged.
     """
-    G = B.T @ B
-    d = torch.diagonal(G).clamp_min(1e-30 * float(torch.diagonal(G).max().clamp_min(1e-300)))
+    a, b, P = X.shape[0], B.shape[0], B.shape[1]
+    # the normal operator X -> (X G) * Mx either through the Gram G = B^T B (b P^2 once, then
+    # a P^2 per iteration) or through B twice (2 a b P per iteration): the cheaper one
+    use_gram = b * P * P + iters * a * P * P <= iters * 2 * a * b * P + a * b * P
+    if use_gram:
+        G = B.T @ B
+        dg = torch.diagonal(G)
+
+        def normal(Y: torch.Tensor) -> torch.Tensor:
+            return (Y @ G) * Mx
+    else:
+        dg = B.pow(2).sum(0)
+
+        def normal(Y: torch.Tensor) -> torch.Tensor:
+            return ((Y @ B.T) @ B) * Mx
+    d = dg.clamp_min(1e-30 * float(dg.max().clamp_min(1e-300)))
     Xa = X * Mx
-    R = (W @ B) * Mx - (Xa @ G) * Mx
+    R = (W @ B) * Mx - normal(Xa)
     Z = R / d
     Pp = Z
     rz = (R * Z).sum(1, keepdim=True)
     tiny = torch.finfo(X.dtype).tiny
     for _ in range(int(iters)):
-        AP = (Pp @ G) * Mx
+        AP = normal(Pp)
         den = (Pp * AP).sum(1, keepdim=True)
         a = torch.where(den > tiny, rz / den.clamp_min(tiny), torch.zeros_like(den))
         Xa = Xa + a * Pp
@@ -220,7 +245,12 @@ def cg_factor_solve(
 
 
 def dormant_fill(
-    R: torch.Tensor, X: torch.Tensor, Mx: torch.Tensor, B: torch.Tensor, r: int
+    R: torch.Tensor,
+    X: torch.Tensor,
+    Mx: torch.Tensor,
+    B: torch.Tensor,
+    r: int,
+    Q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Least-squares values of the entries outside the intervals (``Mx = 0``).
 
@@ -231,7 +261,7 @@ def dormant_fill(
     """
     a, P = X.shape
     K = P // r
-    Q = (R @ B).reshape(a, K, r)
+    Q = (R @ B if Q is None else Q).reshape(a, K, r)
     Bk = B.reshape(B.shape[0], K, r)
     Gkk = torch.einsum("bkr,bks->krs", Bk, Bk)
     scale = torch.diagonal(Gkk, dim1=1, dim2=2).amax(1)
@@ -247,23 +277,28 @@ def dormant_fill(
 
 
 def refit_factors(
-    W: torch.Tensor, p: GaudiParams, cg_iters: int, Mo=None, Mi=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    W: torch.Tensor, p: GaudiParams, cg_iters: int, sides: str = "uv"
+) -> dict[str, torch.Tensor]:
     """Joint least-squares update of all factors on the current hard intervals, in place.
 
-    ``U`` given ``V`` (CG), then ``V`` given ``U`` (CG), then the dormant entries of both.
-    Returns the hard masks used.
+    ``U`` given ``V`` (CG), then ``V`` given ``U`` (CG) (``sides`` selects which), then the
+    dormant entries of both. Returns the state of the new iterate: hard masks ``Mo, Mi``,
+    masked factors ``A = Mo * U``, ``B = Mi * V``, residual ``R = W - A B^T`` and the products
+    ``QU = R B``, ``QV = R^T A`` (which are also, up to ``-2 / ||W||^2``, the gradients of the
+    loss in ``A`` and ``B``).
     """
-    if Mo is None:
-        Mo, Mi = p.hard_masks()
-    p.U = cg_factor_solve(W, p.U, Mo, Mi * p.V, cg_iters)
+    Mo, Mi = p.hard_masks()
+    if "u" in sides:
+        p.U = cg_factor_solve(W, p.U, Mo, Mi * p.V, cg_iters)
     A = Mo * p.U
-    p.V = cg_factor_solve(W.T, p.V, Mi, A, cg_iters)
+    if "v" in sides:
+        p.V = cg_factor_solve(W.T, p.V, Mi, A, cg_iters)
     B = Mi * p.V
     R = W - A @ B.T
-    p.U = dormant_fill(R, p.U, Mo, B, p.r)
-    p.V = dormant_fill(R.T, p.V, Mi, A, p.r)
-    return Mo, Mi
+    QU, QV = R @ B, R.T @ A
+    p.U = dormant_fill(R, p.U, Mo, B, p.r, QU)
+    p.V = dormant_fill(R.T, p.V, Mi, A, p.r, QV)
+    return {"Mo": Mo, "Mi": Mi, "A": A, "B": B, "R": R, "QU": QU, "QV": QV}
 
 
 # ------------------------------------------------------------------------------- the method
@@ -296,7 +331,7 @@ def proximal_gradient(
     budget: int,
     start: GBLR,
     *,
-    steps: int = 100,
+    steps: int = 40,
     seed: int = 0,
     rank_per_component: int = 1,
     components: int | None = None,
@@ -310,12 +345,13 @@ def proximal_gradient(
     restarts: int = 1,
     gradient: str = "midpoint",
     best: float = math.inf,
-) -> Iterator[tuple[GBLR | None, float, float, int]]:
-    """Proximal gradient from ``start``; yield ``(hard GBLR or None, rel_error, loss, flops)``.
+) -> Iterator[tuple[GBLR | Callable[[], GBLR] | None, float, float, int]]:
+    """Proximal gradient from ``start``; yield ``(G, rel_error, loss, flops)`` per step.
 
     The first yield is the start itself (step 0 reproduces it exactly). Afterwards ``G`` is
-    built only for iterates whose hard error beats ``best`` and the best so far (``None``
-    otherwise), so the caller can keep the best hard iterate cheaply.
+    ``None`` unless the iterate's hard error beats ``best`` and every earlier iterate; then it
+    is a snapshot, a zero-argument callable returning the hard :class:`GBLR` (so the caller
+    materialises only the iterate it keeps).
 
     Parameters
     ----------
@@ -381,13 +417,9 @@ def proximal_gradient(
         p.wo, p.wi = wo, wi
     nrm2 = W.pow(2).sum()
     nrm = float(nrm2.sqrt()) or 1.0
-    Mo, Mi = p.hard_masks()
-    A, B = Mo * p.U, Mi * p.V
-    R = W - A @ B.T
-    err0 = float(R.norm()) / nrm
     # step 0: the start, exactly (dormant entries get their least-squares values)
-    p.U = dormant_fill(R, p.U, Mo, B, r)
-    p.V = dormant_fill(R.T, p.V, Mi, A, r)
+    st = refit_factors(W, p, 0, sides="")
+    err0 = float(st["R"].norm()) / nrm
     best = min(best, err0)
     yield start, err0, err0**2, start.flops
 
@@ -412,15 +444,20 @@ def proximal_gradient(
         go = gaudi_mask(round_ste(p.wo, m), round_ste(p.lo, m), m, sigma=sig_o)  # (K, m)
         gi = gaudi_mask(round_ste(p.wi, n), round_ste(p.li, n), n, sigma=sig_i)  # (K, n)
         with torch.no_grad():
-            So = go.detach().T.repeat_interleave(r, 1)
-            Si = gi.detach().T.repeat_interleave(r, 1)
-            if sig is not None and gradient == "midpoint":
-                So, Si = Mo, Mi  # the loss is that of the hard matrix; sigma shapes d g / d theta
-            A, B = So * p.U, Si * p.V
-            E = A @ B.T - W
-            loss = float(E.pow(2).sum() / nrm2)
-            gA = (E @ B) * (2.0 / nrm2)
-            gB = (E.T @ A) * (2.0 / nrm2)
+            if gradient == "midpoint" or sig is None:
+                # the loss is that of the hard matrix: its gradients are already known
+                So, Si, B, A = st["Mo"], st["Mi"], st["B"], st["A"]
+                loss = cur**2
+                gA = st["QU"] * (-2.0 / nrm2)
+                gB = st["QV"] * (-2.0 / nrm2)
+            else:  # plain Gaudi gradient of the smooth matrix
+                So = go.detach().T.repeat_interleave(r, 1)
+                Si = gi.detach().T.repeat_interleave(r, 1)
+                A, B = So * p.U, Si * p.V
+                E = A @ B.T - W
+                loss = float(E.pow(2).sum() / nrm2)
+                gA = (E @ B) * (2.0 / nrm2)
+                gB = (E.T @ A) * (2.0 / nrm2)
             d_go = (gA * p.U).reshape(m, -1, r).sum(-1).T
             d_gi = (gB * p.V).reshape(n, -1, r).sum(-1).T
             if gradient == "midpoint":
@@ -433,7 +470,6 @@ def proximal_gradient(
             t.grad = None
         torch.autograd.backward([go, gi], [d_go, d_gi])
         with torch.no_grad():
-            saved = (p.U, p.V)
             before = p.integer_intervals()
             moved = False
             if eta > 0:
@@ -457,26 +493,28 @@ def proximal_gradient(
                 p.li.remainder_(1.0)
                 after = p.integer_intervals()
                 moved = any(not torch.equal(x, y) for x, y in zip(before, after, strict=True))
-            its = refit_iters if (step + 1) % max(int(refit_every), 1) == 0 else cg_iters
-            Mo, Mi = refit_factors(W, p, its)
-            A, B = Mo * p.U, Mi * p.V
-            err = float((W - A @ B.T).norm()) / nrm
-            if moved and err > cur:
-                # undo the structure move; keep iterating on the factors of the old structure
-                # (re-centred on the old whole-entry intervals, away from the rounding edge)
-                p.U, p.V = saved[0], saved[1]
-                r0, h, c0, w = before
-                for t, v in zip(struct, (h / m, r0 / m, w / n, c0 / n), strict=True):
-                    t.copy_(v.to(t.dtype))
-                eta = max(0.5 * eta, eta_min)
-                Mo, Mi = refit_factors(W, p, its)
-                A, B = Mo * p.U, Mi * p.V
-                err = float((W - A @ B.T).norm()) / nrm
-            elif moved:
-                eta = min(2.0 * eta, 4.0 * float(structure_lr))
+            if moved:
+                # safeguard: the moved structure with the current factors (new rows carry
+                # their least-squares dormant values) must not be worse than the current
+                # iterate; otherwise undo it (re-centred on the old whole-entry intervals, away
+                # from the rounding edge) and halve the step
+                Mo, Mi = p.hard_masks()
+                trial = float((W - (Mo * p.U) @ (Mi * p.V).T).norm()) / nrm
+                if trial > cur:
+                    r0, h, c0, w = before
+                    for t, v in zip(struct, (h / m, r0 / m, w / n, c0 / n), strict=True):
+                        t.copy_(v.to(t.dtype))
+                    eta = max(0.5 * eta, eta_min)
+                    moved = False
+                else:
+                    eta = min(2.0 * eta, 4.0 * float(structure_lr))
+            long = (step + 1) % max(int(refit_every), 1) == 0
+            sides = "uv" if (long or moved) else ("u" if step % 2 == 0 else "v")
+            st = refit_factors(W, p, refit_iters if long else cg_iters, sides)
+            err = float(st["R"].norm()) / nrm
             cur = err
         G = None
         if err < best:
             best = err
-            G = p.to_gblr()
+            G = p.snapshot()
         yield G, err, loss, p.cost()
