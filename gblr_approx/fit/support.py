@@ -102,6 +102,22 @@ def _span_boundaries(W: torch.Tensor, window: int) -> list[int]:
     return sorted(found)
 
 
+def _merge_boundaries(exact: list[int], span: list[int], N: int) -> list[int]:
+    """Zero-pattern boundaries plus the span-change ones that are not next to one of them.
+
+    The span test fires on both sides of a boundary when the active blocks' summed rank
+    fills its window (measured: pairs ``{b - 1, b}`` or ``{b, b + 1}`` on 128 x 96 matrices of
+    four rank-2 blocks); next to a zero-pattern boundary (which is exact) such a detection is
+    its echo and is dropped, elsewhere both members of a pair are kept.
+    """
+    ex = set(exact)
+    out = set(ex)
+    for b in span:
+        if not ({(b - 1) % N, b, (b + 1) % N} & ex):
+            out.add(b)
+    return sorted(out)
+
+
 def support_candidates(
     W: torch.Tensor,
     budget: int,
@@ -134,8 +150,8 @@ def support_candidates(
     Z = (Wd != 0).numpy()
     if not Z.any() or Z.mean() > 1 - min_zero_fraction:
         return  # (almost) dense data: a few stray zeros carry no block structure
-    rb = sorted(set(_boundaries(Z)) | set(_span_boundaries(Wd.T, window)))
-    cb = sorted(set(_boundaries(Z.T)) | set(_span_boundaries(Wd, window)))
+    rb = _merge_boundaries(_boundaries(Z), _span_boundaries(Wd.T, window), m)
+    cb = _merge_boundaries(_boundaries(Z.T), _span_boundaries(Wd, window), n)
     if len(rb) > max_boundaries or len(cb) > max_boundaries:
         return
     cands = []
