@@ -11,9 +11,11 @@ kept, so the result is the best hard iterate seen):
    into rank-1 pieces, gets its exact best cyclic row interval and factor, then column interval
    and factor, under a price per MAC (the proximal soft-threshold of the width penalty) and
    the budget; widths shrink, grow and move, components vanish.
-3. **Proximal gradient on Gaudi parameters** (:mod:`.proximal`, ``algorithm="proximal"``):
-   smooth masks, straight-through rounding, soft-thresholded widths, exact budget projection
-   by bisection. Measured worse and slower than stage 2 on the benchmark layers, hence opt-in.
+3. **Proximal-gradient refinement on Gaudi parameters** (:mod:`.proximal`,
+   ``algorithm="proximal"``, after stage 2): starts exactly at the best hard matrix; Gaudi
+   mask gradients, soft-thresholded widths, exact budget projection by bisection, and an
+   exact joint least-squares update of the factors after every step. Beats its ALS start on
+   the benchmark layers, but at equal time more ALS sweeps gain about as much, hence opt-in.
 4. **Exact polishing** (:mod:`.blocks`, ``algorithm="bcd"``): block-coordinate descent with
    truncated SVDs on the fixed rectangles of the best start.
 """
@@ -127,7 +129,11 @@ def fit_gblr(
     **options
         ``algorithm`` : {"auto", "intervals", "embedded", "bcd", "proximal"}, default
         "auto" (= "intervals": stages 1-2); "embedded": the exact embeddings only; "bcd":
-        stage 1 + 4; "proximal": stage 1 + 3. ``grids`` : list of (b1, b2), block-low-rank
+        stage 1 + 4; "proximal": stages 1-3. ``start`` : GBLR within the budget, used
+        instead of stage 1 (with "auto"/"intervals"/"proximal"). ``sweeps`` : int, ALS
+        sweeps before stage 3 (default 25; ``steps`` then counts gradient steps, default
+        ``60 * 6e7 / (m n P)`` clamped to [10, 60], ``P`` = rank-1 pieces of the start).
+        ``grids`` : list of (b1, b2), block-low-rank
         starts (default :func:`~.candidates.default_grids`). ``mixed_grids`` : grids of the
         low-rank + blocks start (default :func:`~.candidates.default_mixed_grids`).
         ``block_shapes`` : list of (br, bc) (default
@@ -135,8 +141,8 @@ def fit_gblr(
         or None (1e-3): interval ALS stops when the best error improved by less than this
         fraction over 5 sweeps. ``polish_sweeps`` : int (3). ``dtype`` : torch dtype of the
         computation (default that of ``W``). Proximal options are documented in
-        :func:`.proximal.proximal_gradient` (``lr``, ``structure_lr``, ``sigma``,
-        ``penalty``).
+        :func:`.proximal.proximal_gradient` (``structure_lr``, ``sigma``, ``penalty``,
+        ``gradient``, ``cg_iters``, ``refit_every``, ``refit_iters``).
 
     Returns
     -------
