@@ -251,3 +251,93 @@ def test_recovers_random_structures_widely(shape, K, ranks):
         good += res.rel_error < 0.05
         assert res.rel_error <= ga.relative_error(W, ga.project(W, "lowrank", G.flops)) + 1e-9
     assert good >= 3
+
+
+def test_proximal_step0_is_the_start_and_params_roundtrip():
+    from gblr_approx.fit.proximal import GaudiParams, proximal_gradient
+
+    W = torch.randn(30, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    start = ga.fit_gblr(W, 0.4, progress=False).matrix
+    p = GaudiParams.from_gblr(start, 1)
+    assert torch.allclose(p.to_gblr().to_dense(), start.to_dense(), atol=1e-12)
+    assert p.cost() == start.flops
+    G0, err0, _, cost0 = next(proximal_gradient(W, start.flops, start, steps=3))
+    assert G0 is start and cost0 == start.flops
+    assert abs(err0 - ga.relative_error(W, start)) < 1e-12
+
+
+def test_budget_projection_is_exact_and_minimal():
+    from gblr_approx.fit.proximal import hard_cost, project_budget
+
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = 40, 24, 2
+    wo = torch.rand(12, generator=gen, dtype=torch.float64)
+    wi = torch.rand(12, generator=gen, dtype=torch.float64)
+    B = hard_cost(wo, wi, m, n, r) // 3
+    po, pi = project_budget(wo, wi, m, n, r, B)
+    assert hard_cost(po, pi, m, n, r) <= B
+    # a common shift in entries: (wo - po) m == (wi - pi) n where not clamped
+    tau = ((wo - po) * m)[po > 0]
+    assert torch.allclose(tau, tau[0].expand_as(tau), atol=1e-9)
+    t = float(tau[0]) - 1e-6  # any smaller shift breaks the budget
+    assert hard_cost((wo - t / m).clamp(0, 1), (wi - t / n).clamp(0, 1), m, n, r) > B
+
+
+def test_cg_factor_solve_matches_row_least_squares():
+    from gblr_approx.fit.proximal import cg_factor_solve
+
+    gen = torch.Generator().manual_seed(1)
+    a, b, P = 9, 14, 5
+    W = torch.randn(a, b, generator=gen, dtype=torch.float64)
+    B = torch.randn(b, P, generator=gen, dtype=torch.float64)
+    M = (torch.rand(a, P, generator=gen) < 0.6).double()
+    X = cg_factor_solve(W, torch.zeros(a, P, dtype=torch.float64), M, B, iters=P + 2)
+    for i in range(a):
+        act = M[i] > 0
+        if act.any():
+            ref = torch.linalg.lstsq(B[:, act], W[i]).solution
+            assert torch.allclose(X[i, act], ref, atol=1e-8)
+        assert torch.all(X[i, ~act] == 0)
+
+
+def test_proximal_refinement_beats_its_als_start_on_a_minilm_block():
+    W = ga.datasets.minilm_sample()["encoder.layer.0.attention.self.query.weight"][:96, :128]
+    W = W.double()
+    als = ga.fit_gblr(W, 0.4, progress=False)
+    res = ga.fit_gblr(W, 0.4, algorithm="proximal", steps=30, progress=False)
+    assert res.info["best_stage"] == "proximal"
+    assert res.rel_error < als.rel_error
+    assert res.matrix.flops <= res.budget
+    assert abs(ga.relative_error(W, res.matrix) - res.rel_error) < 1e-9
+    # refining a given start never returns anything worse than it
+    again = ga.fit_gblr(W, 0.4, algorithm="proximal", start=res.matrix, sweeps=0, steps=5,
+                        progress=False)
+    assert again.rel_error <= res.rel_error + 1e-12
+
+
+def test_proximal_options_are_checked():
+    W = torch.randn(20, 16, dtype=torch.float64)
+    G = ga.fit_gblr(W, 0.3, steps=0, progress=False).matrix
+    with pytest.raises(ValueError, match="sigma"):
+        ga.fit_gblr(W, 0.3, algorithm="proximal", sigma=-1.0, steps=2, progress=False)
+    with pytest.raises(ValueError, match="gradient"):
+        ga.fit_gblr(W, 0.3, algorithm="proximal", gradient="x", steps=2, progress=False)
+    with pytest.raises(TypeError, match="start"):
+        ga.fit_gblr(W, 0.3, start=W, progress=False)
+    with pytest.raises(ValueError, match="start"):
+        ga.fit_gblr(W, 0.1, start=G, progress=False)
+
+
+def test_projection_registry():
+    from gblr_approx.projection import get_projection, register_projection
+
+    assert callable(get_projection("gblr")) and callable(get_projection("blast"))
+    with pytest.raises(LookupError, match="no projection"):
+        get_projection("nope")
+    with pytest.raises(TypeError):
+        register_projection("x", 3)
+    import inspect
+
+    for cls in (ga.GBLR, ga.BLAST):  # the format's project() does not know its fitter
+        code = inspect.getsource(cls.project).split('"""')[-1]
+        assert "..fit" not in code and "fit_gblr(" not in code and "fit_blast(" not in code
