@@ -138,13 +138,14 @@ def support_candidates(
     boundaries lying inside the support; every cover of the support by at most
     ``max_blocks`` candidates whose cost fits the budget (depth-first, at most ``max_covers``);
     for each cover and rank assignment (ranks <= ``max_rank``) a short block coordinate descent,
-    refined when promising; stops at an exact fit or after ``time_limit`` seconds.
+    refined when promising; stops at an exact fit or after ``time_limit`` CPU seconds
+    (process time, so that a loaded machine does not change the result much).
 
     Yields nothing when fewer than ``min_zero_fraction`` of the entries of ``W`` are exact
     zeros (dense data, e.g. real weights: the step then costs nothing) or when there are more
     than ``max_boundaries`` boundaries per side.
     """
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     m, n = W.shape
     Wd = W.detach().to("cpu", torch.float64)
     Z = (Wd != 0).numpy()
@@ -208,9 +209,9 @@ def support_candidates(
                 err, _ = _bcd(Wd, rects, list(ranks), iters=iters)
             if best is None or err < best[0]:
                 best = (err, combo, list(ranks))
-            if best[0] < 1e-8 or time.perf_counter() - t0 > time_limit:
+            if best[0] < 1e-8 or time.process_time() - t0 > time_limit:
                 break
-        if best is not None and (best[0] < 1e-8 or time.perf_counter() - t0 > time_limit):
+        if best is not None and (best[0] < 1e-8 or time.process_time() - t0 > time_limit):
             break
     if best is None:
         return
