@@ -46,8 +46,8 @@ def test_prox_step_soft_thresholds_and_projects_budget():
     w_before = layer.widths.detach().clone()
     layer.prox_step()
     assert layer.flops <= layer.budget
-    assert float(layer.widths.min()) >= 0 and float(layer.widths.max()) <= 1
-    assert float(layer.locations.min()) >= 0 and float(layer.locations.max()) < 1
+    assert float(layer.widths.detach().min()) >= 0 and float(layer.widths.detach().max()) <= 1
+    assert float(layer.locations.detach().min()) >= 0 and float(layer.locations.detach().max()) < 1
     # the projection is a common shift (in entries) of all widths, clamped at 0
     m, n = 24, 32
     shift = ((w_before.clamp(0, 1) - layer.widths) * torch.tensor([[m], [n]])).detach()
