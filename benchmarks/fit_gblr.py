@@ -4,9 +4,17 @@ Prints, per layer and budget: GBLR relative Frobenius error, truncated-SVD error
 the best other format (low-rank, block-sparse, block-low-rank on several grids) and its error,
 the achieved cost / budget and the seconds spent by ``fit_gblr`` with default settings.
 
+With ``--proximal`` it also runs ``fit_gblr(W, b, algorithm="proximal")`` (ALS followed by the
+Gaudi proximal-gradient refinement) and prints its error, the stage of its best iterate, its
+cost / budget, and wall and CPU seconds (``time.process_time``: the container is shared).
+With ``--train`` it distils a ``ga.nn.GaudiGBLRLinear`` from each layer on Gaussian inputs
+(150 Adam steps, the recipe of tests/test_gaudi_linear.py), hardens it and compares the
+output error with the truncated SVD at the hardened cost.
+
 Usage::
 
     python benchmarks/fit_gblr.py [--threads 2] [--budgets 0.1,0.25,0.5] [--json out.json]
+    python benchmarks/fit_gblr.py --threads 1 --budgets 0.25,0.5 --proximal [--train]
 """
 
 from __future__ import annotations
@@ -51,7 +59,12 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.1,0.25,0.5")
     ap.add_argument("--layers", default=",".join(LAYERS))
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--proximal", action="store_true", help="also run algorithm='proximal'")
+    ap.add_argument("--train", action="store_true", help="also distil a GaudiGBLRLinear")
+    ap.add_argument("--skip-default", action="store_true", help="skip the default fit")
     args = ap.parse_args()
+    if args.proximal or args.train or args.skip_default:
+        return extra(args)
     torch.set_num_threads(args.threads)
     weights = ga.datasets.minilm_sample(torch.float32)
     # warm up LAPACK (the first SVD of a process pays a one-off initialisation)
@@ -98,6 +111,83 @@ def main() -> None:
                 f"{res.matrix.flops / B:>11.4f} {sec:>7.2f}",
                 flush=True,
             )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def distil(W: torch.Tensor, frac: float, steps: int = 150) -> dict:
+    """Distil a GaudiGBLRLinear on Gaussian inputs; hardened output error vs SVD."""
+    m, n = W.shape
+    lin = torch.nn.Linear(n, m)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.zero_()
+    c0 = time.process_time()
+    layer = ga.nn.GaudiGBLRLinear.from_linear(lin, frac, steps=10)
+    start_err = layer.fit_info["rel_error"]
+    slr = 0.2 / n
+    opt = torch.optim.Adam(
+        [
+            {"params": layer.factor_parameters(), "lr": 3e-6},
+            {"params": layer.structure_parameters(), "lr": slr, "betas": (0.0, 0.999)},
+        ]
+    )
+    gen = torch.Generator().manual_seed(0)
+    w0 = layer.widths.detach().clone()
+    for _ in range(steps):
+        x = torch.randn(128, n, generator=gen)
+        loss = (layer(x) - lin(x).detach()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        layer.prox_step(lr=slr)
+    moved = int(((layer.widths.detach() - w0).abs() * torch.tensor([[m], [n]]) >= 0.5).sum())
+    H = layer.harden()
+    svd = ga.nn.compress_linear(lin, "lowrank", H.flops)
+    x = torch.randn(2048, n, generator=gen)
+    with torch.no_grad():
+        y = lin(x)
+        e_h = float((H(x) - y).norm() / y.norm())
+        e_s = float((svd(x) - y).norm() / y.norm())
+    return dict(start=start_err, hard=e_h, svd=e_s, flops=H.flops,
+                budget=ga.resolve_budget(frac, m, n), widths_moved=moved,
+                cpu=time.process_time() - c0)
+
+
+def extra(args) -> None:
+    torch.set_num_threads(args.threads)
+    weights = ga.datasets.minilm_sample(torch.float32)
+    torch.linalg.svd(torch.randn(384, 384), full_matrices=False)
+    rows = []
+    for key in args.layers.split(","):
+        W = weights[LAYERS[key]]
+        m, n = W.shape
+        S = torch.linalg.svdvals(W.double())
+        for frac in [float(b) for b in args.budgets.split(",")]:
+            B = ga.resolve_budget(frac, m, n)
+            svd_err = float((S[B // (m + n):] ** 2).sum().sqrt() / S.norm())
+            row = dict(layer=key, m=m, n=n, budget=frac, svd=svd_err)
+            runs = [] if args.skip_default else [("default", {})]
+            if args.proximal:
+                runs.append(("proximal", {"algorithm": "proximal"}))
+            for tag, opts in runs:
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = ga.fit_gblr(W, frac, progress=False, **opts)
+                row[tag] = dict(err=res.rel_error, best_stage=res.info["best_stage"],
+                                cost_over_budget=res.matrix.flops / B,
+                                wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
+                print(f"{key:<13} {f'{m}x{n}':>9} {frac:>5.2f} {tag:<9} svd {svd_err:.4f} "
+                      f"err {res.rel_error:.4f} best={res.info['best_stage']:<10} "
+                      f"cost/b {res.matrix.flops / B:.4f} wall {row[tag]['wall']:.1f} "
+                      f"cpu {row[tag]['cpu']:.1f}", flush=True)
+            if args.train:
+                row["train"] = d = distil(W, frac)
+                print(f"{key:<13} {f'{m}x{n}':>9} {frac:>5.2f} train     fit {d['start']:.4f} "
+                      f"hardened {d['hard']:.4f} svd {d['svd']:.4f} flops {d['flops']}/"
+                      f"{d['budget']} widths moved {d['widths_moved']} cpu {d['cpu']:.1f}",
+                      flush=True)
+            rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

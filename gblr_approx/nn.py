@@ -176,3 +176,5 @@ def compress_model(
             "rel_error": new.info["rel_error"],
         }
     return report
+from .gaudi_linear import GaudiGBLRLinear, gaudi_model  # noqa: E402, I001 (trainable Gaudi-GBLR)
+__all__ += ["GaudiGBLRLinear", "gaudi_model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +13,38 @@ from .budget import resolve_budget
 from .formats.base import StructuredMatrix, get_format
 from .validation import as_matrix
 
-__all__ = ["project"]
+__all__ = ["project", "register_projection", "get_projection"]
+
+#: format name -> fitter ``fn(W, budget_macs, **options) -> StructuredMatrix``, for formats
+#: whose projection is an algorithm living outside ``formats/`` (GBLR, BLAST: ``fit/``).
+_PROJECTIONS: dict[str, Callable[..., StructuredMatrix]] = {}
+
+
+def register_projection(format_name: str, fn: Callable[..., StructuredMatrix]) -> None:
+    """Register ``fn(W, budget, **options)`` as the projection of ``format_name``.
+
+    The format class's ``project`` classmethod looks it up with :func:`get_projection`, so a
+    format module need not import its fitter (``gblr_approx.fit`` registers GBLR's and
+    BLAST's when the package is imported). Registering again replaces the previous one.
+    """
+    if not isinstance(format_name, str) or not format_name:
+        raise TypeError(f"format_name must be a non-empty str; got {format_name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+    _PROJECTIONS[format_name.lower()] = fn
+
+
+def get_projection(format_name: str) -> Callable[..., StructuredMatrix]:
+    """The projection registered for ``format_name`` (see :func:`register_projection`)."""
+    key = str(format_name).lower()
+    if key not in _PROJECTIONS:
+        from . import fit  # noqa: F401  (registers the fitted formats' projections)
+    if key not in _PROJECTIONS:
+        raise LookupError(
+            f"no projection registered for format {format_name!r}; "
+            f"registered: {sorted(_PROJECTIONS)}"
+        )
+    return _PROJECTIONS[key]
 
 
 def project(W: Any, format: str, budget: float | int, **options: Any) -> StructuredMatrix:

@@ -11,9 +11,11 @@ kept, so the result is the best hard iterate seen):
    into rank-1 pieces, gets its exact best cyclic row interval and factor, then column interval
    and factor, under a price per MAC (the proximal soft-threshold of the width penalty) and
    the budget; widths shrink, grow and move, components vanish.
-3. **Proximal gradient on Gaudi parameters** (:mod:`.proximal`, ``algorithm="proximal"``):
-   smooth masks, straight-through rounding, soft-thresholded widths, exact budget projection
-   by bisection. Measured worse and slower than stage 2 on the benchmark layers, hence opt-in.
+3. **Proximal-gradient refinement on Gaudi parameters** (:mod:`.proximal`,
+   ``algorithm="proximal"``, after stage 2): starts exactly at the best hard matrix; Gaudi
+   mask gradients, soft-thresholded widths, exact budget projection by bisection, and an
+   exact joint least-squares update of the factors after every step. Beats its ALS start on
+   the benchmark layers, but at equal time more ALS sweeps gain about as much, hence opt-in.
 4. **Exact polishing** (:mod:`.blocks`, ``algorithm="bcd"``): block-coordinate descent with
    truncated SVDs on the fixed rectangles of the best start.
 """
@@ -127,7 +129,11 @@ def fit_gblr(
     **options
         ``algorithm`` : {"auto", "intervals", "embedded", "bcd", "proximal"}, default
         "auto" (= "intervals": stages 1-2); "embedded": the exact embeddings only; "bcd":
-        stage 1 + 4; "proximal": stage 1 + 3. ``grids`` : list of (b1, b2), block-low-rank
+        stage 1 + 4; "proximal": stages 1-3. ``start`` : GBLR within the budget, used
+        instead of stage 1 (with "auto"/"intervals"/"proximal"). ``sweeps`` : int, ALS
+        sweeps before stage 3 (default 25; ``steps`` then counts gradient steps, default
+        ``60 * 6e7 / (m n P)`` clamped to [10, 60], ``P`` = rank-1 pieces of the start).
+        ``grids`` : list of (b1, b2), block-low-rank
         starts (default :func:`~.candidates.default_grids`). ``mixed_grids`` : grids of the
         low-rank + blocks start (default :func:`~.candidates.default_mixed_grids`).
         ``block_shapes`` : list of (br, bc) (default
@@ -135,8 +141,8 @@ def fit_gblr(
         or None (1e-3): interval ALS stops when the best error improved by less than this
         fraction over 5 sweeps. ``polish_sweeps`` : int (3). ``dtype`` : torch dtype of the
         computation (default that of ``W``). Proximal options are documented in
-        :func:`.proximal.proximal_gradient` (``lr``, ``structure_lr``, ``sigma``,
-        ``penalty``).
+        :func:`.proximal.proximal_gradient` (``structure_lr``, ``sigma``, ``penalty``,
+        ``gradient``, ``cg_iters``, ``refit_every``, ``refit_iters``).
 
     Returns
     -------
@@ -211,18 +217,35 @@ def _fit_gblr(
     if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"tol must be a float in [0, 1) or None; got {tol!r}")
     polish_sweeps = check_positive_int(opts.pop("polish_sweeps", 3), "polish_sweeps", minimum=0)
-    prox_keys = ("lr", "structure_lr", "sigma", "penalty", "restarts")
+    start = opts.pop("start", None)
+    if start is not None and not isinstance(start, GBLR):
+        raise TypeError(f"start must be a GBLR matrix or None; got {type(start).__name__}")
+    if start is not None and (tuple(start.shape) != (m, n) or start.flops > B):
+        raise ValueError(
+            f"start must be a {m}x{n} GBLR within the budget ({B} MACs); got shape "
+            f"{tuple(start.shape)} and {start.flops} MACs"
+        )
+    sweeps = opts.pop("sweeps", None)
+    if sweeps is not None:
+        sweeps = check_positive_int(sweeps, "sweeps", minimum=0)
+    prox_keys = (
+        "lr", "structure_lr", "sigma", "penalty", "restarts", "cg_iters", "refit_every",
+        "refit_iters", "gradient",
+    )
     prox_opts = {k: opts.pop(k) for k in prox_keys if k in opts}
     if opts:
         raise TypeError(
-            f"unknown option(s) {sorted(opts)} for fit_gblr; known: algorithm, grids, "
-            f"block_shapes, mixed_grids, mixed_iters, tol, polish_sweeps, dtype, "
+            f"unknown option(s) {sorted(opts)} for fit_gblr; known: algorithm, start, sweeps, "
+            f"grids, block_shapes, mixed_grids, mixed_iters, tol, polish_sweeps, dtype, "
             f"{', '.join(prox_keys)}"
         )
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    steps_given = steps
     if steps is None:
-        steps = 200 if algorithm == "proximal" else 25
+        steps = 60 if algorithm == "proximal" else 25
+    if sweeps is None:
+        sweeps = 25 if algorithm == "proximal" else steps
 
     Wc = W.to(device=dev, dtype=dtype)
     nrm = float(Wc.double().norm()) or 1.0
@@ -262,17 +285,27 @@ def _fit_gblr(
         record(stage, err, G.flops, G.num_components)
 
     try:
+        if start is not None:
+            offer("init:given", start.to(device=dev, dtype=dtype))
+            if algorithm in ("auto", "intervals", "proximal"):
+                algorithm_starts = False
+            else:
+                algorithm_starts = True
+        else:
+            algorithm_starts = True
         # ---- stage 1: embedded starts
-        for name, G in embedded_candidates(Wc, B, grids, block_shapes):
+        for name, G in (
+            embedded_candidates(Wc, B, grids, block_shapes) if algorithm_starts else ()
+        ):
             offer(f"init:{name}", G)
             if state["stop"]:
                 break
-        if algorithm != "embedded" and not state["stop"]:
+        if algorithm != "embedded" and algorithm_starts and not state["stop"]:
             # matrices with exact zeros: components read off the non-zero pattern
             for name, G in support_candidates(Wc, B):
                 offer(f"init:{name}", G)
         best_model: BlockModel | None = None
-        if algorithm != "embedded" and not state["stop"]:
+        if algorithm != "embedded" and algorithm_starts and not state["stop"]:
             for name, model, err in mixed_candidates(
                 Wc, B, mixed_grids, iters=mixed_iters, max_components=components
             ):
@@ -297,8 +330,8 @@ def _fit_gblr(
             offer("init:entries", G)
 
         # ---- stage 2: structure learning by interval ALS (exact prox-type updates)
-        if algorithm in ("auto", "intervals") and steps and not state["stop"]:
-            for G, err, cost in interval_stage(Wc, B, state["best"], steps, components, tol=tol):
+        if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
+            for G, err, cost in interval_stage(Wc, B, state["best"], sweeps, components, tol=tol):
                 before = state["err"]
                 if G is None:
                     record("intervals", err, cost, -1)
@@ -313,7 +346,14 @@ def _fit_gblr(
         if algorithm == "proximal" and steps and not state["stop"]:
             from .proximal import proximal_gradient
 
-            for G, err, loss in proximal_gradient(
+            pending = None
+            if steps_given is None:
+                # one step costs about 10 products of size m n P (P = rank-1 pieces of the
+                # start): about 60 steps for a 384 x 384 layer at 25 %, fewer for bigger ones
+                P = int(state["best"].ranks.sum())
+                steps = max(10, min(60, round(60 * 6e7 / max(m * n * P, 1))))
+
+            for G, err, loss, cost in proximal_gradient(
                 Wc,
                 B,
                 state["best"],
@@ -321,15 +361,25 @@ def _fit_gblr(
                 seed=seed,
                 rank_per_component=rank_per_component,
                 components=components,
+                best=state["err"],
                 **prox_opts,
             ):
                 before = state["err"]
-                offer("proximal", G, err)
-                history[-1]["loss"] = loss
+                if G is state["best"]:
+                    continue  # step 0: the start itself
+                if G is not None and err < state["err"]:
+                    # a snapshot: materialised once the stage ends (building is a loop over
+                    # the components); the error is exact already
+                    pending = G
+                    state["err"], state["source"] = err, "proximal"
+                record("proximal", err, cost, -1, loss)
+
                 if state["err"] < before:
                     best_model = None
                 if state["stop"]:
                     break
+            if pending is not None:
+                state["best"] = pending()
 
         # ---- stage 4: exact polishing on the best rectangles
         if algorithm == "bcd" and polish_sweeps and not state["stop"]:

@@ -324,10 +324,12 @@ class BLAST(StructuredMatrix):
             SVD start), ``best_step``, ``stopped``, ``rel_error``, ``rank``, ``blocks`` and, for
             ``blocks="auto"``, ``candidates``.
         """
-        fit = fit_blast(W, budget, blocks=blocks, rank=rank, steps=steps, lr=lr,
-                        damping=damping, end_factor=end_factor, prune=prune, init=init,
-                        seed=seed, progress=progress, callback=callback)
-        return fit.matrix
+        from ..projection import get_projection  # the fitter registers itself (fit/)
+
+        return get_projection("blast")(W, budget, blocks=blocks, rank=rank, steps=steps, lr=lr,
+                                       damping=damping, end_factor=end_factor, prune=prune,
+                                       init=init, seed=seed, progress=progress,
+                                       callback=callback)
 
 
 def _resolve_blocks(blocks: Any, m: int, n: int, budget: int) -> list[tuple[int, int]]:

@@ -544,8 +544,7 @@ class GBLR(StructuredMatrix):
         ``rank_per_component``, ``components``, ...); the progress bar is off unless
         ``progress=True`` is passed. The result's ``info`` records the fit summary.
         """
-        from ..fit import fit_gblr
+        from ..projection import get_projection  # the fitter registers itself (fit/)
 
         options.setdefault("progress", False)
-        res = fit_gblr(W, budget, **options)
-        return res.matrix
+        return get_projection("gblr")(W, budget, **options)
