@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .base import StructuredMatrix, register_format
-from .gblr_plan import GBLRPlan, build_plan
+from .gblr_plan import BUCKET_COST, MATVEC_BUCKET_COST, ROW_FORM_BELOW, GBLRPlan, build_plan
 
 __all__ = ["GBLR"]
 
@@ -36,15 +36,18 @@ _PLAN_CACHE: OrderedDict[tuple, GBLRPlan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
 
 
-def cached_plan(G: GBLR, device: torch.device) -> GBLRPlan:
+def cached_plan(G: GBLR, device: torch.device, matvec: bool = False) -> GBLRPlan:
     """The plan of ``G``'s structure on ``device``, from a small LRU cache keyed by structure.
 
     Matrices that share a structure (a ``StructuredLinear`` rebuilt at every step, copies,
     reloads) share one plan; building one costs ``O(S log S)`` Python work for ``S`` slots.
+    ``matvec=True`` gives the plan for thin operands: one panel shape per stage, since call
+    overhead, not padding, dominates a mat-vec.
     """
     key = (
         G.shape,
         str(device),
+        matvec,
         tuple(
             t.numpy().tobytes()
             for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
@@ -60,6 +63,7 @@ def cached_plan(G: GBLR, device: torch.device) -> GBLRPlan:
             G.col_width.tolist(),
             G.ranks.tolist(),
             G.is_dense.tolist(),
+            bucket_cost=MATVEC_BUCKET_COST if matvec else BUCKET_COST,
         )
         if torch.device(device).type != "cpu":
             plan = plan.to(torch.device(device))
@@ -398,26 +402,43 @@ class GBLR(StructuredMatrix):
         """The batched-GEMM execution plan of this structure (built once, then cached).
 
         See :mod:`gblr_approx.formats.gblr_plan`; ``plan.fill`` is the share of real
-        multiply-adds among those executed.
+        multiply-adds among those executed. Products with fewer than ``ROW_FORM_BELOW``
+        columns use a second plan with one panel shape per stage (:meth:`plan_for`).
         """
-        return cached_plan(self, self.device)
+        return self.plan_for(ROW_FORM_BELOW)
 
-    def _panels(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def plan_for(self, columns: int) -> GBLRPlan:
+        """The plan a product with ``columns`` right-hand columns runs."""
+        matvec = columns < ROW_FORM_BELOW
+        dev = self.device
+        plans = getattr(self, "_plan_refs", None)
+        if plans is None:
+            plans = self._plan_refs = {}
+        key = (dev, matvec)
+        if key not in plans:
+            plans[key] = cached_plan(self, dev, matvec)
+        return plans[key]
+
+    def _panels(self, plan: GBLRPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         U, V = self._Uf, self._Vf
         if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
-            return self.plan.pack(U, V)  # differentiable: rebuilt at every product
+            return plan.pack(U, V)  # differentiable: rebuilt at every product
         key = (U.data_ptr(), V.data_ptr(), U._version, V._version, U.device)
-        cache = getattr(self, "_panel_cache", None)
+        caches = getattr(self, "_panel_caches", None)
+        if caches is None:
+            caches = self._panel_caches = {}
+        cache = caches.get(id(plan))
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                cache = (key, self.plan.pack(U, V))
-            self._panel_cache = cache
+                cache = (key, plan.pack(U, V))
+            caches[id(plan)] = cache
         return cache[1]
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         if self.num_components == 0:
             return X.new_zeros(self.shape[0], X.shape[1])
-        return self.plan.matmul(self._panels(), X)
+        plan = self.plan_for(X.shape[1])
+        return plan.matmul(self._panels(plan), X)
 
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ A`` for ``X`` of shape ``(k, m)``: the transpose's packed product.

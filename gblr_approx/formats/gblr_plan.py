@@ -39,6 +39,8 @@ __all__ = ["GBLRPlan", "build_plan"]
 TILES = (16, 32, 64)
 #: Price of one more bmm call, in multiply-adds per product column (see build_plan).
 BUCKET_COST = 4096
+#: The same price for thin operands (mat-vecs): one panel shape per stage.
+MATVEC_BUCKET_COST = 1e12
 #: Below this many product columns each bmm runs in row form ``(X^T W^T)^T``: MKL's column
 #: form has a large fixed cost per call when the right operand is thin (measured ~60 us vs
 #: ~3 us at one column).
@@ -47,6 +49,12 @@ ROW_FORM_BELOW = 32
 
 def _bmm(W: torch.Tensor, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``W @ X`` batched, in the faster of the two memory layouts for ``X``'s width."""
+    if X.shape[-1] == 1:  # mat-vecs: one multiply and one sum read the panels once
+        Y = (W * X.mT).sum(-1, keepdim=True)
+        if out is None:
+            return Y
+        out.copy_(Y)
+        return out
     if X.shape[-1] < ROW_FORM_BELOW:
         if out is None:
             return torch.bmm(X.mT, W.mT).mT
@@ -363,6 +371,7 @@ def build_plan(
     stage1: list[_Bucket] = []
     xg, zi = [], []
     for M, ids in buckets1:
+        ids = sorted(ids)  # tile order: a single bucket then needs no reordering
         G = len(ids)
         vidx = torch.full((G, M, T1), vo, dtype=torch.long)  # vo: the appended zero
         zidx = torch.full((G, M), S, dtype=torch.long)  # S: a scratch row for padding
@@ -381,6 +390,7 @@ def build_plan(
     stage2: list[_Bucket] = []
     zg, order = [], []
     for M, ids in buckets2:
+        ids = sorted(ids)
         G = len(ids)
         uidx = torch.full((G, T2, M), uo, dtype=torch.long)  # uo: the appended zero
         sidx = torch.full((G, M), S, dtype=torch.long)  # padding reads the zero scratch row
