@@ -22,6 +22,7 @@ calibration data is given, else the squared relative weight error.
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 import sys
 import time
@@ -45,11 +46,14 @@ __all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "replace_modul
 #: used when named explicitly.
 AUTO_FORMATS = ("lowrank", "blocksparse", "blocklowrank", "monarch")
 
-#: Budget fractions of each layer's dense cost tried by ``allocation="global"``.
-DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Budget fractions of each layer's dense cost tried by ``allocation="global"`` for the formats
+#: other than low-rank (low-rank tries every rank: its whole curve comes from one SVD).
+DEFAULT_FRACTIONS = (0.2, 0.35, 0.5, 0.65, 0.8)
 
-#: Cheaper refits while building the curves (the chosen candidate is refitted in full).
-_CURVE_OPTIONS = {"sweeps": 2}
+#: The curves use the data-aware projections without block-coordinate refits (the structure
+#: fitted to ``W`` and to ``W diag(G)^{1/2}``, the better kept); the chosen candidate of each
+#: layer is then projected again with the full refits, and kept only if it is better.
+_CURVE_OPTIONS = {"sweeps": 0}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -150,9 +154,10 @@ def _build_candidates(layer, formats, fractions, ridge, objective, options, fmt_
 
 
 def _project(layer, fmt, budget, ridge, opts):
+    """The projection, or None when the format does not fit this layer or budget."""
     try:
         return _project_strict(layer, fmt, budget, ridge, opts)
-    except InfeasibleBudgetError:
+    except ValueError:  # InfeasibleBudgetError, or options that do not fit the shape
         return None
 
 
@@ -160,6 +165,9 @@ def _allocate(layers: list[_Layer], budget: int) -> list[dict[str, Any]]:
     """Greedy multiple-choice knapsack on the lower convex hulls; see the module docstring."""
     hulls = []
     for L in layers:
+        if not L.cands:
+            raise ValueError(f"no format fits layer {L.name!r} ({L.m} x {L.n}) at any of the "
+                             "budget fractions tried")
         pts = sorted(L.cands, key=lambda c: (c["flops"], c["err"]))
         # Pareto front, then lower convex hull
         front: list[dict[str, Any]] = []
@@ -319,8 +327,17 @@ def compress_model(
         raise ValueError(f"fractions must be numbers in (0, 1]; got {fractions!r}")
     fmt_options = {get_format(k).format_name: dict(v) for k, v in (format_options or {}).items()}
     if options:
+        # each format gets the options its projection takes (block_shape -> blocksparse, ...)
+        used: set[str] = set()
         for f in fmts:
-            fmt_options[f] = {**options, **fmt_options.get(f, {})}
+            params = inspect.signature(get_format(f).project).parameters
+            takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+            mine = {k: v for k, v in options.items() if takes_any or k in params}
+            used |= set(mine)
+            fmt_options[f] = {**mine, **fmt_options.get(f, {})}
+        unknown = sorted(set(options) - used)
+        if unknown:
+            raise TypeError(f"options {unknown} are not accepted by any of the formats {fmts}")
     targets = select_linears(model, include, exclude)
     dense_total = sum(mod.in_features * mod.out_features for _, mod in targets)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):

