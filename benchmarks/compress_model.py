@@ -29,13 +29,13 @@ from gblr_approx.calibration import (
 )
 
 CONFIGS = {
-    # name: (formats, allocation, calibrated)
-    "lowrank uniform (weights)": ("lowrank", "uniform", False),
-    "gblr uniform (weights)": ("gblr", "uniform", False),
-    "lowrank uniform (data-aware)": ("lowrank", "uniform", True),
-    "lowrank global (data-aware)": ("lowrank", "global", True),
-    "auto uniform (data-aware)": ("auto", "uniform", True),
-    "auto global (data-aware)": ("auto", "global", True),
+    # name: (formats, allocation, calibrated, sensitivity-weighted)
+    "lowrank uniform (weights)": ("lowrank", "uniform", False, False),
+    "lowrank uniform (data-aware)": ("lowrank", "uniform", True, False),
+    "auto uniform (data-aware)": ("auto", "uniform", True, False),
+    "lowrank global (relative)": ("lowrank", "global", True, False),
+    "lowrank global (sensitivity)": ("lowrank", "global", True, True),
+    "auto global (sensitivity)": ("auto", "global", True, True),
 }
 
 
@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--grams", default=None, help="cache file for the calibration Grams")
+    p.add_argument("--save-report", default=None, help="CSV of the 'auto global' report")
     args = p.parse_args()
     torch.set_num_threads(1)
     from sentence_transformers import SentenceTransformer
@@ -91,24 +92,34 @@ def main() -> None:
         if args.grams:
             torch.save(dict(grams), args.grams)
     t_grams = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sub = calib[:128]
+    prep = getattr(dense, "preprocess", None) or dense.tokenize
+    sens = ga.nn.layer_sensitivity(
+        dense, lambda: dense(prep(sub))["sentence_embedding"], include=include)
+    t_sens = time.perf_counter() - t0
     print(f"calibration: {len(calib)} docstrings, Grams of {len(grams)} layers in "
-          f"{t_grams:.1f} s; evaluation: {len(ev)} sentences")
+          f"{t_grams:.1f} s; sensitivities (128 docstrings, 2 probes) in {t_sens:.1f} s; "
+          f"evaluation: {len(ev)} sentences")
     print(f"{'configuration':34s} {'mean cos':>8s} {'min cos':>8s} {'MACs':>6s} {'seconds':>8s}")
     for name in args.configs:
-        fmts, alloc, calibrated = CONFIGS[name]
+        fmts, alloc, calibrated, weighted = CONFIGS[name]
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         report = ga.nn.compress_model(model, fmts, args.budget, include=include,
                                       calibration=grams if calibrated else None,
-                                      allocation=alloc, progress=False)
+                                      allocation=alloc, progress=False,
+                                      sensitivity=sens if weighted else None)
         sec = time.perf_counter() - t0
         emb = torch.as_tensor(model.encode(ev, batch_size=64, convert_to_numpy=True))
         cos = cosine(emb, ref)
         frac = report.attrs["total_flops"] / report.attrs["dense_flops"]
         print(f"{name:34s} {float(cos.mean()):8.4f} {float(cos.min()):8.4f} {frac:6.3f} "
               f"{sec:8.1f}", flush=True)
-        if alloc == "global":
+        if alloc == "global" or fmts == "auto":
             print(report.groupby("format")["flops"].agg(["count", "sum"]).to_string())
+        if args.save_report and weighted and fmts == "auto":
+            report.to_csv(args.save_report)
 
 
 if __name__ == "__main__":

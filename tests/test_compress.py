@@ -182,3 +182,36 @@ def test_minilm_two_blocks_round_trip(tmp_path):
     path = save_compressed(model, tmp_path / "minilm.safetensors")
     fresh = load_compressed(st.SentenceTransformer(model_dir, device="cpu"), path)
     assert torch.equal(torch.as_tensor(fresh.encode(ev)), emb)
+
+
+def test_cli_compress_and_evaluate(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    import json
+
+    from click.testing import CliRunner
+
+    from gblr_approx.cli import main
+
+    model_dir = _minilm_dir()
+    calib = tmp_path / "calib.txt"
+    from gblr_approx.calibration import model_card_sentences, stdlib_docstrings
+
+    calib.write_text("\n".join(stdlib_docstrings(limit=24)), encoding="utf-8")
+    ev = tmp_path / "eval.txt"
+    ev.write_text("\n".join(model_card_sentences(model_dir)[:8]), encoding="utf-8")
+    out = tmp_path / "small.safetensors"
+    r = CliRunner().invoke(main, ["compress", model_dir, "--budget", "50%", "--formats",
+                                  "lowrank", "--no-sensitivity", "--calibration", str(calib),
+                                  "--out", str(out), "--include", "*encoder.layer.0.*",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["summary"]["layers"] == 6 and len(rec["layers"]) == 6
+    assert rec["summary"]["flops"] <= rec["summary"]["budget_macs"] and out.is_file()
+    r = CliRunner().invoke(main, ["evaluate", model_dir, str(out), "--texts", str(ev), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["texts"] == 8 and 0.9 < res["mean_cosine"] <= 1.0  # one block of six: ~0.99
+    r = CliRunner().invoke(main, ["compress", model_dir, "--calibration", "nope.txt", "--out",
+                                  str(out)])
+    assert r.exit_code == 2 and "no such file" in r.output
