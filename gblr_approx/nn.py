@@ -25,6 +25,7 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "layer_sensitivity",
+    "distill",
 ]
 
 
@@ -120,4 +121,5 @@ def compress_linear(
 from .calibration import collect_grams  # noqa: E402
 from .compress import compress_model  # noqa: E402
 from .compressed import load_compressed, save_compressed  # noqa: E402
+from .finetune import distill  # noqa: E402
 from .sensitivity import layer_sensitivity  # noqa: E402
