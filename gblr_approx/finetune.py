@@ -118,7 +118,7 @@ def distill(
             val.backward()
             opt.step()
             sched.step()
-            history.append(float(val))
+            history.append(float(val.detach()))
             if callback is not None:
                 callback(step, history[-1])
     finally:

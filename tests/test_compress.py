@@ -215,3 +215,25 @@ def test_cli_compress_and_evaluate(tmp_path):
     r = CliRunner().invoke(main, ["compress", model_dir, "--calibration", "nope.txt", "--out",
                                   str(out)])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_distill_recovers_outputs_and_trains_only_structured_layers():
+    import copy
+
+    from gblr_approx.nn import distill
+
+    teacher, X = _model(), _inputs()
+    student = copy.deepcopy(teacher)
+    compress_model(student, "lowrank", 0.3, calibration=lambda: student(X), exclude="4")
+    last = student[4].weight.detach().clone()
+    with torch.no_grad():
+        before = float((student(X) - teacher(X)).norm() / teacher(X).norm())
+    hist = distill(student, teacher, list(X), lambda m, b: m(torch.stack(b)), steps=150,
+                   lr=1e-2, batch_size=32, loss="mse")
+    with torch.no_grad():
+        after = float((student(X) - teacher(X)).norm() / teacher(X).norm())
+    assert len(hist) == 150 and after < 0.9 * before  # measured 0.296 -> 0.249
+    assert torch.equal(student[4].weight, last)  # the dense layer is frozen
+    assert student[4].weight.requires_grad  # and its flag restored
+    with pytest.raises(ValueError, match="loss must be"):
+        distill(student, teacher, list(X), lambda m, b: m(torch.stack(b)), loss="kl")
