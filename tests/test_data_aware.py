@@ -152,3 +152,14 @@ def test_real_layers_never_worse(minilm_layer0):
             assert A.flops <= plain.info["budget_macs"]
             assert e1 <= e0 + 1e-12, (name, fmt, e0, e1)
             assert e1 < 0.8 * e0, (name, fmt, e0, e1)  # measured 0.3-0.6 x
+
+
+def test_fit_gblr_accepts_gram(gen):
+    m, n = 32, 24
+    W = torch.randn(m, n, dtype=torch.float64, generator=gen)
+    G = _gram(n, 200, gen)
+    plain = ga.fit_gblr(W, 0.5, steps=2, progress=False)
+    res = ga.fit_gblr(W, 0.5, steps=2, progress=False, gram=G)
+    assert isinstance(res.matrix, ga.GBLR) and res.matrix.flops <= res.budget
+    assert output_error(W, res.matrix, G) <= output_error(W, plain.matrix, G) + 1e-12
+    assert res.info["output_error"] == pytest.approx(output_error(W, res.matrix, G))
