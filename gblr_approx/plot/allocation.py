@@ -68,15 +68,20 @@ def budget_allocation(data: Any, ax: Any = None, **kwargs: Any) -> Any:
         if ax is None:
             from .style import new_figure
 
-            fig, ax = new_figure(width, min(1.2 + 0.12 * len(names), 9.0))
+            fig, ax = new_figure(width, min(1.4 + 0.12 * len(names), 9.5))
+            own = True
         else:
             fig = figure_of(ax)
+            own = False
         seen: set[str] = set()
         for i, (fmt, frac) in enumerate(zip(report["format"], report["budget_fraction"],
                                             strict=True)):
             lab = format_label(fmt) if fmt not in seen else "_nolegend_"
             seen.add(fmt)
-            ax.barh(i, float(frac), height=0.75, color=format_color(fmt), label=lab)
+            dense = fmt == "dense"  # kept as the original layer: light, so the dot shows
+            ax.barh(i, float(frac), height=0.75, label=lab,
+                    color="#d9d9d9" if dense else format_color(fmt),
+                    edgecolor="#777777" if dense else "none", linewidth=0.5)
         ax.axvline(budget, color="#333333", linestyle="--", linewidth=0.8,
                    label=f"budget {budget:.0%}")
         ax.set_yticks(range(len(names)), labels)
@@ -90,13 +95,16 @@ def budget_allocation(data: Any, ax: Any = None, **kwargs: Any) -> Any:
             ax2.plot(errs, range(len(names)), "o", color="black", markersize=2.5,
                      label="output error")
             ax2.set_xlim(0, max(float(np.nanmax(errs)) * 1.1, 1e-3))
-            ax2.set_xlabel(r"relative output error $\|(W-A)X\|_F/\|WX\|_F$ (dots)")
+            ax2.set_xlabel(r"output error $\|(W-A)X\|_F/\|WX\|_F$ (dots)")
             ax2.grid(False)
         handles, labs = ax.get_legend_handles_labels()
         order = sorted(range(len(labs)), key=lambda t: (labs[t].startswith("budget"),
                                                          format_sort_key(labs[t])))
-        ax.legend([handles[t] for t in order], [labs[t] for t in order], loc="lower right",
-                  fontsize="small")
+        handles, labs = [handles[t] for t in order], [labs[t] for t in order]
+        if own:  # below the axes: never over a bar
+            fig.legend(handles, labs, loc="outside lower center", ncols=min(len(labs), 3))
+        else:
+            ax.legend(handles, labs, loc="lower right", fontsize="small")
         if title:
             ax.set_title(title)
     return fig
