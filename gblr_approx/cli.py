@@ -769,5 +769,11 @@ from .plot.command import plot  # noqa: E402
 
 main.add_command(plot)
 
+# `compress` / `evaluate` (Hugging Face model folders) live in gblr_approx/cli_compress.py.
+from .cli_compress import compress, evaluate  # noqa: E402
+
+main.add_command(compress)
+main.add_command(evaluate)
+
 if __name__ == "__main__":
     main()

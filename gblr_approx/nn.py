@@ -8,7 +8,6 @@ project pretrained ``nn.Linear`` layers into a format at a budget.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import torch
@@ -18,7 +17,16 @@ from .formats.base import StructuredMatrix, get_format
 from .metrics import relative_error
 from .projection import project
 
-__all__ = ["StructuredLinear", "compress_linear", "compress_model"]
+__all__ = [
+    "StructuredLinear",
+    "compress_linear",
+    "compress_model",
+    "collect_grams",
+    "save_compressed",
+    "load_compressed",
+    "layer_sensitivity",
+    "distill",
+]
 
 
 class StructuredLinear(nn.Module):
@@ -132,49 +140,11 @@ def compress_linear(
     return StructuredLinear(A.to(dtype=W.dtype), bias)
 
 
-def compress_model(
-    model: nn.Module,
-    format: str,
-    budget: float | int,
-    *,
-    include: str | list[str] = "*",
-    exclude: str | list[str] | None = None,
-    **options: Any,
-) -> dict[str, dict[str, Any]]:
-    """Replace the ``nn.Linear`` layers of ``model`` (in place) by structured ones.
-
-    Parameters
-    ----------
-    include, exclude : glob pattern(s) on the module names (``model.named_modules()``).
-
-    Returns
-    -------
-    dict
-        Module name -> ``{"format", "flops", "dense_flops", "rel_error"}`` for each layer replaced.
-    """
-    inc = [include] if isinstance(include, str) else list(include)
-    exc = [] if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
-    targets = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear)
-        and any(fnmatch.fnmatchcase(name, p) for p in inc)
-        and not any(fnmatch.fnmatchcase(name, p) for p in exc)
-    ]
-    if not targets:
-        raise ValueError(f"no nn.Linear module matches include={include!r}, exclude={exclude!r}")
-    report = {}
-    for name, mod in targets:
-        new = compress_linear(mod, format, budget, **options)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        report[name] = {
-            "format": new.format_name,
-            "flops": new.flops,
-            "dense_flops": mod.in_features * mod.out_features,
-            "rel_error": new.info["rel_error"],
-        }
-    return report
+# model-level compression lives in its own modules (data-aware, global allocation, I/O)
+from .calibration import collect_grams  # noqa: E402
+from .compress import compress_model  # noqa: E402
+from .compressed import load_compressed, save_compressed  # noqa: E402
+from .finetune import distill  # noqa: E402
+from .sensitivity import layer_sensitivity  # noqa: E402
 from .gaudi_linear import GaudiGBLRLinear, gaudi_model  # noqa: E402, I001 (trainable Gaudi-GBLR)
 __all__ += ["GaudiGBLRLinear", "gaudi_model"]

@@ -155,6 +155,14 @@ def fit_gblr(
     TypeError, ValueError
         Invalid ``W``, ``budget`` or option (the message names it).
     """
+    gram = options.pop("gram", None)
+    if gram is not None:  # data-aware: minimise ||(W - A) L||_F (gblr_approx/fit/weighted.py)
+        from .weighted import fit_gblr_data_aware
+
+        return fit_gblr_data_aware(W, budget, gram, steps=steps, device=device, seed=seed,
+                                   progress=progress, callback=callback,
+                                   rank_per_component=rank_per_component,
+                                   components=components, **options)
     threads = torch.get_num_threads()
     if threads > 1:
         # measured: the fit is made of many small products, SVDs of blocks and O(m) scans;

