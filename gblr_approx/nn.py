@@ -145,6 +145,7 @@ from .calibration import collect_grams  # noqa: E402
 from .compress import compress_model  # noqa: E402
 from .compressed import load_compressed, save_compressed  # noqa: E402
 from .finetune import distill  # noqa: E402
-from .sensitivity import layer_sensitivity  # noqa: E402
 from .gaudi_linear import GaudiGBLRLinear, gaudi_model  # noqa: E402, I001 (trainable Gaudi-GBLR)
+from .sensitivity import layer_sensitivity  # noqa: E402
+
 __all__ += ["GaudiGBLRLinear", "gaudi_model"]
