@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..formats.blocklowrank import balanced_splits
-from ..linalg import svd
+from ..linalg import frob2, top_svd
 
 __all__ = ["BlastFitResult", "fit_blast_factors", "balanced_splits", "spd_solve"]
 
@@ -126,6 +126,11 @@ class BlastFitResult:
         ``"completed"``, ``"non-finite"`` (iterate became NaN/Inf; the best finite one is
         returned) or ``"converged"`` (relative error below ``tol``).
     seconds : float
+    info : dict
+        How the fit ran: ``init_svd`` (``"exact"`` or ``"randomized"``, the SVD of the
+        start, chosen by :func:`gblr_approx.linalg.choose_svd_method`), ``layout``
+        (``"batched"`` or ``"frugal"``, see :data:`FRUGAL_MIN_ENTRIES`) and ``chunks``
+        (block-row and block-column chunks of the large temporaries).
     """
 
     U: torch.Tensor
@@ -138,6 +143,7 @@ class BlastFitResult:
     rel_error: float = float("nan")
     stopped: str = "completed"
     seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 #: Below this many MACs per product ``A_blocks @ C^T`` (``m n r``), the fit runs on one thread.
@@ -148,6 +154,16 @@ class BlastFitResult:
 #: (81.7 s instead of 1.2 s). Up to this size one thread is never much slower when the machine
 #: is quiet; larger fits (big LLM layers) keep torch's thread count.
 SINGLE_THREAD_BELOW = 100_000_000
+
+#: From this many entries of ``A`` on, the fit uses its memory-frugal layout: no normalised
+#: copy of ``A`` and no re-blocked copies when the grid divides the shape (the products read
+#: strided views of ``A``), ``A C^T`` taken a few block columns at a time, and the
+#: ``(b1, b2, r, r)`` Hadamard systems of the ``s`` step built a few block rows at a time, so
+#: every temporary stays below ``m n / 4`` entries except ``H = B^T A`` (``b1 r n`` entries,
+#: kept because both the ``C`` and the ``s`` steps read it). Peak extra memory: about
+#: ``(b1 r / m + 1) * 4 m n`` bytes. Below it the batched layout (two re-blocked copies,
+#: whole-batch einsums) is kept: it is faster for small fits and unchanged from before.
+FRUGAL_MIN_ENTRIES = 2**21
 
 
 @contextmanager
@@ -326,8 +342,18 @@ def _fit(
             rel_error=0.0, stopped="converged",
         )
         return z
-    An = A / scale
-    normA2 = float(torch.sum(An.to(torch.float64) ** 2))
+    # memory-frugal layout for large layers (see FRUGAL_MIN_ENTRIES): no normalised or
+    # re-blocked copy of A when the grid divides the shape, products taken from strided views
+    # of A, and the (b1, b2, r, r) Hadamard systems built in chunks of block rows
+    frugal = m * n >= FRUGAL_MIN_ENTRIES
+    inv = 1.0 / scale
+    if frugal:
+        An = A
+        normA2 = frob2(A) * inv * inv
+    else:
+        An = A / scale
+        normA2 = float(torch.sum(An.to(torch.float64) ** 2))
+    info: dict[str, Any] = {"layout": "frugal" if frugal else "batched"}
 
     # ---- initialisation (in normalised units)
     if isinstance(init, tuple):
@@ -340,7 +366,10 @@ def _fit(
         U0, V0, S0 = U0 / math.sqrt(scale), V0 / math.sqrt(scale), S0.clone()
     elif init == "svd":
         k = min(r, m, n)
-        Us, sv, Vh = svd(An)
+        Us, sv, Vh, svd_info = top_svd(An, k, seed=seed)
+        info["init_svd"] = svd_info["svd"]
+        if frugal:
+            sv = sv * inv
         sq = sv[:k].clamp_min(0).sqrt()
         U0 = An.new_zeros(m, r)
         V0 = An.new_zeros(n, r)
@@ -351,6 +380,7 @@ def _fit(
             U0[:, k:] = small * randn(m, r - k)
             V0[:, k:] = small * randn(n, r - k)
         S0 = An.new_ones(b1, b2, r)
+        del Us, Vh
     elif init == "random":
         U0 = 1e-3 / math.sqrt(r) * randn(m, r)
         V0 = 1e-3 / math.sqrt(r) * randn(n, r)
@@ -358,28 +388,97 @@ def _fit(
     else:
         raise ValueError(f"init must be 'svd', 'random' or a (U, V, S) tuple; got {init!r}")
 
-    Ab, p, q = _to_blocks(An, rs, cs)  # (b1, b2, p, q), zero-padded
-    # two layouts of the padded matrix so that the products are few large matmuls
-    A_rows = Ab.permute(0, 2, 1, 3).reshape(b1, p, b2 * q)  # row block i: (p, N)
-    A_cols = Ab.permute(1, 0, 2, 3).reshape(b2, b1 * p, q)  # column block j: (M, q)
-    del Ab
+    p = max(rs[i + 1] - rs[i] for i in range(b1))
+    q = max(cs[j + 1] - cs[j] for j in range(b2))
+    view_ok = frugal and p * b1 == m and q * b2 == n
+    if view_ok:
+        A_rows = An.view(b1, p, n)  # row block i: (p, N), a view of A
+        A_cols = None  # column block j: the strided view An[:, cs[j]:cs[j+1]]
+    else:
+        # two layouts of the padded matrix so that the products are few large matmuls
+        Ab, p, q = _to_blocks(An if not frugal else An * inv, rs, cs)  # (b1, b2, p, q)
+        A_rows = Ab.permute(0, 2, 1, 3).reshape(b1, p, b2 * q)  # row block i: (p, N)
+        del Ab
+        A_cols = A_rows.view(b1, p, b2, q).permute(2, 0, 1, 3).reshape(b2, b1 * p, q)
+    rows_scale = cols_scale = inv if view_ok else 1.0
+    if not frugal:
+        del An
     Bp = _pad_rows(U0, rs, p)  # (b1, p, r)
     Cp = _pad_rows(V0, cs, q).transpose(1, 2).contiguous()  # (b2, r, q)
     S = S0.clone()  # (b1, b2, r)
+    del U0, V0
     f64 = torch.float64
+    # chunks: at most ~m n / 4 entries per temporary (T: cj * M * r, M: ci * b2 * r * r)
+    cap = max(m * n // 4, 1)
+    cj = b2 if not frugal else max(1, min(b2, cap // max(b1 * p * r, 1)))
+    ci = b1 if not frugal else max(1, min(b1, cap // max(b2 * r * r, 1)))
+    info["chunks"] = [math.ceil(b1 / ci), math.ceil(b2 / cj)]
 
     def dot(x: torch.Tensor, y: torch.Tensor) -> float:
         return float(torch.sum(x * y, dtype=f64))
 
     def row_products(B: torch.Tensor) -> torch.Tensor:
         """``H[i, r, j, q] = (B_i^T A_ij)[r, q]``: ``b1`` products ``(r, p) @ (p, N)``."""
-        return (B.mT @ A_rows).view(b1, r, b2, q)
+        H = (B.mT @ A_rows).view(b1, r, b2, q)
+        return H.mul_(rows_scale) if rows_scale != 1.0 else H
+
+    def y_products(C: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``Y_i = sum_j (A_ij C_j^T) diag(s_ij)``: (b1, p, r), ``m n r`` MACs, chunked."""
+        Y = None
+        for j0 in range(0, b2, cj):
+            j1 = min(b2, j0 + cj)
+            if A_cols is None:
+                T = torch.stack([An[:, cs[j] : cs[j + 1]] @ C[j].mT for j in range(j0, j1)])
+                T.mul_(cols_scale)
+            else:
+                T = A_cols[j0:j1] @ C[j0:j1].mT
+            y = torch.einsum("jipr,ijr->ipr", T.view(j1 - j0, b1, p, r), s[:, j0:j1])
+            Y = y if Y is None else Y.add_(y)
+            del T
+        return Y
+
+    def gram_sum(s: torch.Tensor, Gm: torch.Tensor, over_rows: bool) -> torch.Tensor:
+        """``P_i = sum_j (s_ij s_ij^T) * Gc_j`` (or ``Q_j`` over ``i``), never (b1, b2, r, r)."""
+        if not frugal:
+            if over_rows:
+                return torch.einsum("ijr,ijs,jrs->irs", s, s, Gm)
+            return torch.einsum("ijr,ijs,irs->jrs", s, s, Gm)
+        out = None
+        for t in range(b2 if over_rows else b1):
+            st = s[:, t] if over_rows else s[t]  # (b1, r) or (b2, r)
+            term = (st.unsqueeze(-1) * st.unsqueeze(-2)).mul_(Gm[t])
+            out = term if out is None else out.add_(term)
+        return out
+
+    def contract_rows(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``Z_j = sum_i diag(s_ij) H_ij``: (b2, r, q); a loop over ``i`` when frugal (the
+        einsum copies ``H`` into another layout)."""
+        if not frugal:
+            return torch.einsum("irjq,ijr->jrq", H, s)
+        Z = torch.zeros(b2, r, q, dtype=H.dtype, device=H.device)
+        for i in range(b1):
+            Z.add_(H[i].permute(1, 0, 2) * s[i].unsqueeze(-1))
+        return Z
+
+    def contract_diag(H: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """``d_ij = diag(H_ij C_j^T)``: (b1, b2, r)."""
+        if not frugal:
+            return torch.einsum("irjq,jrq->ijr", H, C)
+        return torch.stack([(H[i].permute(1, 0, 2) * C).sum(-1) for i in range(b1)])
+
+    def hadamard(Gb: torch.Tensor, Gc: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+        return Gb[i0:i1].unsqueeze(1) * Gc.unsqueeze(0)  # (i1 - i0, b2, r, r)
 
     def full_loss(B: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> float:
         H = row_products(B)
-        d = torch.einsum("irjq,jrq->ijr", H, C)  # diag(B_i^T A_ij C_j^T)
-        M = (B.mT @ B).unsqueeze(1) * (C @ C.mT).unsqueeze(0)
-        quad = dot(s, (M @ s.unsqueeze(-1)).squeeze(-1))
+        d = contract_diag(H, C)  # diag(B_i^T A_ij C_j^T)
+        del H
+        Gb, Gc = B.mT @ B, C @ C.mT
+        quad = 0.0
+        for i0 in range(0, b1, ci):
+            i1 = min(b1, i0 + ci)
+            M = hadamard(Gb, Gc, i0, i1)
+            quad += dot(s[i0:i1], (M @ s[i0:i1].unsqueeze(-1)).squeeze(-1))
         return normA2 - 2.0 * dot(s, d) + quad
 
     def rel(loss: float) -> float:
@@ -407,29 +506,47 @@ def _fit(
         lr_t = lr * (1.0 - (1.0 - end_factor) * t / max(steps, 1))
         # ---------------- B step: B_i <- B_i - lr (B_i P_i - Y_i)(P_i + eps I)^-1
         Gc = Cp @ Cp.mT  # (b2, r, r)
-        T = (A_cols @ Cp.mT).view(b2, b1, p, r)  # T[j, i] = A_ij C_j^T
-        Y = torch.einsum("jipr,ijr->ipr", T, S)  # (b1, p, r)
-        P = torch.einsum("ijr,ijs,jrs->irs", S, S, Gc)  # (b1, r, r)
+        Y = y_products(Cp, S)  # (b1, p, r)
+        P = gram_sum(S, Gc, over_rows=True)  # (b1, r, r)
         eps = damp(dot(Bp, Y), dot(Bp.mT @ Bp, P))
         G = Bp @ P - Y
+        del Y
         Bp = Bp - lr_t * spd_solve(P, G.mT, eps, overwrite=True).mT
         # ---------------- C step: C_j <- C_j - lr (Q_j + eps I)^-1 (Q_j C_j - Z_j)
         Gb = Bp.mT @ Bp  # (b1, r, r)
         H = row_products(Bp)  # H[i, :, j, :] = B_i^T A_ij
-        Z = torch.einsum("irjq,ijr->jrq", H, S)  # (b2, r, q)
-        Q = torch.einsum("ijr,ijs,irs->jrs", S, S, Gb)  # (b2, r, r)
+        Z = contract_rows(H, S)  # (b2, r, q)
+        Q = gram_sum(S, Gb, over_rows=False)  # (b2, r, r)
         eps = damp(dot(Cp, Z), dot(Cp @ Cp.mT, Q))
         G = Q @ Cp - Z
         Cp = Cp - lr_t * spd_solve(Q, G, eps, overwrite=True)
         # ---------------- s step: s_ij <- s_ij - lr (M_ij + eps I)^-1 (M_ij s_ij - d_ij)
         Gc = Cp @ Cp.mT
-        dvec = torch.einsum("irjq,jrq->ijr", H, Cp)  # diag(B_i^T A_ij C_j^T)
-        M = Gb.unsqueeze(1) * Gc.unsqueeze(0)  # (b1, b2, r, r) = Gb_i * Gc_j
-        Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
+        dvec = contract_diag(H, Cp)  # diag(B_i^T A_ij C_j^T)
+        del H, Z, G
+        # M_ij = Gb_i * Gc_j, (b1, b2, r, r): whole for small fits, chunks of rows otherwise
+        single = ci >= b1
+        Ms = torch.empty_like(S)
+        Mk = None
+        for i0 in range(0, b1, ci):
+            i1 = min(b1, i0 + ci)
+            Mk = hadamard(Gb, Gc, i0, i1)
+            Ms[i0:i1] = (Mk @ S[i0:i1].unsqueeze(-1)).squeeze(-1)
         eps = damp(dot(S, dvec), dot(S, Ms))
         G = Ms - dvec
-        S = S - lr_t * spd_solve(M, G.unsqueeze(-1), eps, overwrite=True).squeeze(-1)
-        # M now holds M + eps I
+        Snew = torch.empty_like(S)
+        X = torch.empty_like(S)
+        for i0 in range(0, b1, ci):
+            i1 = min(b1, i0 + ci)
+            Mk = Mk if single else hadamard(Gb, Gc, i0, i1)
+            X[i0:i1] = spd_solve(Mk, G[i0:i1].unsqueeze(-1), eps, overwrite=True).squeeze(-1)
+            Snew[i0:i1] = S[i0:i1] - lr_t * X[i0:i1]
+        S = Snew
+        if not single and not nonnegative and prune == 0:
+            # M s_new = M s - lr M x and M x = (M + eps I) x - eps x = g - eps x: the loss
+            # needs no third pass over the Hadamard systems
+            Ms = Ms - lr_t * (G - eps * X)
+        # Mk now holds M + eps I (when single)
         if nonnegative:
             S = S.clamp_min(0)
         if prune > 0:
@@ -444,8 +561,19 @@ def _fit(
             alive = alive & (shrink > 0)  # a pruned rank stays pruned
             S = S * (shrink * alive)
         # ---------------- loss after the iteration (cheap, from Gram matrices)
-        Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
-        loss = normA2 - 2.0 * dot(S, dvec) + dot(S, Ms) - eps * dot(S, S)
+        if single:
+            Ms = (Mk @ S.unsqueeze(-1)).squeeze(-1)
+            loss = normA2 - 2.0 * dot(S, dvec) + dot(S, Ms) - eps * dot(S, S)
+        elif not nonnegative and prune == 0:
+            loss = normA2 - 2.0 * dot(S, dvec) + dot(S, Ms)
+        else:
+            quad = 0.0
+            for i0 in range(0, b1, ci):
+                i1 = min(b1, i0 + ci)
+                Mk = hadamard(Gb, Gc, i0, i1)
+                quad += dot(S[i0:i1], (Mk @ S[i0:i1].unsqueeze(-1)).squeeze(-1))
+            loss = normA2 - 2.0 * dot(S, dvec) + quad
+        del Mk
         # a NaN/Inf anywhere in B or C reaches the Gram matrices and hence the loss
         finite = math.isfinite(loss) and bool(torch.isfinite(S).all())
         if not finite:
@@ -477,5 +605,5 @@ def _fit(
     return BlastFitResult(
         U=U.contiguous(), V=V.contiguous(), S=Sb.contiguous(), row_splits=rs, col_splits=cs,
         history=history, best_step=step_b, rel_error=rel(loss_b), stopped=stopped,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, info=info,
     )
