@@ -423,19 +423,46 @@ def _fit(
         return H.mul_(rows_scale) if rows_scale != 1.0 else H
 
     def y_products(C: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``Y_i = sum_j (A_ij C_j^T) diag(s_ij)``: (b1, p, r), ``m n r`` MACs, chunked."""
-        Y = None
+        """``Y_i = sum_j (A_ij C_j^T) diag(s_ij)``: (b1, p, r), ``m n r`` MACs (batched)."""
+        T = (A_cols @ C.mT).view(b2, b1, p, r)  # T[j, i] = A_ij C_j^T
+        return torch.einsum("jipr,ijr->ipr", T, s)
+
+    def col_products(C: torch.Tensor) -> torch.Tensor:
+        """Frugal layout: ``T[j, i] = A_ij C_j^T``, (b2, b1, p, r) (``m b2 r`` entries, kept
+        from the ``s`` step to the next ``B`` step, where ``C`` is unchanged), ``m n r``
+        MACs a few block columns at a time."""
+        T = C.new_empty(b2, b1 * p, r)
         for j0 in range(0, b2, cj):
             j1 = min(b2, j0 + cj)
             if A_cols is None:
-                T = torch.stack([An[:, cs[j] : cs[j + 1]] @ C[j].mT for j in range(j0, j1)])
-                T.mul_(cols_scale)
+                for j in range(j0, j1):
+                    torch.matmul(An[:, cs[j] : cs[j + 1]], C[j].mT, out=T[j])
             else:
-                T = A_cols[j0:j1] @ C[j0:j1].mT
-            y = torch.einsum("jipr,ijr->ipr", T.view(j1 - j0, b1, p, r), s[:, j0:j1])
-            Y = y if Y is None else Y.add_(y)
-            del T
+                torch.matmul(A_cols[j0:j1], C[j0:j1].mT, out=T[j0:j1])
+        if cols_scale != 1.0:
+            T.mul_(cols_scale)
+        return T.view(b2, b1, p, r)
+
+    def y_from(T: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        Y = torch.zeros(b1, p, r, dtype=T.dtype, device=T.device)
+        for j in range(b2):
+            Y.add_(T[j] * s[:, j].unsqueeze(1))
         return Y
+
+    def d_from(T: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``d_ij = diag(B_i^T A_ij C_j^T)`` from ``T``: (b1, b2, r)."""
+        return torch.stack([(T[j] * B).sum(1) for j in range(b2)], dim=1)
+
+    def z_products(B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Frugal layout: ``Z_j = sum_i diag(s_ij) B_i^T A_ij``, (b2, r, q), one block row
+        of ``B^T A`` (``r n`` entries) at a time; ``m n r`` MACs."""
+        Z = torch.zeros(b2, r, q, dtype=B.dtype, device=B.device)
+        for i in range(b1):
+            Hi = (B[i].mT @ A_rows[i]).view(r, b2, q)
+            if rows_scale != 1.0:
+                Hi.mul_(rows_scale)
+            Z.add_(Hi.permute(1, 0, 2) * s[i].unsqueeze(-1))
+        return Z
 
     def gram_sum(s: torch.Tensor, Gm: torch.Tensor, over_rows: bool) -> torch.Tensor:
         """``P_i = sum_j (s_ij s_ij^T) * Gc_j`` (or ``Q_j`` over ``i``), never (b1, b2, r, r)."""
@@ -450,29 +477,16 @@ def _fit(
             out = term if out is None else out.add_(term)
         return out
 
-    def contract_rows(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``Z_j = sum_i diag(s_ij) H_ij``: (b2, r, q); a loop over ``i`` when frugal (the
-        einsum copies ``H`` into another layout)."""
-        if not frugal:
-            return torch.einsum("irjq,ijr->jrq", H, s)
-        Z = torch.zeros(b2, r, q, dtype=H.dtype, device=H.device)
-        for i in range(b1):
-            Z.add_(H[i].permute(1, 0, 2) * s[i].unsqueeze(-1))
-        return Z
-
-    def contract_diag(H: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """``d_ij = diag(H_ij C_j^T)``: (b1, b2, r)."""
-        if not frugal:
-            return torch.einsum("irjq,jrq->ijr", H, C)
-        return torch.stack([(H[i].permute(1, 0, 2) * C).sum(-1) for i in range(b1)])
-
     def hadamard(Gb: torch.Tensor, Gc: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
         return Gb[i0:i1].unsqueeze(1) * Gc.unsqueeze(0)  # (i1 - i0, b2, r, r)
 
     def full_loss(B: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> float:
-        H = row_products(B)
-        d = contract_diag(H, C)  # diag(B_i^T A_ij C_j^T)
-        del H
+        if frugal:
+            d = d_from(T_cur, B)
+        else:
+            H = row_products(B)
+            d = torch.einsum("irjq,jrq->ijr", H, C)  # diag(B_i^T A_ij C_j^T)
+            del H
         Gb, Gc = B.mT @ B, C @ C.mT
         quad = 0.0
         for i0 in range(0, b1, ci):
@@ -488,6 +502,7 @@ def _fit(
         return damping * math.sqrt(max(normA2 - 2.0 * inner + quad, 0.0))
 
     alive = torch.ones(r, dtype=torch.bool, device=dev)  # ranks not pruned yet
+    T_cur = col_products(Cp) if frugal else None
     loss0 = full_loss(Bp, Cp, S)
     best = (loss0, 0, Bp.clone(), Cp.clone(), S.clone())
     history: list[dict[str, float]] = [
@@ -506,24 +521,35 @@ def _fit(
         lr_t = lr * (1.0 - (1.0 - end_factor) * t / max(steps, 1))
         # ---------------- B step: B_i <- B_i - lr (B_i P_i - Y_i)(P_i + eps I)^-1
         Gc = Cp @ Cp.mT  # (b2, r, r)
-        Y = y_products(Cp, S)  # (b1, p, r)
+        Y = y_from(T_cur, S) if frugal else y_products(Cp, S)  # (b1, p, r)
         P = gram_sum(S, Gc, over_rows=True)  # (b1, r, r)
         eps = damp(dot(Bp, Y), dot(Bp.mT @ Bp, P))
         G = Bp @ P - Y
         del Y
         Bp = Bp - lr_t * spd_solve(P, G.mT, eps, overwrite=True).mT
+        del P, G, Gc
         # ---------------- C step: C_j <- C_j - lr (Q_j + eps I)^-1 (Q_j C_j - Z_j)
         Gb = Bp.mT @ Bp  # (b1, r, r)
-        H = row_products(Bp)  # H[i, :, j, :] = B_i^T A_ij
-        Z = contract_rows(H, S)  # (b2, r, q)
+        if frugal:
+            Z = z_products(Bp, S)  # (b2, r, q)
+        else:
+            H = row_products(Bp)  # H[i, :, j, :] = B_i^T A_ij
+            Z = torch.einsum("irjq,ijr->jrq", H, S)  # (b2, r, q)
         Q = gram_sum(S, Gb, over_rows=False)  # (b2, r, r)
         eps = damp(dot(Cp, Z), dot(Cp @ Cp.mT, Q))
         G = Q @ Cp - Z
         Cp = Cp - lr_t * spd_solve(Q, G, eps, overwrite=True)
+        del Q
         # ---------------- s step: s_ij <- s_ij - lr (M_ij + eps I)^-1 (M_ij s_ij - d_ij)
         Gc = Cp @ Cp.mT
-        dvec = contract_diag(H, Cp)  # diag(B_i^T A_ij C_j^T)
-        del H, Z, G
+        if frugal:
+            T_cur = None
+            T_cur = col_products(Cp)  # also serves the next B step (C is unchanged there)
+            dvec = d_from(T_cur, Bp)
+        else:
+            dvec = torch.einsum("irjq,jrq->ijr", H, Cp)  # diag(B_i^T A_ij C_j^T)
+            del H
+        del Z, G
         # M_ij = Gb_i * Gc_j, (b1, b2, r, r): whole for small fits, chunks of rows otherwise
         single = ci >= b1
         Ms = torch.empty_like(S)
@@ -555,6 +581,8 @@ def _fit(
             nb = torch.linalg.vector_norm(Bp, dim=(0, 1)).clamp_min(1e-30)
             nc = torch.linalg.vector_norm(Cp, dim=(0, 2)).clamp_min(1e-30)
             Bp, Cp, S = Bp / nb, Cp / nc[:, None], S * (nb * nc)
+            if frugal:
+                T_cur.div_(nc)  # T = A C^T follows the rescaled C
             norms = torch.linalg.vector_norm(S, dim=(0, 1))
             thresh = prune * lr_t * math.sqrt(normA2)
             shrink = (1 - thresh / norms.clamp_min(1e-30)).clamp_min(0)
