@@ -57,7 +57,12 @@ def _allocate(
     budget: int,
     max_blocks: int | None,
 ) -> tuple[int, torch.Tensor]:
-    """Greedy knapsack: global ranks (cost c1 each) vs block ranks (cost c2[b] each)."""
+    """Greedy knapsack: global ranks (cost c1 each) vs block ranks (cost c2[b] each).
+
+    Runs on the CPU: the spectra (``min(m, n) + b1 b2 t`` numbers) are copied there once, an
+    explicit transfer when the fit runs on a GPU (a no-op on the CPU).
+    """
+    S1, S2 = S1.detach().cpu(), S2.detach().cpu()
     nb, t = S2.shape
     g1 = S1.double().pow(2) / c1
     g2 = S2.double().pow(2) / c2.double()[:, None]
@@ -154,7 +159,7 @@ def lowrank_plus_blocks(
         Rb = _grid_batch(W - L_cur, rs, cs)
         U2, S2, Vh2 = torch.linalg.svd(Rb, full_matrices=False)
         t = S2.shape[1]
-        keep = (torch.arange(t)[None, :] < ranks[:, None]).to(S2.dtype)
+        keep = (torch.arange(t)[None, :] < ranks[:, None]).to(device=S2.device, dtype=S2.dtype)
         Bb = (U2 * (S2 * keep).unsqueeze(-2)) @ Vh2
         Bm = _ungrid(Bb, rs, cs, m, n)
         if big:
