@@ -167,8 +167,14 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from gblr_approx.plot.style import (format_color, format_label, format_marker,
-                                        new_figure, save_figure, style_context)
+    from gblr_approx.plot.style import (
+        format_color,
+        format_label,
+        format_marker,
+        new_figure,
+        save_figure,
+        style_context,
+    )
 
     ok = [r for r in rows if "error" not in r]
     with style_context():
