@@ -443,25 +443,33 @@ def _fit(
             T.mul_(cols_scale)
         return T.view(b2, b1, p, r)
 
+    # the loops below work in place (addcmul_, out=) on one reused buffer: fresh temporaries
+    # of 10-30 MB per block made the allocator's resident set grow by ~150 MB at 4096 x 11008
+
     def y_from(T: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         Y = torch.zeros(b1, p, r, dtype=T.dtype, device=T.device)
         for j in range(b2):
-            Y.add_(T[j] * s[:, j].unsqueeze(1))
+            Y.addcmul_(T[j], s[:, j].unsqueeze(1))
         return Y
 
     def d_from(T: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``d_ij = diag(B_i^T A_ij C_j^T)`` from ``T``: (b1, b2, r)."""
-        return torch.stack([(T[j] * B).sum(1) for j in range(b2)], dim=1)
+        d = T.new_empty(b1, b2, r)
+        buf = torch.empty_like(B)
+        for j in range(b2):
+            torch.sum(torch.mul(T[j], B, out=buf), dim=1, out=d[:, j])
+        return d
 
     def z_products(B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Frugal layout: ``Z_j = sum_i diag(s_ij) B_i^T A_ij``, (b2, r, q), one block row
         of ``B^T A`` (``r n`` entries) at a time; ``m n r`` MACs."""
         Z = torch.zeros(b2, r, q, dtype=B.dtype, device=B.device)
+        Hbuf = B.new_empty(r, b2 * q)
         for i in range(b1):
-            Hi = (B[i].mT @ A_rows[i]).view(r, b2, q)
+            torch.matmul(B[i].mT, A_rows[i], out=Hbuf)
             if rows_scale != 1.0:
-                Hi.mul_(rows_scale)
-            Z.add_(Hi.permute(1, 0, 2) * s[i].unsqueeze(-1))
+                Hbuf.mul_(rows_scale)
+            Z.addcmul_(Hbuf.view(r, b2, q).permute(1, 0, 2), s[i].unsqueeze(-1))
         return Z
 
     def gram_sum(s: torch.Tensor, Gm: torch.Tensor, over_rows: bool) -> torch.Tensor:
@@ -470,11 +478,12 @@ def _fit(
             if over_rows:
                 return torch.einsum("ijr,ijs,jrs->irs", s, s, Gm)
             return torch.einsum("ijr,ijs,irs->jrs", s, s, Gm)
-        out = None
+        out = Gm.new_zeros(b1 if over_rows else b2, r, r)
+        buf = torch.empty_like(out)
         for t in range(b2 if over_rows else b1):
             st = s[:, t] if over_rows else s[t]  # (b1, r) or (b2, r)
-            term = (st.unsqueeze(-1) * st.unsqueeze(-2)).mul_(Gm[t])
-            out = term if out is None else out.add_(term)
+            torch.mul(st.unsqueeze(-1), st.unsqueeze(-2), out=buf)
+            out.addcmul_(buf, Gm[t])
         return out
 
     def hadamard(Gb: torch.Tensor, Gc: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
