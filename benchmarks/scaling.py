@@ -1,6 +1,6 @@
 """Time and peak memory of every format versus matrix size (384x384 -> 4096x11008).
 
-Usage::
+Usage (``--from-json a.json b.json`` reprints / replots saved runs)::
 
     python benchmarks/scaling.py [--sizes 384x384 1024x4096 4096x11008] [--budget 0.25]
                                  [--formats lowrank monarch blocksparse blocklowrank blast gblr]
@@ -185,14 +185,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             x = [math.prod(int(v) for v in r["size"].split("x")) for r in rs]
             kw = dict(color=format_color(fmt), marker=format_marker(fmt),
                       label=format_label(fmt))
-            axes[0].plot(x, [r["cpu_s"] for r in rs], **kw)
-            axes[1].plot(x, [r["x_layer"] for r in rs], **kw)
+            axes[0].plot(x, [max(r["cpu_s"], 0.01) for r in rs], **kw)  # 0.01 s: clock floor
+            axes[1].plot(x, [max(r["x_layer"], 0.01) for r in rs], **kw)
         for ax, ylab in zip(axes, ("CPU seconds (1 thread)", "peak memory / layer size"),
                             strict=True):
             ax.set_xscale("log")
             ax.set_xlabel("entries m n")
             ax.set_ylabel(ylab)
         axes[0].set_yscale("log")
+        axes[1].set_yscale("log")
         axes[1].axhline(4.0, color="0.5", lw=0.6, ls="--")
         axes[0].legend(fontsize=6)
         save_figure(fig, path)
@@ -212,6 +213,8 @@ def main() -> None:
     p.add_argument("--csv", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--from-json", nargs="+", default=None,
+                   help="print the table / draw the plot from saved --json files, no fits")
     p.add_argument("--child-size", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-format", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -222,11 +225,16 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, budget {args.budget}, "
           f"one thread per fit, blast steps {args.blast_steps}", flush=True)
     rows = []
-    for size in args.sizes:
-        for fmt in args.formats:
-            row = run_one(size, fmt, args)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    if args.from_json:
+        for path in args.from_json:
+            with open(path) as f:
+                rows.extend(json.load(f))
+    else:
+        for size in args.sizes:
+            for fmt in args.formats:
+                row = run_one(size, fmt, args)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(table(rows))
     print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
