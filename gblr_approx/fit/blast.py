@@ -486,8 +486,14 @@ def _fit(
             out.addcmul_(buf, Gm[t])
         return out
 
+    Mbuf = None if ci >= b1 else S.new_empty(ci, b2, r, r)  # reused chunk of M
+
     def hadamard(Gb: torch.Tensor, Gc: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
-        return Gb[i0:i1].unsqueeze(1) * Gc.unsqueeze(0)  # (i1 - i0, b2, r, r)
+        """``M[i, j] = Gb_i * Gc_j`` for block rows ``i0:i1``: (i1 - i0, b2, r, r); written
+        into one reused buffer when chunked (each call overwrites the previous chunk)."""
+        if Mbuf is None:
+            return Gb[i0:i1].unsqueeze(1) * Gc.unsqueeze(0)
+        return torch.mul(Gb[i0:i1].unsqueeze(1), Gc.unsqueeze(0), out=Mbuf[: i1 - i0])
 
     def full_loss(B: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> float:
         if frugal:
