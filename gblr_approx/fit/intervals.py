@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..formats.gblr import GBLR
+from ..linalg import choose_svd_method, frob2, top_svd
 
 __all__ = ["IntervalComponent", "IntervalModel", "best_cyclic_interval", "interval_stage"]
 
@@ -107,12 +108,17 @@ class IntervalModel:
         Initial components (their residual is computed here).
     """
 
-    def __init__(self, W: torch.Tensor, comps: list[IntervalComponent]):
+    def __init__(
+        self, W: torch.Tensor, comps: list[IntervalComponent], *, own: bool = False
+    ) -> None:
         self.W = W
         self.m, self.n = W.shape
         self.comps = [c for c in comps if c.h > 0 and c.w > 0 and c.rank > 0]
-        self.norm2 = float(W.double().pow(2).sum()) or 1.0
-        self.R = W.clone()
+        # large layers: float64 sums without float64 copies (linalg.frob2)
+        self._big = W.numel() >= _threshold()
+        self.norm2 = (frob2(W) if self._big else float(W.double().pow(2).sum())) or 1.0
+        # own=True: W is a scratch copy that becomes the residual (no second m x n copy)
+        self.R = W if own else W.clone()
         self.budget: int | None = None
         self._cost = sum(c.cost() for c in self.comps)
         for c in self.comps:
@@ -271,6 +277,8 @@ class IntervalModel:
         self.comps = [c for c in self.comps if c.h > 0 and c.w > 0]
 
     def rel_error(self) -> float:
+        if self._big:
+            return math.sqrt(max(frob2(self.R), 0.0) / self.norm2)
         return math.sqrt(max(float(self.R.double().pow(2).sum()), 0.0) / self.norm2)
 
     def cost(self) -> int:
@@ -406,11 +414,15 @@ def interval_stage(
     if not comps:
         return
     B = budget - fixed_cost
-    model = IntervalModel(Wr, comps)
-    model.norm2 = float(W.double().pow(2).sum()) or 1.0
+    model = IntervalModel(Wr, comps, own=Wr is not W)
+    model.norm2 = (frob2(W) if model._big else float(W.double().pow(2).sum())) or 1.0
     if lam is None:
-        S = torch.linalg.svdvals(W).double()
-        r = min(budget // (m + n), S.numel() - 1)
+        r = min(budget // (m + n), min(m, n) - 1)
+        if choose_svd_method(m, n, r + 1) == "randomized":
+            # large layers: only sigma_{r+1} is needed (randomized SVD, linalg.top_svd)
+            S = top_svd(W, r + 1)[1].double()
+        else:
+            S = torch.linalg.svdvals(W).double()
         lam = float(S[r] ** 2) / (m + n)
     best = math.inf
     for _it, err, cost, _lam in model.fit(
@@ -454,3 +466,9 @@ def _with_fixed(G: GBLR, start: GBLR, fixed_idx: list[int]) -> GBLR:
     factors = [G.component(k) for k in range(G.num_components)]
     factors += [start.block(k) for k in fixed_idx]
     return GBLR(G.shape, rs, rw, cs, cw, factors, dtype=G.dtype, device=G.device)
+
+
+def _threshold() -> int:
+    from .. import linalg
+
+    return linalg.RANDOMIZED_MIN_ENTRIES

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..formats.blocklowrank import balanced_splits
+from ..linalg import choose_svd_method, frob2, top_svd
 from .blocks import BlockModel, Rect
 
 __all__ = ["lowrank_plus_blocks"]
@@ -56,7 +57,12 @@ def _allocate(
     budget: int,
     max_blocks: int | None,
 ) -> tuple[int, torch.Tensor]:
-    """Greedy knapsack: global ranks (cost c1 each) vs block ranks (cost c2[b] each)."""
+    """Greedy knapsack: global ranks (cost c1 each) vs block ranks (cost c2[b] each).
+
+    Runs on the CPU: the spectra (``min(m, n) + b1 b2 t`` numbers) are copied there once, an
+    explicit transfer when the fit runs on a GPU (a no-op on the CPU).
+    """
+    S1, S2 = S1.detach().cpu(), S2.detach().cpu()
     nb, t = S2.shape
     g1 = S1.double().pow(2) / c1
     g2 = S2.double().pow(2) / c2.double()[:, None]
@@ -129,14 +135,23 @@ def lowrank_plus_blocks(
     ph = torch.tensor([rs[i + 1] - rs[i] for i in range(b1) for _ in range(b2)], dtype=torch.long)
     qw = torch.tensor([cs[j + 1] - cs[j] for _ in range(b1) for j in range(b2)], dtype=torch.long)
     c2 = ph + qw
-    nrm2 = float(W.double().pow(2).sum()) or 1.0
+    # large layers (linalg.RANDOMIZED_MIN_ENTRIES): the global part's SVD is randomized (only
+    # the r_0 <= budget / (m + n) leading triplets can ever be bought) and the error is
+    # accumulated without float64 copies of the residual
+    kmax = min(budget // (m + n) + 1, m, n)
+    global_svd = choose_svd_method(m, n, kmax)
+    big = m * n >= linalg_threshold()
+    nrm2 = (frob2(W) if big else float(W.double().pow(2).sum())) or 1.0
     Bm = torch.zeros_like(W)
     L_cur = torch.zeros_like(W)
     best: tuple[float, int, torch.Tensor] = (math.inf, 0, torch.zeros(b1 * b2, dtype=torch.long))
     fac: tuple[torch.Tensor, ...] = ()
     maxb = None if max_components is None else max(max_components - 1, 0)
     for _it in range(iters):
-        U1, S1, Vh1 = torch.linalg.svd(W - Bm, full_matrices=False)
+        if global_svd == "exact":
+            U1, S1, Vh1 = torch.linalg.svd(W - Bm, full_matrices=False)
+        else:
+            U1, S1, Vh1, _ = top_svd(W - Bm, kmax, seed=_it)
         Rb = _grid_batch(W - L_cur, rs, cs)
         S2 = torch.linalg.svdvals(Rb)
         k1, ranks = _allocate(S1, S2, m + n, c2, budget, maxb)
@@ -144,10 +159,15 @@ def lowrank_plus_blocks(
         Rb = _grid_batch(W - L_cur, rs, cs)
         U2, S2, Vh2 = torch.linalg.svd(Rb, full_matrices=False)
         t = S2.shape[1]
-        keep = (torch.arange(t)[None, :] < ranks[:, None]).to(S2.dtype)
+        keep = (torch.arange(t)[None, :] < ranks[:, None]).to(device=S2.device, dtype=S2.dtype)
         Bb = (U2 * (S2 * keep).unsqueeze(-2)) @ Vh2
         Bm = _ungrid(Bb, rs, cs, m, n)
-        err = float((W - L_cur - Bm).double().pow(2).sum()) / nrm2
+        if big:
+            Rr = W - L_cur
+            err = frob2(Rr.sub_(Bm)) / nrm2
+            del Rr
+        else:
+            err = float((W - L_cur - Bm).double().pow(2).sum()) / nrm2
         if err < best[0]:
             best = (err, k1, ranks.clone())
             fac = (U1[:, :k1] * S1[:k1], Vh1[:k1], U2 * S2.unsqueeze(-2), Vh2)
@@ -168,4 +188,13 @@ def lowrank_plus_blocks(
             if r > 0:
                 model.set_factors(1 + b, BU[b, :p, :r], BVh[b, :r, :q])
     model.drop_inactive()
+    model.info["global_svd"] = global_svd
     return model, math.sqrt(err)
+
+
+def linalg_threshold() -> int:
+    """The current :data:`gblr_approx.linalg.RANDOMIZED_MIN_ENTRIES` (read at call time so
+    that tests can lower it)."""
+    from .. import linalg
+
+    return linalg.RANDOMIZED_MIN_ENTRIES

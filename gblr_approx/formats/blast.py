@@ -449,6 +449,7 @@ def fit_blast(
         "steps": steps, "lr": lr, "damping": damping, "end_factor": end_factor,
         "prune": prune, "init": init, "seed": seed,
         "history": [h["rel_error"] for h in res.history],
+        **res.info,  # init_svd (exact/randomized), layout (batched/frugal), chunks
     }
     if prune > 0:
         A.info["pruned_ranks"] = pruned

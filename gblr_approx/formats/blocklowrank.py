@@ -377,33 +377,61 @@ class BlockLowRank(StructuredMatrix):
             for j in range(b2):
                 shape = (rs[i + 1] - rs[i], cs[j + 1] - cs[j])
                 groups.setdefault(shape, []).append((i, j))
+        from ..linalg import choose_svd_method, top_svd
+
+        # large blocks (linalg.RANDOMIZED_MIN_ENTRIES): randomized SVD of the leading
+        # ``cap`` triplets, cap = twice the mean rank the budget buys per block (+ 8); a block
+        # whose allocated rank reaches its cap is recomputed with twice the cap (below)
         svds = {}
-        for keys in groups.values():
+        caps: dict[tuple[int, int], int] = {}
+        svd_used = set()
+        mean_rank = budget / (b1 * b2 * (m / b1 + n / b2))
+
+        def block_svds(keys: list[tuple[int, int]], cap: int | None) -> None:
+            p, q = rs[keys[0][0] + 1] - rs[keys[0][0]], cs[keys[0][1] + 1] - cs[keys[0][1]]
+            k = min(p, q) if cap is None else min(cap, p, q)
             stack = torch.stack([W[rs[i] : rs[i + 1], cs[j] : cs[j + 1]] for i, j in keys])
-            U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
+            U, S, Vh, used = top_svd(stack, k)
+            svd_used.add(used["svd"])
             for t, key in enumerate(keys):
                 svds[key] = (U[t], S[t], Vh[t])
+                caps[key] = k if used["svd"] == "randomized" else min(p, q)
+
+        for keys in groups.values():
+            (i0, j0) = keys[0]
+            p, q = rs[i0 + 1] - rs[i0], cs[j0 + 1] - cs[j0]
+            cap = min(p, q, 2 * round(mean_rank) + 8)
+            method = choose_svd_method(p, q, cap)
+            block_svds(keys, cap if method == "randomized" else None)
         # singular values below the numerical-rank tolerance carry no information: never buy them
         smax = max(float(S[0]) for _, S, _ in svds.values())
         tol = torch.finfo(W.dtype).eps * max(m, n) * smax
-        heap: list[tuple[float, int, int, int]] = []
-        for (i, j), (_, S, _) in svds.items():
-            cost = (rs[i + 1] - rs[i]) + (cs[j + 1] - cs[j])
-            if float(S[0]) > tol:
-                heap.append((-float(S[0].double() ** 2) / cost, i, j, 0))
-        heapq.heapify(heap)
-        ranks = {key: 0 for key in svds}
-        used = 0
-        while heap and budget - used >= min_cost:
-            _, i, j, t = heapq.heappop(heap)
-            cost = (rs[i + 1] - rs[i]) + (cs[j + 1] - cs[j])
-            if used + cost > budget:
-                continue
-            used += cost
-            ranks[i, j] = t + 1
-            S = svds[i, j][1]
-            if t + 1 < S.shape[0] and float(S[t + 1]) > tol:
-                heapq.heappush(heap, (-float(S[t + 1].double() ** 2) / cost, i, j, t + 1))
+        while True:
+            heap: list[tuple[float, int, int, int]] = []
+            for (i, j), (_, S, _) in svds.items():
+                cost = (rs[i + 1] - rs[i]) + (cs[j + 1] - cs[j])
+                if float(S[0]) > tol:
+                    heap.append((-float(S[0].double() ** 2) / cost, i, j, 0))
+            heapq.heapify(heap)
+            ranks = {key: 0 for key in svds}
+            used = 0
+            while heap and budget - used >= min_cost:
+                _, i, j, t = heapq.heappop(heap)
+                cost = (rs[i + 1] - rs[i]) + (cs[j + 1] - cs[j])
+                if used + cost > budget:
+                    continue
+                used += cost
+                ranks[i, j] = t + 1
+                S = svds[i, j][1]
+                if t + 1 < S.shape[0] and float(S[t + 1]) > tol:
+                    heapq.heappush(heap, (-float(S[t + 1].double() ** 2) / cost, i, j, t + 1))
+            # a randomized block that used all its triplets may deserve more: enlarge its cap
+            full = [key for key in svds if ranks[key] >= caps[key]
+                    and caps[key] < min(svds[key][0].shape[0], svds[key][2].shape[1])]
+            if not full:
+                break
+            for key in full:
+                block_svds([key], 2 * caps[key])
         factors = []
         for i in range(b1):
             row = []
@@ -421,6 +449,9 @@ class BlockLowRank(StructuredMatrix):
         out.info = {
             "algorithm": "per-block SVD, greedy rank allocation",
             "grid": [b1, b2],
-            "optimal": uniform,
+            "optimal": uniform and svd_used == {"exact"},
+            "svd": "randomized" if "randomized" in svd_used else "exact",
         }
+        if "randomized" in svd_used:
+            out.info["rank_caps"] = sorted(set(caps.values()))
         return out

@@ -389,16 +389,19 @@ class BlockSparse(StructuredMatrix):
             )
         uniform = bool((size == size[0]).all())
         order = torch.argsort(energy if uniform else energy / size, descending=True, stable=True)
-        chosen = torch.zeros_like(size, dtype=torch.bool)
+        # the greedy scan runs on host lists (one transfer of gr * gc block sizes and of the
+        # order, explicit on a GPU; no per-block tensor indexing or device synchronisation)
+        size_l = size.tolist()
+        chosen = []
         used = 0
         for idx in order.tolist():
-            s = int(size[idx])
+            s = size_l[idx]
             if used + s <= budget:
-                chosen[idx] = True
+                chosen.append(idx)
                 used += s
             if budget - used < min_size:
                 break
-        sel = torch.nonzero(chosen).flatten().to(W.device)
+        sel = torch.tensor(sorted(chosen), dtype=torch.long, device=W.device)
         rows, cols = sel // gc, sel % gc
         out = cls((m, n), (br, bc), rows, cols, B[rows, cols].contiguous())
         out.info = {

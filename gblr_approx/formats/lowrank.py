@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..budget import InfeasibleBudgetError
-from ..linalg import truncated_factors
+from ..linalg import balanced_factors, top_svd
 from ..validation import check_positive_int
 from .base import StructuredMatrix, register_format
 
@@ -79,7 +79,7 @@ class LowRank(StructuredMatrix):
         budget: int,
         *,
         rank: int | None = None,
-        method: str = "exact",
+        method: str = "auto",
         oversample: int = 10,
         power_iters: int = 2,
         seed: int = 0,
@@ -90,6 +90,10 @@ class LowRank(StructuredMatrix):
         ``||W - A||_F^2 = sum_{t > r} sigma_t^2``. ``method="randomized"`` uses a randomized
         range finder (see :func:`gblr_approx.linalg.randomized_svd` for its error bound),
         controlled by ``oversample``, ``power_iters`` and ``seed``; use it for large layers.
+        ``method="auto"`` (default) is exact below
+        :data:`gblr_approx.linalg.RANDOMIZED_MIN_ENTRIES` entries and randomized above (when
+        ``r + oversample <= min(m, n) / 2``; :func:`gblr_approx.linalg.choose_svd_method`).
+        ``info["algorithm"]`` and ``info["svd"]`` record which one ran.
 
         Parameters
         ----------
@@ -110,11 +114,12 @@ class LowRank(StructuredMatrix):
                 )
         if r < 1:
             raise InfeasibleBudgetError("lowrank", budget, m + n, "one rank costs m+n MACs")
-        L, R, _ = truncated_factors(
+        U, S, Vh, svd_info = top_svd(
             W, r, method=method, oversample=oversample, power_iters=power_iters, seed=seed
         )
+        L, R = balanced_factors(U, S, Vh)
         out = cls(L.contiguous(), R.contiguous())
-        out.info = {"algorithm": f"truncated SVD ({method})", "rank": r}
-        if method == "randomized":
-            out.info.update(oversample=oversample, power_iters=power_iters, seed=seed)
+        used = svd_info.pop("svd")
+        out.info = {"algorithm": f"truncated SVD ({used})", "rank": r, "svd": used,
+                    "method": method, **svd_info}
         return out

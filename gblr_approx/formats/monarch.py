@@ -233,14 +233,26 @@ class Monarch(StructuredMatrix):
             R = min(R, Lr, I)
             if R >= 1 and R * per_rank <= budget:
                 feasible.append((R * per_rank, J, K, R))
+        from ..linalg import choose_svd_method, frob2, top_svd
+
         best = None  # ((cost, -err2), J, K, R)
         top = max((c for c, *_ in feasible), default=None)
         tried = []
+        # large slices (linalg.RANDOMIZED_MIN_ENTRIES): only the leading R triplets are
+        # computed (randomized SVD), the error is ||W||^2 - sum of their squares
+        kept: dict[tuple[int, int], tuple] = {}
+        norm2 = None
         for cost, J, K, R in feasible:
             if cost != top:
                 continue
-            s2 = torch.linalg.svdvals(cls._slices(W, J, K)).double().pow(2)
-            err2 = float(s2[..., R:].sum())
+            if choose_svd_method(m // J, n // K, R) == "randomized":
+                norm2 = frob2(W) if norm2 is None else norm2
+                out3 = top_svd(cls._slices(W, J, K), R)
+                kept[J, K] = out3
+                err2 = max(norm2 - float(out3[1].double().pow(2).sum()), 0.0)
+            else:
+                s2 = torch.linalg.svdvals(cls._slices(W, J, K)).double().pow(2)
+                err2 = float(s2[..., R:].sum())
             tried.append({"blocks": [J, K], "rank": R, "cost": cost})
             if best is None or (cost, -err2) > best[0]:
                 best = ((cost, -err2), J, K, R)
@@ -251,7 +263,11 @@ class Monarch(StructuredMatrix):
                 detail += f"; rank={R_fixed} must be <= min(m/J, n/K)"
             raise InfeasibleBudgetError("monarch", budget, minb, detail)
         _, J, K, R = best
-        U, S, Vh = torch.linalg.svd(cls._slices(W, J, K), full_matrices=False)
+        svd_used = "randomized" if (J, K) in kept else "exact"
+        if (J, K) in kept:
+            U, S, Vh, _ = kept[J, K]
+        else:
+            U, S, Vh = torch.linalg.svd(cls._slices(W, J, K), full_matrices=False)
         s = S[..., :R].sqrt()
         P = U[..., :R] * s.unsqueeze(-2)  # (K, J, Lr, R)
         Q = Vh[..., :R, :] * s.unsqueeze(-1)  # (K, J, R, I)
@@ -259,7 +275,9 @@ class Monarch(StructuredMatrix):
         w2 = P.permute(1, 2, 0, 3).reshape(J, m // J, K * R).contiguous()
         out = cls(w1, w2)
         out.info = {
-            "algorithm": "per-slice truncated SVD (exact projection)",
+            "algorithm": "per-slice truncated SVD (exact projection)"
+            if svd_used == "exact" else "per-slice truncated SVD (randomized)",
+            "svd": svd_used,
             "blocks": [J, K],
             "rank": R,
             "candidates": tried,
