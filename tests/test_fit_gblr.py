@@ -236,8 +236,8 @@ def test_recovers_random_wrapped_overlapping_structures():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "shape,K,ranks",
-    # 256x192 and 512x512 pass too but take minutes each: run them by hand when the fitter
-    # changes (python -m pytest tests/test_fit_gblr.py -k widely after adding them here)
+    # 256x192 (K=4, rank 2) and 512x512 (K=3, ranks 1-3) take minutes each and were not
+    # confirmed here: add them back for a manual run when the fitter changes
     [((96, 128), 2, [1, 3]), ((160, 120), 3, [1, 2])],
 )
 def test_recovers_random_structures_widely(shape, K, ranks):
