@@ -16,7 +16,6 @@ current intervals, with ``flops <= budget``.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import numbers
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from .budget import resolve_budget
+from .calibration import select_linears
 from .fit.proximal import GaudiParams, hard_cost, project_budget, refit_factors
 from .formats.gblr import GBLR
 from .gaudi import gaudi_mask, round_ste
@@ -306,17 +306,7 @@ def gaudi_model(
     dict
         Module name -> the new layer.
     """
-    inc = [include] if isinstance(include, str) else list(include)
-    exc = [] if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
-    targets = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear)
-        and any(fnmatch.fnmatchcase(name, p) for p in inc)
-        and not any(fnmatch.fnmatchcase(name, p) for p in exc)
-    ]
-    if not targets:
-        raise ValueError(f"no nn.Linear module matches include={include!r}, exclude={exclude!r}")
+    targets = select_linears(model, include, exclude)
     out = {}
     for name, mod in targets:
         new = GaudiGBLRLinear.from_linear(mod, budget, **options)
