@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..budget import InfeasibleBudgetError
-from ..linalg import balanced_factors, top_svd
+from ..linalg import balanced_factors, check_sketch_options, top_svd
 from ..validation import check_positive_int
 from .base import StructuredMatrix, register_format
 
@@ -101,6 +101,8 @@ class LowRank(StructuredMatrix):
             Fix the rank instead of deriving it from the budget (must still fit the budget).
         """
         m, n = W.shape
+        # checked for every method, so a bad option never waits for a large layer to surface
+        oversample, power_iters = check_sketch_options(oversample, power_iters)
         max_rank = budget // (m + n)
         if rank is None:
             r = min(max_rank, m, n)
