@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from projection import markdown_table  # benchmarks/projection.py (same folder)
 
 import gblr_approx as ga
 
@@ -202,14 +203,6 @@ def model_rows(folder: Path, formats, budget: float, threads) -> pd.DataFrame:
             )
             print(out[-1], flush=True)
     return pd.DataFrame(out)
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """Render a DataFrame as a GitHub markdown table."""
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
 
 
 if __name__ == "__main__":

@@ -87,21 +87,12 @@ def load_compressed(
         ``model``. Each replaced module must exist and be an ``nn.Linear`` (or a
         ``StructuredLinear``) of the saved shape; ``ValueError`` names the first that is not.
     """
-    from safetensors import safe_open
-
     from .compress import replace_module
-    from .formats.base import get_format
+    from .formats.base import get_format, read_safetensors
     from .nn import StructuredLinear
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from exc
+    meta, tensors = read_safetensors(path)
     if MANIFEST_KEY not in meta:
         raise ValueError(f"{path} has no {MANIFEST_KEY!r} metadata; it was not written by "
                          "save_compressed")

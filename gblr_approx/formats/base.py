@@ -385,6 +385,28 @@ class StructuredMatrix(ABC):
         return path
 
 
+def read_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a ``.safetensors`` file, tensors on the CPU.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one safetensors
+    cannot read. The tensors are copies: those read sit at unaligned offsets of the file
+    buffer, where BLAS takes other kernels and products differ from the saved matrix's in the
+    last bit.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from exc
+    return meta, tensors
+
+
 def load(path: str | Path, device: torch.device | str | None = None) -> StructuredMatrix:
     """Load a structured matrix saved with :meth:`StructuredMatrix.save`.
 
@@ -395,19 +417,8 @@ def load(path: str | Path, device: torch.device | str | None = None) -> Structur
     device : optional
         Device to place the tensors on (default CPU).
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            # clone: the tensors read sit at unaligned offsets of the file buffer, where BLAS
-            # takes other kernels and products differ from the saved matrix's in the last bit
-            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from exc
+    meta, tensors = read_safetensors(path)
     fmt = str(meta.get("format", ""))
     if fmt.lower().replace("-", "").replace("_", "") not in FORMATS:
         what = f"its metadata says format={fmt!r}, " if fmt else "it has no 'format' metadata, "
