@@ -31,7 +31,7 @@ Algorithms (exact or heuristic)
   joint problem is non-convex: a heuristic overall. Ranks / configuration come from the fit
   (unweighted, and on ``W D^{1/2}`` with ``D = diag(G)``, see below).
 * **gblr** -- structure from :func:`~gblr_approx.fit_gblr`, then block-coordinate descent over
-  its components (:mod:`gblr_approx.fit.weighted`), exact per component, heuristic overall.
+  its components (:mod:`gblr_approx.fit.gblr.weighted`), exact per component, heuristic overall.
 * **blast** -- weighted alternating least squares on the fixed block grid and rank: exact
   per row block for ``U_i``, per column block for ``V_j`` and per block for ``s_ij``
   (each a least-squares problem), heuristic overall.
@@ -347,7 +347,7 @@ def _refit_monarch(W, A, G, sweeps):
 
 
 def _refit_gblr(W, A, G, sweeps):
-    from .fit.weighted import refit_gblr_weighted
+    from .fit.gblr.weighted import refit_gblr_weighted
 
     return refit_gblr_weighted(W, A, G, sweeps=sweeps)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from .budget import resolve_budget
 from .calibration import select_linears
-from .fit.proximal import GaudiParams, hard_cost, project_budget, refit_factors
+from .fit.gblr.proximal import GaudiParams, hard_cost, project_budget, refit_factors
 from .formats.gblr import GBLR
 from .gaudi import gaudi_mask, round_ste
 
@@ -232,7 +232,7 @@ class GaudiGBLRLinear(nn.Module):
 
         ``w <- clamp(w - penalty * lr, 0, 1)`` (soft-threshold of the non-negative widths: the
         prox of ``lr * penalty * sum(w)``), then the exact budget projection (bisection,
-        :func:`~gblr_approx.fit.proximal.project_budget`), then ``l <- l mod 1``. ``lr`` is the
+        :func:`~gblr_approx.fit.gblr.proximal.project_budget`), then ``l <- l mod 1``. ``lr`` is the
         learning rate of the widths (math.md 5.2: ``lambda_t = thres * lr_t``).
         """
         m, n, r = self.out_features, self.in_features, self.rank_per_component

@@ -235,7 +235,7 @@ def test_fit_at_preconditioner_sizes_above_150_is_finite():
 
 
 def test_fit_blast_returns_a_fit_result_like_fit_gblr():
-    from gblr_approx.formats.blast import fit_blast
+    from gblr_approx.fit.blast import fit_blast
 
     W = torch.randn(30, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     res = fit_blast(W, 300, blocks=(2, 2), steps=8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gblr_approx as ga
-import gblr_approx.fit.blast as fit_blast
+import gblr_approx.fit.blast.factors as fit_blast
 import gblr_approx.linalg as la
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -97,7 +97,7 @@ def test_bad_arguments():
 
 
 def test_best_cyclic_interval_matches_brute_force():
-    from gblr_approx.fit.intervals import best_cyclic_interval
+    from gblr_approx.fit.gblr.intervals import best_cyclic_interval
 
     gen = torch.Generator().manual_seed(0)
     for N in (1, 2, 5, 9):
@@ -177,7 +177,7 @@ def test_recovers_exact_gblr_structure(shape):
 
 
 def test_support_start_yields_nothing_on_dense_data():
-    from gblr_approx.fit.support import support_candidates
+    from gblr_approx.fit.gblr.support import support_candidates
 
     W = torch.randn(30, 40, dtype=torch.float64)
     assert list(support_candidates(W, 600)) == []
@@ -259,7 +259,7 @@ def test_recovers_random_structures_widely(shape, K, ranks):
 
 
 def test_proximal_step0_is_the_start_and_params_roundtrip():
-    from gblr_approx.fit.proximal import GaudiParams, proximal_gradient
+    from gblr_approx.fit.gblr.proximal import GaudiParams, proximal_gradient
 
     W = torch.randn(30, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     start = ga.fit_gblr(W, 0.4, progress=False).matrix
@@ -272,7 +272,7 @@ def test_proximal_step0_is_the_start_and_params_roundtrip():
 
 
 def test_budget_projection_is_exact_and_minimal():
-    from gblr_approx.fit.proximal import hard_cost, project_budget
+    from gblr_approx.fit.gblr.proximal import hard_cost, project_budget
 
     gen = torch.Generator().manual_seed(0)
     m, n, r = 40, 24, 2
@@ -289,7 +289,7 @@ def test_budget_projection_is_exact_and_minimal():
 
 
 def test_cg_factor_solve_matches_row_least_squares():
-    from gblr_approx.fit.proximal import cg_factor_solve
+    from gblr_approx.fit.gblr.proximal import cg_factor_solve
 
     gen = torch.Generator().manual_seed(1)
     a, b, P = 9, 14, 5
@@ -346,3 +346,15 @@ def test_projection_registry():
     for cls in (ga.GBLR, ga.BLAST):  # the format's project() does not know its fitter
         code = inspect.getsource(cls.project).split('"""')[-1]
         assert "..fit" not in code and "fit_gblr(" not in code and "fit_blast(" not in code
+
+
+def test_formats_never_import_fit():
+    """formats/ is below fit/ in the layering: no format module imports the fitters."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(ga.__file__).parent / "formats"
+    pattern = re.compile(r"^\s*(from \.\.fit\b|from gblr_approx\.fit\b|import gblr_approx\.fit\b)",
+                         re.M)
+    for path in sorted(root.glob("*.py")):
+        assert not pattern.search(path.read_text()), f"{path.name} imports gblr_approx.fit"

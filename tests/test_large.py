@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gblr_approx as ga
-import gblr_approx.fit.blast as fit_blast
+import gblr_approx.fit.blast.factors as fit_blast
 import gblr_approx.linalg as la
 
 
@@ -181,7 +181,7 @@ def test_fit_gblr_large_paths_close_to_exact(monkeypatch):
 
 
 def test_mixed_start_records_global_svd(monkeypatch):
-    from gblr_approx.fit.mixed import lowrank_plus_blocks
+    from gblr_approx.fit.gblr.mixed import lowrank_plus_blocks
 
     W = powerlaw(96, 128, alpha=0.7)
     model0, err0 = lowrank_plus_blocks(W, 3000, (4, 4), iters=3)
@@ -194,7 +194,7 @@ def test_mixed_start_records_global_svd(monkeypatch):
 
 
 def test_interval_model_own_residual_is_exact():
-    from gblr_approx.fit.intervals import IntervalComponent, IntervalModel
+    from gblr_approx.fit.gblr.intervals import IntervalComponent, IntervalModel
 
     W = powerlaw(40, 50)
     c = IntervalComponent(3, 10, 5, 20, torch.randn(10, 1, dtype=W.dtype),

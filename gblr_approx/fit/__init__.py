@@ -1,20 +1,21 @@
-"""Fitting GBLR matrices to dense matrices.
+"""Fitting structured matrices to dense matrices: one sub-package per fitted format.
 
-One algorithm per module:
+* :mod:`.gblr` -- GBLR: embedded starts, interval ALS, block-coordinate descent and the
+  proximal-gradient (Gaudi) path, chained by :func:`fit_gblr`;
+* :mod:`.blast` -- BLAST: preconditioned alternating gradient descent, :func:`fit_blast`;
+* :mod:`.result` -- :class:`FitResult`, what both return.
 
-* :mod:`.candidates` -- exact embeddings of low-rank / block-sparse / block-low-rank starts;
-* :mod:`.mixed` -- global low-rank plus grid blocks by alternating least squares;
-* :mod:`.blocks` -- exact block-coordinate descent on fixed rectangles;
-* :mod:`.proximal` -- proximal-gradient refinement on the Gaudi (width, location)
-  parameters, with exact least-squares factor updates;
-* :mod:`.pipeline` -- :func:`fit_gblr`, which chains them and keeps the best hard iterate.
+The format classes (:mod:`gblr_approx.formats`) never import this package: it registers the
+two fitted projections with :func:`gblr_approx.projection.register_projection`, and
+``GBLR.project`` / ``BLAST.project`` find them there.
 """
 
 from ..projection import register_projection
-from .pipeline import fit_gblr
+from .blast import fit_blast
+from .gblr import fit_gblr
 from .result import FitResult
 
-__all__ = ["fit_gblr", "FitResult"]
+__all__ = ["fit_gblr", "fit_blast", "FitResult"]
 
 
 def _project_gblr(W, budget, **options):
@@ -22,8 +23,6 @@ def _project_gblr(W, budget, **options):
 
 
 def _project_blast(W, budget, **options):
-    from ..formats.blast import fit_blast
-
     return fit_blast(W, budget, **options).matrix
 
 

@@ -18,12 +18,11 @@ Nothing requires divisibility.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..budget import InfeasibleBudgetError
-from ..validation import check_pair, check_positive_int
+from ..validation import check_pair
 from .base import (
     ROW_FORM_BELOW,
     StructuredMatrix,
@@ -34,11 +33,9 @@ from .base import (
     slab_maps,
     stack_rows,
 )
+from .blocklowrank import balanced_splits
 
-if TYPE_CHECKING:
-    from ..fit.result import FitResult
-
-__all__ = ["BLAST", "fit_blast"]
+__all__ = ["BLAST"]
 
 #: Block grids tried by ``BLAST.project(..., blocks="auto")`` (kept when they fit the shape
 #: and the budget); the reference BLAST results use the better of these two.
@@ -108,8 +105,6 @@ class BLAST(StructuredMatrix):
             raise ValueError(f"need 1 <= b1 <= m and 1 <= b2 <= n; got blocks ({b1}, {b2}) "
                              f"for shape ({m}, {n})")
         super().__init__((m, n))
-        from ..fit.blast import balanced_splits
-
         self.row_splits = (balanced_splits(m, b1) if row_splits is None
                            else _check_splits(row_splits, m, b1, "row_splits"))
         self.col_splits = (balanced_splits(n, b2) if col_splits is None
@@ -277,7 +272,7 @@ class BLAST(StructuredMatrix):
         """Fit a BLAST matrix to ``W`` within ``budget`` MACs.
 
         Preconditioned alternating gradient descent (math.md 6.5; see
-        :mod:`gblr_approx.fit.blast`) started from the truncated SVD, returning the best
+        :mod:`gblr_approx.fit.blast.factors`) started from the truncated SVD, returning the best
         iterate, so the error is never above the rank-``r`` truncated SVD's.
 
         Parameters
@@ -330,143 +325,3 @@ class BLAST(StructuredMatrix):
                                        damping=damping, end_factor=end_factor, prune=prune,
                                        init=init, seed=seed, progress=progress,
                                        callback=callback)
-
-
-def _resolve_blocks(blocks: Any, m: int, n: int, budget: int) -> list[tuple[int, int]]:
-    if blocks is None or (isinstance(blocks, str) and blocks == "auto"):
-        cands = [b for b in AUTO_BLOCKS if b[0] <= m and b[1] <= n
-                 and budget >= m + n + b[0] * b[1]]
-        if not cands:
-            b = (min(4, m), min(4, n))
-            if budget >= m + n + b[0] * b[1]:
-                cands = [b]
-            else:
-                cands = [(1, 1)]
-        return cands
-    if isinstance(blocks, str):
-        raise TypeError(f"blocks must be 'auto', an int or a pair (b1, b2); got {blocks!r}")
-    b1, b2 = check_pair(blocks, "blocks")
-    if b1 > m or b2 > n:
-        raise ValueError(
-            f"blocks={(b1, b2)} needs b1 <= m and b2 <= n (every block non-empty); the matrix "
-            f"is {m} x {n}"
-        )
-    return [(b1, b2)]
-
-
-def fit_blast(
-    W: torch.Tensor,
-    budget: int,
-    *,
-    blocks: Any = "auto",
-    rank: int | None = None,
-    steps: int = 200,
-    lr: float = 1.8,
-    damping: float = 0.01,
-    end_factor: float = 0.0,
-    prune: float = 0.0,
-    init: str = "svd",
-    seed: int = 0,
-    progress: bool | None = None,
-    callback: Callable[[int, float], Any] | None = None,
-) -> FitResult:
-    """Fit a BLAST matrix to a validated ``(m, n)`` tensor ``W`` within ``budget`` MACs.
-
-    Same options as :meth:`BLAST.project`. Returns a :class:`~gblr_approx.FitResult`
-    (``.matrix``, ``.history`` with one record per iteration of the kept block grid: ``step``,
-    ``stage`` (``"blast:4x4"``...), ``rel_error``, ``loss``, ``lr``, ``damping``, ``flops``,
-    ``components`` (the rank), ``seconds``; ``.rel_error``, ``.budget``, ``.seconds``,
-    ``.info``), like :func:`~gblr_approx.fit_gblr`.
-    Raises :class:`~gblr_approx.budget.InfeasibleBudgetError` when even rank 1 does not fit.
-    """
-    from ..fit.blast import balanced_splits, fit_blast_factors
-
-    m, n = W.shape
-    steps = check_positive_int(steps, "steps", minimum=0)
-    for name, v, lo in (("lr", lr, 0.0), ("damping", damping, 0.0),
-                        ("end_factor", end_factor, 0.0), ("prune", prune, 0.0)):
-        if not isinstance(v, (int, float)) or not (v >= lo) or v != v or v == float("inf"):
-            raise ValueError(f"{name} must be a finite number >= {lo}; got {v!r}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0; got {lr}")
-    if init not in ("svd", "random"):
-        raise ValueError(f"init must be 'svd' or 'random'; got {init!r}")
-    # the finest grid first: it usually wins, and later candidates can stop early
-    cands = sorted(_resolve_blocks(blocks, m, n, budget), key=lambda b: -b[0] * b[1])
-    results = []
-    for b1, b2 in cands:
-        per_rank = m + n + b1 * b2
-        if rank is None:
-            r = budget // per_rank
-            if r < 1:
-                raise InfeasibleBudgetError(
-                    "blast", budget, per_rank, f"rank 1 on a {b1}x{b2} grid costs m+n+b1*b2"
-                )
-        else:
-            r = check_positive_int(rank, "rank")
-            if r * per_rank > budget:
-                raise InfeasibleBudgetError(
-                    "blast", budget, r * per_rank, f"rank={r} on a {b1}x{b2} grid costs "
-                    "r*(m+n+b1*b2)"
-                )
-        cb = callback
-        if results and prune == 0:
-            # a later candidate is abandoned when it trails the best finished one at the same
-            # step of the (identical) schedule: on the MiniLM layers the ranking of 4x4 vs
-            # 16x16 is settled within 10 steps and never changes afterwards
-            lead = min(results, key=lambda t: t[2].rel_error)[2].history
-            check = min(max(10, steps // 8), steps)
-
-            def cb(t: int, e: float, lead=lead, check=check, user=callback) -> bool:
-                if user is not None and user(t, e):
-                    return True
-                return t == check and t < len(lead) and e > lead[t]["rel_error"]
-
-        res = fit_blast_factors(
-            W, r, balanced_splits(m, b1), balanced_splits(n, b2), steps=steps, lr=lr,
-            end_factor=end_factor, damping=damping, prune=prune, init=init, seed=seed,
-            progress=progress, callback=cb,
-        )
-        results.append(((b1, b2), r, res))
-    (b1, b2), r, res = min(results, key=lambda t: t[2].rel_error)
-    U, V, S = res.U, res.V, res.S
-    pruned = 0
-    if prune > 0:
-        keep = torch.linalg.vector_norm(S, dim=(0, 1)) > 0
-        if not bool(keep.any()):
-            keep[0] = True
-        pruned = int((~keep).sum())
-        U, V, S = U[:, keep].contiguous(), V[:, keep].contiguous(), S[:, :, keep].contiguous()
-    A = BLAST(U, V, S, res.row_splits, res.col_splits)
-    A.info = {
-        "algorithm": "preconditioned alternating gradient descent (BLAST), SVD start",
-        "blocks": [b1, b2],
-        "rank": A.rank,
-        "rel_error": res.rel_error,
-        "best_step": res.best_step,
-        "stopped": res.stopped,
-        "fit_seconds": res.seconds,
-        "steps": steps, "lr": lr, "damping": damping, "end_factor": end_factor,
-        "prune": prune, "init": init, "seed": seed,
-        "history": [h["rel_error"] for h in res.history],
-        **res.info,  # init_svd (exact/randomized), layout (batched/frugal), chunks
-    }
-    if prune > 0:
-        A.info["pruned_ranks"] = pruned
-    if res.stopped == "non-finite":
-        A.info["warning"] = (
-            f"an iterate became NaN/Inf at step {len(res.history) - 1}; the best finite "
-            f"iterate (step {res.best_step}) was returned"
-        )
-    if len(results) > 1:
-        A.info["candidates"] = [
-            {"blocks": list(b), "rank": rr, "rel_error": rz.rel_error,
-             "steps_run": len(rz.history) - 1} for b, rr, rz in results
-        ]
-    from ..fit.result import FitResult
-
-    stage = f"blast:{b1}x{b2}"
-    history = [{**h, "stage": stage, "flops": A.flops, "components": A.rank}
-               for h in res.history]
-    return FitResult(matrix=A, history=history, rel_error=res.rel_error, budget=int(budget),
-                     seconds=sum(rz.seconds for _, _, rz in results), info=dict(A.info))

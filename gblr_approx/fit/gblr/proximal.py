@@ -44,8 +44,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..formats.gblr import GBLR
-from ..gaudi import boxcar, gaudi_mask, round_ste
+from ...formats.gblr import GBLR
+from ...gaudi import boxcar, gaudi_mask, round_ste
 
 __all__ = ["proximal_gradient", "GaudiParams", "hard_cost", "project_budget"]
 

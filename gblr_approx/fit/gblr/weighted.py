@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..formats.gblr import GBLR
-from .result import FitResult
+from ...formats.gblr import GBLR
+from ..result import FitResult
 
 __all__ = ["refit_gblr_weighted", "fit_gblr_data_aware"]
 
@@ -47,7 +47,7 @@ def refit_gblr_weighted(W: torch.Tensor, A: GBLR, G: torch.Tensor, *, sweeps: in
     GBLR
         Same intervals, ranks and cost (``flops``) as ``A``, float64.
     """
-    from ..data_aware import _chol
+    from ...data_aware import _chol
 
     A = A.to(dtype=torch.float64, device=W.device)
     K = A.num_components
@@ -109,10 +109,10 @@ def fit_gblr_data_aware(W: Any, budget: float | int, gram: Any, **options: Any) 
     """
     import time
 
-    from ..budget import resolve_budget
-    from ..data_aware import project_data_aware
-    from ..metrics import relative_error
-    from ..validation import as_matrix
+    from ...budget import resolve_budget
+    from ...data_aware import project_data_aware
+    from ...metrics import relative_error
+    from ...validation import as_matrix
 
     Wt = as_matrix(W, "W")
     b = resolve_budget(budget, *Wt.shape)

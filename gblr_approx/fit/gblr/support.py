@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..formats.gblr import GBLR
+from ...formats.gblr import GBLR
 
 __all__ = ["support_candidates"]
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.gblr import GBLR
-from ..linalg import frob2
+from ...formats.gblr import GBLR
+from ...linalg import frob2
 
 __all__ = ["Rect", "BlockModel"]
 
@@ -249,6 +249,6 @@ class BlockModel:
 
 
 def _threshold() -> int:
-    from .. import linalg
+    from ... import linalg
 
     return linalg.RANDOMIZED_MIN_ENTRIES

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from ..budget import resolve_budget
-from ..formats.gblr import GBLR
-from ..validation import as_matrix, check_positive_int
+from ...budget import resolve_budget
+from ...formats.gblr import GBLR
+from ...validation import as_matrix, check_positive_int
+from ..result import FitResult
 from .blocks import BlockModel, Rect
 from .candidates import (
     default_block_shapes,
@@ -42,7 +43,6 @@ from .candidates import (
     mixed_candidates,
 )
 from .intervals import interval_stage
-from .result import FitResult
 from .support import support_candidates
 
 __all__ = ["fit_gblr"]

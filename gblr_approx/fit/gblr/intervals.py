@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..formats.gblr import GBLR
-from ..linalg import choose_svd_method, frob2, top_svd
+from ...formats.gblr import GBLR
+from ...linalg import choose_svd_method, frob2, top_svd
 
 __all__ = ["IntervalComponent", "IntervalModel", "best_cyclic_interval", "interval_stage"]
 
@@ -469,6 +469,6 @@ def _with_fixed(G: GBLR, start: GBLR, fixed_idx: list[int]) -> GBLR:
 
 
 def _threshold() -> int:
-    from .. import linalg
+    from ... import linalg
 
     return linalg.RANDOMIZED_MIN_ENTRIES

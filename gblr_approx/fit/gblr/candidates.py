@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import torch
 
-from ..budget import InfeasibleBudgetError
-from ..formats.blocklowrank import BlockLowRank
-from ..formats.blocksparse import BlockSparse
-from ..formats.gblr import GBLR
-from ..formats.lowrank import LowRank
+from ...budget import InfeasibleBudgetError
+from ...formats.blocklowrank import BlockLowRank
+from ...formats.blocksparse import BlockSparse
+from ...formats.gblr import GBLR
+from ...formats.lowrank import LowRank
 from .blocks import BlockModel
 from .mixed import lowrank_plus_blocks
 

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from ..formats.blocklowrank import balanced_splits
-from ..linalg import choose_svd_method, frob2, top_svd
+from ...formats.blocklowrank import balanced_splits
+from ...linalg import choose_svd_method, frob2, top_svd
 from .blocks import BlockModel, Rect
 
 __all__ = ["lowrank_plus_blocks"]
@@ -195,6 +195,6 @@ def lowrank_plus_blocks(
 def linalg_threshold() -> int:
     """The current :data:`gblr_approx.linalg.RANDOMIZED_MIN_ENTRIES` (read at call time so
     that tests can lower it)."""
-    from .. import linalg
+    from ... import linalg
 
     return linalg.RANDOMIZED_MIN_ENTRIES

@@ -45,8 +45,8 @@ from typing import Any
 
 import torch
 
-from ..formats.blocklowrank import balanced_splits
-from ..linalg import frob2, top_svd
+from ...formats.blocklowrank import balanced_splits
+from ...linalg import frob2, top_svd
 
 __all__ = ["BlastFitResult", "fit_blast_factors", "balanced_splits", "spd_solve"]
 
