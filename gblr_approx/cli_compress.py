@@ -130,9 +130,14 @@ def _say(msg: str, quiet: bool) -> None:
               help="Weight each layer's output error by its estimated effect on the output.")
 @click.option("--max-texts", type=int, default=None, help="Use only the first N texts.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads.")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Fit the layers on Dask: 'local' (a LocalCluster of --workers processes) "
+                   "or a scheduler address such as tcp://host:8786. Needs gblr_approx[dask].")
+@click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="LocalCluster size with --scheduler local (1: one per core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compress(model_dir, budget, formats, calibration, out, allocation, include, exclude,
-             sensitivity, max_texts, threads, as_json) -> None:
+             sensitivity, max_texts, threads, scheduler, workers, as_json) -> None:
     """Compress the linear layers of a local Hugging Face model folder."""
     import torch
 
@@ -164,7 +169,8 @@ def compress(model_dir, budget, formats, calibration, out, allocation, include, 
     _say(f"compressing {len(grams)} layers ({allocation}, formats={formats}) ...", quiet)
     report = compress_model(model, fmts, b, include=list(grams), calibration=grams,
                             allocation=allocation, sensitivity=sens,
-                            progress=None if not quiet else False)
+                            progress=None if not quiet else False, scheduler=scheduler,
+                            workers=workers)
     save_compressed(model, out)
     seconds = time.perf_counter() - t0
     a = report.attrs

@@ -34,6 +34,7 @@ from torch import nn
 
 from .budget import InfeasibleBudgetError
 from .calibration import collect_grams, select_linears
+from .compress_dask import check_scheduler, run_layer_jobs
 from .data_aware import output_error, regularised_gram, whitened_lowrank
 from .formats.base import FORMATS, StructuredMatrix, get_format
 from .metrics import relative_error
@@ -97,12 +98,17 @@ class _Layer:
     def __init__(self, name: str, mod: nn.Linear, gram: torch.Tensor | None) -> None:
         self.name = name
         self.mod = mod
+        self.dtype = mod.weight.dtype
         self.W = mod.weight.detach().to(torch.float64)
         self.m, self.n = self.W.shape
         self.dense = self.m * self.n
         self.gram = gram
         self.weight = 1.0  # sensitivity c_l (objective "absolute" only)
         self.cands: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # what a Dask task needs: the weight and Gram, not the module (or the model behind it)
+        return {k: v for k, v in self.__dict__.items() if k != "mod"}
 
     def error(self, A: Any, objective: str) -> float:
         """Squared error used by the allocation (output error if a Gram is known)."""
@@ -151,6 +157,54 @@ def _build_candidates(layer, formats, fractions, ridge, objective, options, fmt_
             cands.append({"format": fmt, "flops": int(A.flops), "err": layer.error(A, objective),
                           "matrix": A, "budget": b})
     return cands
+
+
+def _uniform_layer(L: _Layer, fmts: list[str], b: int, ridge: float,
+                   fmt_options: Mapping[str, Mapping[str, Any]], objective: str) -> dict[str, Any]:
+    """The format of lowest error for one layer at ``b`` MACs (``allocation="uniform"``)."""
+    best = None
+    for fmt in fmts:
+        t0 = time.perf_counter()
+        A = (_project(L, fmt, b, ridge, fmt_options.get(fmt, {})) if len(fmts) > 1
+             else _project_strict(L, fmt, b, ridge, fmt_options.get(fmt, {})))
+        if A is None:
+            continue
+        c = {"format": fmt, "flops": int(A.flops), "err": L.error(A, objective),
+             "matrix": A, "seconds": time.perf_counter() - t0}
+        if best is None or c["err"] < best["err"]:
+            best = c
+    if best is None:
+        raise InfeasibleBudgetError(
+            "compress_model", b, min(get_format(f).min_budget(L.m, L.n) for f in fmts),
+            f"layer {L.name!r}")
+    return best
+
+
+def _curve_layer(L: _Layer, *args: Any) -> tuple[list[dict[str, Any]], float]:
+    """One layer's candidate curve (``allocation="global"``) and the seconds it took."""
+    t0 = time.perf_counter()
+    cands = _build_candidates(L, *args)
+    return cands, time.perf_counter() - t0
+
+
+def _final_layer(L: _Layer, c: dict[str, Any], ridge: float,
+                 fmt_options: Mapping[str, Mapping[str, Any]], objective: str) -> dict[str, Any]:
+    """The matrix of the candidate chosen for one layer (refitted in full where it pays)."""
+    t0 = time.perf_counter()
+    if c["format"] == "dense":
+        return {**c, "seconds": L.curve_seconds}
+    if c["format"] == "lowrank" and c.get("rank"):
+        opts = {**fmt_options.get("lowrank", {}), "rank": c["rank"]}
+        A = _project_strict(L, "lowrank", c["flops"], ridge, opts)
+    elif L.gram is not None:
+        # the curve used cheap refits: redo the chosen one in full
+        A = _project_strict(L, c["format"], c["budget"], ridge, fmt_options.get(c["format"], {}))
+        if L.error(A, objective) > c["err"]:
+            A = c["matrix"]
+    else:
+        A = c["matrix"]
+    return {**c, "matrix": A, "err": L.error(A, objective),
+            "seconds": L.curve_seconds + time.perf_counter() - t0}
 
 
 def _project(layer, fmt, budget, ridge, opts):
@@ -257,6 +311,8 @@ def compress_model(
     sensitivity: Mapping[str, float] | None = None,
     keep_dense: bool = True,
     progress: bool | None = None,
+    scheduler: Any = None,
+    workers: int = 1,
     **options: Any,
 ):
     """Replace the selected ``nn.Linear`` layers of ``model`` (in place) by structured ones.
@@ -299,6 +355,15 @@ def compress_model(
         in the report, cost ``m n``) when that is the best use of its MACs.
     progress : bool, optional
         tqdm bar over layers (default: when stderr is a terminal).
+    scheduler : None, "local", str or dask.distributed.Client, optional
+        Where the per-layer fits run (:mod:`gblr_approx.compress_dask`): ``None`` (default)
+        in this process, one layer after the other; ``"local"``, a Dask ``LocalCluster`` of
+        ``workers`` processes (the number of cores when ``workers == 1``); an address such as
+        ``"tcp://host:8786"``; or a connected Client. Each layer is one task carrying only its
+        weight and Gram; results equal the serial ones (one torch thread per task, the same
+        seeds). Needs ``pip install 'gblr_approx[dask]'``.
+    workers : int
+        LocalCluster size for ``scheduler="local"``.
     **options
         Passed to every projection (e.g. ``block_shape=(32, 32)`` for a single format).
 
@@ -377,57 +442,26 @@ def compress_model(
                 raise ValueError(f"sensitivity[{L.name!r}] must be a finite number > 0; got {w}")
             L.weight = w
 
+    if scheduler is not None:
+        check_scheduler(scheduler)  # a clear error before any work (imports Dask)
     bar = _progress(progress, len(layers), f"compress ({allocation})")
-    chosen: list[dict[str, Any]] = []
     if allocation == "uniform":
         frac = budget if isinstance(budget, float) else total_budget / dense_total
-        for L in layers:
-            b = max(int(math.floor(frac * L.dense + 1e-9)), 1)
-            best = None
-            for fmt in fmts:
-                t0 = time.perf_counter()
-                A = _project(L, fmt, b, ridge, fmt_options.get(fmt, {})) if len(fmts) > 1 \
-                    else _project_strict(L, fmt, b, ridge, fmt_options.get(fmt, {}))
-                if A is None:
-                    continue
-                c = {"format": fmt, "flops": int(A.flops), "err": L.error(A, objective),
-                     "matrix": A, "seconds": time.perf_counter() - t0}
-                if best is None or c["err"] < best["err"]:
-                    best = c
-            if best is None:
-                raise InfeasibleBudgetError(
-                    "compress_model", b, min(get_format(f).min_budget(L.m, L.n) for f in fmts),
-                    f"layer {L.name!r}")
-            chosen.append(best)
-            if bar is not None:
-                bar.update(1)
+        jobs = [(_uniform_layer, L, fmts, max(int(math.floor(frac * L.dense + 1e-9)), 1),
+                 ridge, fmt_options, objective) for L in layers]
+        chosen = run_layer_jobs(jobs, scheduler, workers, bar)
     else:
-        for L in layers:
-            t0 = time.perf_counter()
-            L.cands = _build_candidates(L, fmts, fractions, ridge, objective, options,
-                                        fmt_options, keep_dense)
-            L.curve_seconds = time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
+        jobs = [(_curve_layer, L, fmts, fractions, ridge, objective, options, fmt_options,
+                 keep_dense) for L in layers]
+        for L, (cands, secs) in zip(layers, run_layer_jobs(jobs, scheduler, workers, bar),
+                                    strict=True):
+            L.cands, L.curve_seconds = cands, secs
         picks = _allocate(layers, total_budget)
-        for L, c in zip(layers, picks, strict=True):
-            t0 = time.perf_counter()
-            if c["format"] == "dense":
-                chosen.append({**c, "seconds": L.curve_seconds})
-                continue
-            if c["format"] == "lowrank" and c.get("rank"):
-                opts = {**fmt_options.get("lowrank", {}), "rank": c["rank"]}
-                A = _project_strict(L, "lowrank", c["flops"], ridge, opts)
-            elif L.gram is not None:
-                # the curve used cheap refits: redo the chosen one in full
-                A = _project_strict(L, c["format"], c["budget"], ridge,
-                                    fmt_options.get(c["format"], {}))
-                if L.error(A, objective) > c["err"]:
-                    A = c["matrix"]
-            else:
-                A = c["matrix"]
-            chosen.append({**c, "matrix": A, "err": L.error(A, objective),
-                           "seconds": L.curve_seconds + time.perf_counter() - t0})
+        for L in layers:
+            L.cands = []  # the curves' matrices are not needed (nor shipped to workers) now
+        jobs = [(_final_layer, L, c, ridge, fmt_options, objective)
+                for L, c in zip(layers, picks, strict=True)]
+        chosen = run_layer_jobs(jobs, scheduler, workers, None)
     if bar is not None:
         bar.close()
 
@@ -467,5 +501,5 @@ def compress_model(
 
 def _project_strict(layer, fmt, budget, ridge, opts):
     if layer.gram is None:
-        return project(layer.W.to(layer.mod.weight.dtype), fmt, budget, **opts)
+        return project(layer.W.to(layer.dtype), fmt, budget, **opts)
     return project(layer.W, fmt, budget, gram=layer.gram, ridge=ridge, **opts)

@@ -74,7 +74,7 @@ def connect(scheduler: Any, workers: int = 1, threads: int | None = None) -> tup
 
         n = workers if workers > 1 else max(1, (os.cpu_count() or 1) // (threads or 1))
         cluster = distributed.LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
             silence_logs=logging.ERROR)
         client = distributed.Client(cluster)
         return client, [client, cluster]
