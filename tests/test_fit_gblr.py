@@ -358,3 +358,18 @@ def test_formats_never_import_fit():
                          re.M)
     for path in sorted(root.glob("*.py")):
         assert not pattern.search(path.read_text()), f"{path.name} imports gblr_approx.fit"
+
+
+def test_support_cover_search_stops_at_its_time_limit(monkeypatch):
+    """The cover search of a 256x192 four-block matrix (seed 104) once ran for > 13 CPU
+    minutes: its tree had few covers, so max_covers never stopped it. With a clock that
+    advances one second per reading it must now stop after a few nodes."""
+    import itertools
+
+    import gblr_approx.fit.gblr.support as support
+
+    G = random_gblr(256, 192, 4, [2], 104)
+    ticks = itertools.count()
+    monkeypatch.setattr(support.time, "process_time", lambda: float(next(ticks)))
+    list(support.support_candidates(G.to_dense(), G.flops, time_limit=20.0))
+    assert next(ticks) < 200  # readings: one per search node, a few per cover tried

@@ -136,7 +136,8 @@ def support_candidates(
     Steps: boundaries from the zero pattern and from column/row span changes
     (:func:`_span_boundaries`); candidate rectangles = pairs of cyclic arcs between
     boundaries lying inside the support; every cover of the support by at most
-    ``max_blocks`` candidates whose cost fits the budget (depth-first, at most ``max_covers``);
+    ``max_blocks`` candidates whose cost fits the budget (depth-first, at most ``max_covers``
+    and half of ``time_limit``);
     for each cover and rank assignment (ranks <= ``max_rank``) a short block coordinate descent,
     refined when promising; stops at an exact fit or after ``time_limit`` CPU seconds
     (process time, so that a loaded machine does not change the result much).
@@ -173,7 +174,8 @@ def support_candidates(
     covers: set[tuple[int, ...]] = set()
 
     def search(chosen: list[int], covered: np.ndarray, cost: int) -> None:
-        if len(covers) >= max_covers:
+        # the tree can be huge with few covers in it: the CPU-time limit bounds it too
+        if len(covers) >= max_covers or time.process_time() - t0 > time_limit / 2:
             return
         uncovered = np.nonzero(support & ~covered)[0]
         if uncovered.size == 0:
