@@ -45,6 +45,15 @@ def _arcs(bounds: list[int], N: int) -> list[tuple[int, int]]:
     return sorted(arcs)
 
 
+def _cells(bounds: list[int], N: int) -> np.ndarray:
+    """Cell id (0, 1, ...) of each index: cells are the cyclic arcs between boundaries."""
+    if not bounds:
+        return np.zeros(N, dtype=np.int64)
+    b = np.asarray(sorted(bounds))
+    # index i lies in the arc starting at the last boundary <= i (cyclically: the last one)
+    return (np.searchsorted(b, np.arange(N), side="right") - 1) % len(b)
+
+
 def _indices(start: int, width: int, N: int) -> np.ndarray:
     return (start + np.arange(width)) % N
 
@@ -136,8 +145,8 @@ def support_candidates(
     Steps: boundaries from the zero pattern and from column/row span changes
     (:func:`_span_boundaries`); candidate rectangles = pairs of cyclic arcs between
     boundaries lying inside the support; every cover of the support by at most
-    ``max_blocks`` candidates whose cost fits the budget (depth-first, at most ``max_covers``
-    and half of ``time_limit``);
+    ``max_blocks`` candidates whose cost fits the budget (depth-first over the cells between
+    boundaries, at most ``max_covers`` and ``time_limit``);
     for each cover and rank assignment (ranks <= ``max_rank``) a short block coordinate descent,
     refined when promising; stops at an exact fit or after ``time_limit`` CPU seconds
     (process time, so that a loaded machine does not change the result much).
@@ -156,26 +165,34 @@ def support_candidates(
     cb = _merge_boundaries(_boundaries(Z.T), _span_boundaries(Wd, window), n)
     if len(rb) > max_boundaries or len(cb) > max_boundaries:
         return
+    # The pattern is constant on the cells between consecutive boundaries, and every
+    # candidate is a union of cells: the cover search works on the (few) cells, not the entries.
+    rcell, ccell = _cells(rb, m), _cells(cb, n)
+    rrep = [int(np.argmax(rcell == k)) for k in range(rcell.max() + 1)]
+    crep = [int(np.argmax(ccell == k)) for k in range(ccell.max() + 1)]
     cands = []
     for rs, rw in _arcs(rb, m):
         ri = _indices(rs, rw, m)
         sub = Z[ri]
+        rin = np.zeros(len(rrep), dtype=bool)
+        rin[rcell[ri]] = True
         for cs, cw in _arcs(cb, n):
             ci = _indices(cs, cw, n)
             if sub[:, ci].all() and min(rw + cw, rw * cw) <= budget:
-                mask = np.zeros((m, n), dtype=bool)
-                mask[np.ix_(ri, ci)] = True
-                cands.append(((rs, rw, cs, cw), ri, ci, mask.ravel(), min(rw + cw, rw * cw)))
+                cin = np.zeros(len(crep), dtype=bool)
+                cin[ccell[ci]] = True
+                mask = np.outer(rin, cin).ravel()
+                cands.append(((rs, rw, cs, cw), ri, ci, mask, min(rw + cw, rw * cw)))
     if not cands:
         return
     masks = np.stack([c[3] for c in cands])
     costs = np.array([c[4] for c in cands])
-    support = Z.ravel()
+    support = Z[np.ix_(rrep, crep)].ravel()
     covers: set[tuple[int, ...]] = set()
 
     def search(chosen: list[int], covered: np.ndarray, cost: int) -> None:
-        # the tree can be huge with few covers in it: the CPU-time limit bounds it too
-        if len(covers) >= max_covers or time.process_time() - t0 > time_limit / 2:
+        # the tree can be large with few covers in it: the CPU-time limit bounds it too
+        if len(covers) >= max_covers or time.process_time() - t0 > time_limit:
             return
         uncovered = np.nonzero(support & ~covered)[0]
         if uncovered.size == 0:
