@@ -64,6 +64,7 @@ def cached_plan(G: GBLR, device: torch.device, matvec: bool = False) -> GBLRPlan
             G.ranks.tolist(),
             G.is_dense.tolist(),
             bucket_cost=MATVEC_BUCKET_COST if matvec else BUCKET_COST,
+            row_form=matvec,
         )
         if torch.device(device).type != "cpu":
             plan = plan.to(torch.device(device))
