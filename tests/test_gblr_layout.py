@@ -32,7 +32,12 @@ def test_merge_identical_is_lossless_and_never_costs_more():
     gen = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     # rectangles: A twice (rank 1 + rank 2), B three times (one dense), C once (wraps rows)
-    rs, rw, cs, cw = [0, 5, 0, 5, 5, 30], [10, 8, 10, 8, 8, 6], [3, 0, 3, 0, 0, 35], [7, 9, 7, 9, 9, 9]
+    rs, rw, cs, cw = (
+        [0, 5, 0, 5, 5, 30],
+        [10, 8, 10, 8, 8, 6],
+        [3, 0, 3, 0, 0, 35],
+        [7, 9, 7, 9, 9, 9],
+    )
     factors = [(r(10, 1), r(7, 1)), (r(8, 1), r(9, 1)), (r(10, 2), r(7, 2)), r(8, 9)]
     factors += [(r(8, 1), r(9, 1)), (r(6, 1), r(9, 1))]
     G = GBLR((32, 40), rs, rw, cs, cw, factors)
