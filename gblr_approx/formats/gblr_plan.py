@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GBLRPlan", "build_plan"]
+__all__ = ["GBLRPlan", "GBLRSegments", "build_plan", "build_segments"]
 
 #: Candidate tile sizes; the plan takes the cheapest by :data:`LINE_COST` (see _best_tile).
 TILES = (16, 32, 64, 128)
@@ -499,3 +499,223 @@ def build_plan(
         bool((z_gather > S).any()),
         row_form,
     )
+
+
+# ------------------------------------------------------------------ segment plans
+@dataclass
+class _Segment:
+    """One GEMM on contiguous slices: ``out[o : o + rows] (+)= P^T or P @ src[s : s + len]``.
+
+    ``value_index`` gathers the panel ``P`` from a padded flat factor buffer, shape
+    ``(rows_of_P, cols_of_P)``; ``accumulate`` adds into the output instead of writing it.
+    """
+
+    src: int
+    length: int
+    out: int
+    rows: int
+    accumulate: bool
+    shape: tuple[int, int]
+    value_index: torch.Tensor
+
+
+@dataclass
+class GBLRSegments:
+    """A GBLR product as a few real GEMMs over contiguous slices (aligned layouts).
+
+    Components are grouped by interval instead of cut into tiles:
+
+    1. ``Z = V^T X``: one GEMM per distinct column interval of the factored components,
+       ``Z[slots of the group] = [V_1 .. V_J]^T X[c0 : c0 + w]`` (a wrapping interval is two
+       GEMMs), written in place into ``Z``;
+    2. ``Y = U Z``: one GEMM per distinct row interval of all components,
+       ``Y[r0 : r0 + h] += [U_1 .. U_J | D_1 ..] [Z rows; X rows]`` after a single gather of
+       each group's input rows (slots of its factored members, ``X`` rows of its dense blocks).
+
+    No padding (``padded_macs == flops``) and no partial sums; the row traffic is one gather
+    of ``gathered`` rows. ``len(stage1) + len(stage2) + 3`` kernel launches, so it pays off
+    for layouts with few distinct intervals (:func:`build_segments` returns ``None`` past
+    ``max_segments``). Used for products without autograd; the tiled plan serves gradients.
+    """
+
+    shape: tuple[int, int]
+    slots: int
+    stage1: list[_Segment]
+    stage2: list[_Segment]
+    gather: torch.Tensor | None  # rows of [Z; X] read by stage 2 (None: Z itself, in order)
+    padded_macs: int
+    flops: int
+    reads_x: bool = True
+
+    @property
+    def fill(self) -> float:
+        return self.flops / self.padded_macs if self.padded_macs else 1.0
+
+    @property
+    def gathered(self) -> int:
+        """Rows copied by the gather between the stages (0 when stage 2 reads ``Z``)."""
+        return 0 if self.gather is None else int(self.gather.numel())
+
+    def to(self, device: torch.device) -> GBLRSegments:
+        def mv(s: _Segment) -> _Segment:
+            return _Segment(
+                s.src, s.length, s.out, s.rows, s.accumulate, s.shape, s.value_index.to(device)
+            )
+
+        return GBLRSegments(
+            self.shape,
+            self.slots,
+            [mv(s) for s in self.stage1],
+            [mv(s) for s in self.stage2],
+            None if self.gather is None else self.gather.to(device),
+            self.padded_macs,
+            self.flops,
+            self.reads_x,
+        )
+
+    def pack(
+        self, U: torch.Tensor, V: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Panels: ``(length, rows)`` blocks of ``V`` (stage 1), ``(rows, length)`` of ``U``."""
+        zero = U.new_zeros(1)
+        Vz = torch.cat([V.reshape(-1), zero])
+        Uz = torch.cat([U.reshape(-1), zero])
+        p1 = [Vz[s.value_index].view(s.shape) for s in self.stage1]
+        p2 = [Uz[s.value_index].view(s.shape) for s in self.stage2]
+        return p1, p2
+
+    def matmul(
+        self, panels: tuple[list[torch.Tensor], list[torch.Tensor]], X: torch.Tensor
+    ) -> torch.Tensor:
+        """``A @ X`` for ``X`` of shape ``(n, k)`` (no autograd: in-place GEMMs)."""
+        p1, p2 = panels
+        B = X.shape[1]
+        n = self.shape[1]
+        if self.reads_x:  # dense blocks read rows of X after the slots
+            ZX = X.new_empty(self.slots + n, B)
+            ZX[self.slots :].copy_(X)
+        else:
+            ZX = X.new_empty(self.slots, B)
+        Z = ZX[: self.slots]
+        for s, P in zip(self.stage1, p1, strict=True):
+            out = Z[s.out : s.out + s.rows]
+            src = X[s.src : s.src + s.length]
+            if s.accumulate:
+                out.addmm_(P.T, src)
+            else:
+                torch.mm(P.T, src, out=out)
+        G = ZX if self.gather is None else _rows(ZX, self.gather)
+        m = self.shape[0]
+        if self.stage2 and not self.stage2[0].accumulate:  # first segment covers every row
+            s, P = self.stage2[0], p2[0]
+            Y = torch.mm(P, G[s.src : s.src + s.length])
+            rest = zip(self.stage2[1:], p2[1:], strict=True)
+        else:
+            Y = X.new_zeros(m, B)
+            rest = zip(self.stage2, p2, strict=True)
+        for s, P in rest:
+            Y[s.out : s.out + s.rows].addmm_(P, G[s.src : s.src + s.length])
+        return Y
+
+
+def build_segments(
+    shape: tuple[int, int],
+    row_start: list[int],
+    row_width: list[int],
+    col_start: list[int],
+    col_width: list[int],
+    ranks: list[int],
+    is_dense: list[bool],
+    *,
+    max_segments: int = 48,
+) -> GBLRSegments | None:
+    """The segment plan of a GBLR structure, or ``None`` when it needs more than
+    ``max_segments`` GEMMs (many distinct intervals: the tiled plan is then faster).
+
+    Same flat-buffer layout as :func:`build_plan`. ``O(sum_k r_k (h_k + w_k))`` index work.
+    """
+    m, n = shape
+    K = len(ranks)
+    uo = vo = 0
+    offs = []
+    for k in range(K):
+        h, w, r = row_width[k], col_width[k], ranks[k]
+        offs.append((uo, vo))
+        if is_dense[k]:
+            uo += h * w
+        else:
+            uo += h * r
+            vo += w * r
+    live = [k for k in range(K) if row_width[k] and col_width[k] and (is_dense[k] or ranks[k])]
+    by_col: dict[tuple[int, int], list[int]] = {}
+    by_row: dict[tuple[int, int], list[int]] = {}
+    for k in live:
+        if not is_dense[k]:
+            by_col.setdefault((col_start[k], col_width[k]), []).append(k)
+        by_row.setdefault((row_start[k], row_width[k]), []).append(k)
+
+    def wraps(s: int, w: int, side: int) -> int:
+        return 2 if s + w > side else 1
+
+    count = sum(wraps(s, w, n) for s, w in by_col) + sum(wraps(s, h, m) for s, h in by_row)
+    if count > max_segments:
+        return None
+
+    # stage 1: slots grouped by column interval; V panel (w, R) gathered from V's buffer
+    stage1: list[_Segment] = []
+    slot_of: dict[int, int] = {}
+    S = 0
+    for (c0, w), ks in by_col.items():
+        cols = []
+        for k in ks:
+            r, v0 = ranks[k], offs[k][1]
+            slot_of[k] = S + sum(ranks[j] for j in ks[: ks.index(k)])
+            cols.append(v0 + torch.arange(w)[:, None] * r + torch.arange(r)[None, :])
+        idx = torch.cat(cols, 1)  # (w, R)
+        R = idx.shape[1]
+        first = min(w, n - c0)
+        stage1.append(_Segment(c0, first, S, R, False, (first, R), idx[:first].reshape(-1)))
+        if first < w:
+            rest = w - first
+            stage1.append(_Segment(0, rest, S, R, True, (rest, R), idx[first:].reshape(-1)))
+        S += R
+    # stage 2: groups by row interval; inputs = slots (rows of Z) and X rows (dense blocks)
+    stage2: list[_Segment] = []
+    gather = []
+    at = 0
+    for (r0, h), ks in by_row.items():
+        src, cols = [], []
+        for k in ks:
+            u0 = offs[k][0]
+            if is_dense[k]:
+                w = col_width[k]
+                src.append(S + (col_start[k] + torch.arange(w)) % n)
+                cols.append(u0 + torch.arange(h)[:, None] * w + torch.arange(w)[None, :])
+            else:
+                r = ranks[k]
+                src.append(slot_of[k] + torch.arange(r))
+                cols.append(u0 + torch.arange(h)[:, None] * r + torch.arange(r)[None, :])
+        rows = torch.cat(src)
+        idx = torch.cat(cols, 1)  # (h, M)
+        M = rows.numel()
+        gather.append(rows)
+        first = min(h, m - r0)
+        stage2.append(_Segment(at, M, r0, first, True, (first, M), idx[:first].reshape(-1)))
+        if first < h:
+            rest = h - first
+            stage2.append(_Segment(at, M, 0, rest, True, (rest, M), idx[first:].reshape(-1)))
+        at += M
+    flops = sum(
+        row_width[k] * col_width[k] if is_dense[k] else ranks[k] * (row_width[k] + col_width[k])
+        for k in live
+    )
+    g = torch.cat(gather) if gather else torch.zeros(0, dtype=torch.long)
+    reads_x = bool((g >= S).any())
+    if not reads_x and g.numel() == S and bool((g == torch.arange(S)).all()):
+        g = None  # stage 2 reads Z in order
+    full = [i for i, sg in enumerate(stage2) if sg.out == 0 and sg.rows == m]
+    if full:  # a segment that writes every output row goes first, without zero-filling
+        sg = stage2.pop(full[0])
+        sg.accumulate = False
+        stage2.insert(0, sg)
+    return GBLRSegments((m, n), S, stage1, stage2, g, flops, flops, reads_x)
