@@ -144,3 +144,42 @@ def test_layout_option_errors_name_the_argument():
         ga.fit_gblr(W, 0.5, layout="tiled", tile=0, progress=False)
     with pytest.raises(ValueError, match="tile"):
         list(tiled_layout(W, 64, None, tile=2.5))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segment_plan_is_exact_on_wrapped_dense_and_rank0_components(seed):
+    from gblr_approx.formats.gblr_plan import build_segments
+
+    gen = torch.Generator().manual_seed(seed)
+    m, n = 40, 56
+    rs, rw, cs, cw, factors = [], [], [], [], []
+    for k in range(9):
+        h = m if k == 0 else int(torch.randint(1, m + 1, (1,), generator=gen))
+        w = n if k == 0 else int(torch.randint(1, n + 1, (1,), generator=gen))
+        rs.append(0 if k == 0 else int(torch.randint(0, m, (1,), generator=gen)))
+        cs.append(0 if k == 0 else int(torch.randint(0, n, (1,), generator=gen)))
+        rw.append(h)
+        cw.append(w)
+        if k % 4 == 3:
+            factors.append(torch.randn(h, w, generator=gen, dtype=torch.float64))
+        else:
+            r = k % 3  # includes rank 0
+            factors.append(
+                (
+                    torch.randn(h, r, generator=gen, dtype=torch.float64),
+                    torch.randn(w, r, generator=gen, dtype=torch.float64),
+                )
+            )
+    G = GBLR((m, n), rs, rw, cs, cw, factors)
+    args = [G.shape] + [
+        t.tolist()
+        for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
+    ]
+    seg = build_segments(*args)
+    assert seg is not None and seg.flops == G.flops and seg.fill == 1.0
+    D = G.to_dense()
+    for batch in (1, 33):
+        X = torch.randn(n, batch, dtype=torch.float64)
+        assert torch.allclose(seg.matmul(seg.pack(G._Uf, G._Vf), X), D @ X, atol=1e-10)
+        assert torch.allclose(G @ X, D @ X, atol=1e-10)  # the dispatch picks it at 33
+    assert build_segments(*args, max_segments=2) is None

@@ -42,6 +42,9 @@ Factor = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 _PLAN_CACHE: OrderedDict[tuple, GBLRPlan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
+#: Products with fewer than ``ROW_FORM_BELOW`` columns run the segment plan only when it has
+#: at most this many GEMMs (e.g. a low-rank-like layout); otherwise the one-bucket tiled plan.
+SEGMENTS_THIN = 4
 
 
 def cached_plan(
@@ -490,12 +493,15 @@ class GBLR(StructuredMatrix):
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         if self.num_components == 0:
             return X.new_zeros(self.shape[0], X.shape[1])
-        if X.shape[1] >= ROW_FORM_BELOW and not (
+        if not (
             torch.is_grad_enabled()
             and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
         ):
             seg = self.segments
-            if seg is not None:
+            # thin products: only when it is a handful of GEMMs (launches dominate there)
+            if seg is not None and (
+                X.shape[1] >= ROW_FORM_BELOW or len(seg.stage1) + len(seg.stage2) <= SEGMENTS_THIN
+            ):
                 return seg.matmul(self._panels(seg), X)
         plan = self.plan_for(X.shape[1])
         return plan.matmul(self._panels(plan), X)
