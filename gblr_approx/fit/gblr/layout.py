@@ -14,11 +14,13 @@ every piece is a GEMV-like sliver (docs/product_speed.md). Two transformations m
    as candidate rectangles, and the content is refitted *exactly* on these fixed rectangles
    (:class:`.blocks.BlockModel`: truncated SVDs by block-coordinate descent, ranks allocated to
    the budget by a knapsack on the spectra). Aligned starts (the truncated SVD and
-   block-low-rank on grids of tile-multiple blocks) are refitted too, and the best hard
-   iterate within the budget is kept, so the result is never worse than them.
+   block-low-rank on grids of tile-multiple blocks) compete too, and the best hard iterate
+   within the budget is kept, so the result is never worse than them.
 
-An aligned layout packs into the product's tiles without padding (``plan.fill`` = 1 when the
-tile divides the sides) and has few components of rank > 1: its panels are real GEMMs.
+An aligned layout fills the product's tiles (no partial slots; what padding is left comes from
+bucketing tiles of different slot counts) and has few components of rank > 1; with few
+distinct intervals it runs as one GEMM per interval on contiguous slices
+(:class:`~gblr_approx.formats.gblr_plan.GBLRSegments`, no padding at all).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ __all__ = [
 LAYOUTS = ("free", "tiled")
 
 
-def check_layout(layout: object, tile: object, m: int, n: int) -> tuple[str, int]:
+def check_layout(layout: object, tile: object) -> tuple[str, int]:
     """Validate ``fit_gblr``'s ``layout`` and ``tile`` options; returns them."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
@@ -356,8 +358,9 @@ def tiled_layout(
         Every hard iterate within the budget, exact relative Frobenius error; all aligned
         (:func:`is_aligned`). Candidate sets: the snapped rectangles of ``start`` plus the
         tile grid and the full matrix (``"tiled"``), the full matrix alone (truncated SVD,
-        ``"tiled:lowrank"``) and block-low-rank grids of tile-multiple blocks
-        (``"tiled:blocklowrank<b1>x<b2>"``, refitted the same way).
+        ``"tiled:lowrank"``) and block-low-rank on grids of tile-multiple blocks
+        (``"tiled:blocklowrank<b1>x<b2>"``, skipped when they have more than
+        ``max_components`` blocks).
 
     Cost: per iteration one SVD per candidate rectangle, ``O(sum_k h_k w_k min(h_k, w_k))``.
     """
@@ -384,9 +387,10 @@ def tiled_layout(
         if not all(r.r0 % tile == 0 and r.c0 % tile == 0 for r in rects):
             continue  # balanced splits off the tile grid: not an aligned start
         G = GBLR.from_blocklowrank(B)
-        yield f"tiled:blocklowrank{g[0]}x{g[1]}", G, _rel(W, G)
-    if start is None:
-        start = GBLR.from_lowrank(LowRank.project(W, budget))
+        if max_components is None or G.num_components <= max_components:
+            yield f"tiled:blocklowrank{g[0]}x{g[1]}", G, _rel(W, G)
+    if start is None:  # no free layout: the candidates alone (the fill step activates them)
+        start = GBLR.zeros((m, n), dtype=W.dtype, device=W.device)
     model = snapped_model(W, start, tile)
     seen = {(c.rect.r0, c.rect.h, c.rect.c0, c.rect.w) for c in model.comps}
     extra = [full] + _grid_rects(m, n, tile)

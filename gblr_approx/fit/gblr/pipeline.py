@@ -229,7 +229,7 @@ def _fit_gblr(
     if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"tol must be a float in [0, 1) or None; got {tol!r}")
     polish_sweeps = check_positive_int(opts.pop("polish_sweeps", 3), "polish_sweeps", minimum=0)
-    layout, tile = check_layout(opts.pop("layout", "free"), opts.pop("tile", 32), m, n)
+    layout, tile = check_layout(opts.pop("layout", "free"), opts.pop("tile", 32))
     start = opts.pop("start", None)
     if start is not None and not isinstance(start, GBLR):
         raise TypeError(f"start must be a GBLR matrix or None; got {type(start).__name__}")
