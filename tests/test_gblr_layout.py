@@ -183,3 +183,16 @@ def test_segment_plan_is_exact_on_wrapped_dense_and_rank0_components(seed):
         assert torch.allclose(seg.matmul(seg.pack(G._Uf, G._Vf), X), D @ X, atol=1e-10)
         assert torch.allclose(G @ X, D @ X, atol=1e-10)  # the dispatch picks it at 33
     assert build_segments(*args, max_segments=2) is None
+
+
+def test_tiled_fit_stopped_by_the_callback_still_returns_a_matrix():
+    W = target(32, 32, seed=4)
+    seen = []
+
+    def stop_in_tiled(rec):
+        seen.append(rec["stage"])
+        return not rec["stage"].startswith("tiled")
+
+    res = ga.fit_gblr(W, 0.3, steps=2, layout="tiled", tile=8, callback=stop_in_tiled)
+    assert res.matrix.flops <= res.budget and seen[-1].startswith("tiled")
+    assert is_aligned(res.matrix, 8)  # the first tiled iterate was kept

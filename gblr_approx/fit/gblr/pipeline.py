@@ -405,10 +405,15 @@ def _fit_gblr(
                     break
 
         # ---- runnable layout: snap the best to the tile grid, refit exactly (fit/gblr/layout.py)
-        if layout == "tiled":
-            free, state["best"], state["err"] = state["best"], None, math.inf
+        if layout == "tiled" and not state["stop"]:
+            free, free_err = state["best"], state["err"]
+            state["best"], state["err"] = None, math.inf
             for name, G, err in tiled_layout(Wc, B, free, tile=tile, max_components=components):
                 offer(name, G, err)
+                if state["stop"]:
+                    break
+            if state["best"] is None:  # no aligned iterate (stopped, tiny budget): the free one
+                state["best"], state["err"] = free, free_err
     finally:
         if bar is not None:
             bar.close()
