@@ -20,6 +20,10 @@ format's default projection (GBLR: the default ``fit_gblr`` layout). Other shape
 synthetic matrix with a power-law spectrum and the fast projections; GBLR there is a random
 layout of rank-1 components at the budget (``--gblr-components``, default 1000) and BLAST a
 random 16x16-block instance, since their fits take minutes at 4096x11008 (benchmarks/scaling.py).
+
+``--gblr-layouts free tiled32 tiled64`` times GBLR with several layouts of the same fit: the
+default ("free") and runnable ones (``fit_gblr(..., layout="tiled", tile=T)`` started from the
+free fit); GBLR rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``.
 """
 
 from __future__ import annotations
@@ -99,6 +103,29 @@ def random_blast(m: int, n: int, budget: int, blocks=(16, 16), seed: int = 0) ->
     )
 
 
+def gblr_layouts(W: torch.Tensor, budget: float, layouts: list[str], real: bool, components: int):
+    """``(layout, GBLR)`` per requested layout: "free" (the default fit, or the random layout
+    on synthetic shapes) and "tiled<T>" (snapped to the T-grid and refitted exactly)."""
+    m, n = W.shape
+    free = (
+        ga.project(W, "gblr", budget)
+        if real
+        else random_gblr(m, n, int(budget * m * n), components)
+    )
+    out = []
+    for name in layouts:
+        if name == "free":
+            out.append((name, free))
+        elif name.startswith("tiled") and name[5:].isdigit():
+            res = ga.fit_gblr(
+                W, budget, start=free, steps=0, layout="tiled", tile=int(name[5:]), progress=False
+            )
+            out.append((name, res.matrix))
+        else:
+            raise SystemExit(f"--gblr-layouts: unknown layout {name!r} (free, tiled<T>)")
+    return out
+
+
 def make(fmt: str, W: torch.Tensor, budget: float, real: bool, components: int):
     m, n = W.shape
     if not real and fmt == "gblr":
@@ -117,6 +144,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--gblr-components", type=int, default=1000)
+    p.add_argument("--gblr-layouts", nargs="+", default=["free"], help="free, tiled<T>")
     p.add_argument("--model", type=Path, help="sentence-transformers model folder (MiniLM)")
     p.add_argument("--model-budget", type=float, default=0.5)
     p.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
@@ -131,9 +159,19 @@ def main() -> None:
         real = (m, n) in MINILM
         W = sample[MINILM[(m, n)]] if real else power_law(m, n)
         for budget in args.budgets:
+            cases = []
             for fmt in args.formats:
                 torch.set_num_threads(1)
-                A = make(fmt, W, budget, real, args.gblr_components)
+                if fmt == "gblr" and args.gblr_layouts != ["free"]:
+                    layouts = gblr_layouts(W, budget, args.gblr_layouts, real, args.gblr_components)
+                    cases += [(fmt, lay, A) for lay, A in layouts]
+                else:
+                    cases.append((fmt, None, make(fmt, W, budget, real, args.gblr_components)))
+            for fmt, layout, A in cases:
+                extra = {}
+                if layout is not None:
+                    err = float((W - A.to_dense()).norm() / W.norm())
+                    extra = {"layout": layout, "rel_error": round(err, 4)}
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     for B in args.batches:
@@ -155,6 +193,7 @@ def main() -> None:
                                 "ms": round(t_fmt * 1e3, 3),
                                 "time/dense": round(t_fmt / t_dense, 2),
                                 "efficiency": round(frac * t_dense / t_fmt, 2),
+                                **extra,
                             }
                         )
                         print(rows[-1], flush=True)

@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from .base import StructuredMatrix, register_format
-from .gblr_plan import BUCKET_COST, MATVEC_BUCKET_COST, ROW_FORM_BELOW, GBLRPlan, build_plan
+from .gblr_plan import (
+    BUCKET_COST,
+    MATVEC_BUCKET_COST,
+    ROW_FORM_BELOW,
+    GBLRPlan,
+    GBLRSegments,
+    build_plan,
+    build_segments,
+)
 
 __all__ = ["GBLR"]
 
@@ -34,15 +42,21 @@ Factor = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 _PLAN_CACHE: OrderedDict[tuple, GBLRPlan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
+#: Products with fewer than ``ROW_FORM_BELOW`` columns run the segment plan only when it has
+#: at most this many GEMMs (e.g. a low-rank-like layout); otherwise the one-bucket tiled plan.
+SEGMENTS_THIN = 4
 
 
-def cached_plan(G: GBLR, device: torch.device, matvec: bool = False) -> GBLRPlan:
+def cached_plan(
+    G: GBLR, device: torch.device, matvec: bool | str = False
+) -> GBLRPlan | GBLRSegments | None:
     """The plan of ``G``'s structure on ``device``, from a small LRU cache keyed by structure.
 
     Matrices that share a structure (a ``StructuredLinear`` rebuilt at every step, copies,
     reloads) share one plan; building one costs ``O(S log S)`` Python work for ``S`` slots.
     ``matvec=True`` gives the plan for thin operands: one panel shape per stage, since call
-    overhead, not padding, dominates a mat-vec.
+    overhead, not padding, dominates a mat-vec. ``matvec="segments"`` gives the segment plan
+    (:class:`~.gblr_plan.GBLRSegments`, ``None`` for layouts with many distinct intervals).
     """
     key = (
         G.shape,
@@ -54,7 +68,22 @@ def cached_plan(G: GBLR, device: torch.device, matvec: bool = False) -> GBLRPlan
         ),
     )
     plan = _PLAN_CACHE.get(key)
-    if plan is None:
+    if plan is None and key not in _PLAN_CACHE and matvec == "segments":
+        plan = build_segments(
+            G.shape,
+            G.row_start.tolist(),
+            G.row_width.tolist(),
+            G.col_start.tolist(),
+            G.col_width.tolist(),
+            G.ranks.tolist(),
+            G.is_dense.tolist(),
+        )
+        if plan is not None and torch.device(device).type != "cpu":
+            plan = plan.to(torch.device(device))
+        _PLAN_CACHE[key] = plan
+        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    elif plan is None and matvec != "segments":
         plan = build_plan(
             G.shape,
             G.row_start.tolist(),
@@ -64,13 +93,14 @@ def cached_plan(G: GBLR, device: torch.device, matvec: bool = False) -> GBLRPlan
             G.ranks.tolist(),
             G.is_dense.tolist(),
             bucket_cost=MATVEC_BUCKET_COST if matvec else BUCKET_COST,
+            row_form=matvec,
         )
         if torch.device(device).type != "cpu":
             plan = plan.to(torch.device(device))
         _PLAN_CACHE[key] = plan
         if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
-    else:
+    elif key in _PLAN_CACHE:
         _PLAN_CACHE.move_to_end(key)
     return plan
 
@@ -429,7 +459,23 @@ class GBLR(StructuredMatrix):
             plans[key] = cached_plan(self, dev, matvec)
         return plans[key]
 
-    def _panels(self, plan: GBLRPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    @property
+    def segments(self) -> GBLRSegments | None:
+        """The segment plan (one GEMM per distinct interval, on contiguous slices), or ``None``
+        when the layout has too many distinct intervals. Products of at least
+        ``ROW_FORM_BELOW`` columns without autograd run it when it exists (aligned, runnable
+        layouts: :func:`gblr_approx.fit.gblr.layout.tiled_layout`)."""
+        plans = getattr(self, "_plan_refs", None)
+        if plans is None:
+            plans = self._plan_refs = {}
+        key = (self.device, "segments")
+        if key not in plans:
+            plans[key] = cached_plan(self, self.device, "segments")
+        return plans[key]
+
+    def _panels(
+        self, plan: GBLRPlan | GBLRSegments
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         U, V = self._Uf, self._Vf
         if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
             return plan.pack(U, V)  # differentiable: rebuilt at every product
@@ -447,6 +493,16 @@ class GBLR(StructuredMatrix):
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         if self.num_components == 0:
             return X.new_zeros(self.shape[0], X.shape[1])
+        if not (
+            torch.is_grad_enabled()
+            and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
+        ):
+            seg = self.segments
+            # thin products: only when it is a handful of GEMMs (launches dominate there)
+            if seg is not None and (
+                X.shape[1] >= ROW_FORM_BELOW or len(seg.stage1) + len(seg.stage2) <= SEGMENTS_THIN
+            ):
+                return seg.matmul(self._panels(seg), X)
         plan = self.plan_for(X.shape[1])
         return plan.matmul(self._panels(plan), X)
 

@@ -33,14 +33,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GBLRPlan", "build_plan"]
+__all__ = ["GBLRPlan", "GBLRSegments", "build_plan", "build_segments"]
 
-#: Candidate tile sizes; the plan takes the one with the fewest padded multiply-adds.
-TILES = (16, 32, 64)
+#: Candidate tile sizes; the plan takes the cheapest by :data:`LINE_COST` (see _best_tile).
+TILES = (16, 32, 64, 128)
+#: Price of one panel line (a slot meeting a tile: one partial row to write, add and gather),
+#: in multiply-adds per product column. Memory-bound row traffic runs ~10-20x slower per
+#: entry than GEMM multiply-adds (measured: a 1272 x 256 row gather takes as long as a
+#: ~4 MMAC GEMM), so equally padded layouts take the largest tile (aligned layouts: the
+#: layout's own tile, whose panels are real GEMMs with inner dimension T).
+LINE_COST = 16
 #: Price of one more bmm call, in multiply-adds per product column (see build_plan).
 BUCKET_COST = 4096
-#: The same price for thin operands (mat-vecs): one panel shape per stage.
-MATVEC_BUCKET_COST = 1e12
+#: The same price for thin operands (mat-vecs), where a multiply-add is one memory read:
+#: a launch (~5 us) costs about as much as 16k of them. Small layers get one panel shape per
+#: stage; a 4096 x 4096 layer with 1000 random components gets a few (measured 2.7 ms
+#: against 6.7 ms with a single, 0.41-filled shape; dense 4.2 ms).
+MATVEC_BUCKET_COST = 16384
 #: Below this many product columns each bmm runs in row form ``(X^T W^T)^T``: MKL's column
 #: form has a large fixed cost per call when the right operand is thin (measured ~60 us vs
 #: ~3 us at one column).
@@ -48,17 +57,19 @@ ROW_FORM_BELOW = 32
 
 
 def _bmm(W: torch.Tensor, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``W @ X`` batched, in the faster of the two memory layouts for ``X``'s width."""
-    if X.shape[-1] == 1:  # mat-vecs: one multiply and one sum read the panels once
-        Y = (W * X.mT).sum(-1, keepdim=True)
-        if out is None:
-            return Y
-        out.copy_(Y)
-        return out
+    """``W @ X`` batched, in the faster of the two memory layouts for ``X``'s width.
+
+    Thin operands run in row form ``(X^T W^T)^T`` (measured 4-8 us against 20-30 us for the
+    column form at one column, panels of 16-128); :meth:`GBLRPlan.pack` stores the panels
+    of row-form plans transposed, so ``W^T`` is contiguous.
+    """
     if X.shape[-1] < ROW_FORM_BELOW:
         if out is None:
             return torch.bmm(X.mT, W.mT).mT
-        out.copy_(torch.bmm(X.mT, W.mT).mT)
+        if X.shape[-1] == 1:  # (count, 1, rows) views of a column are contiguous
+            torch.bmm(X.mT, W.mT, out=out.mT)
+        else:
+            out.copy_(torch.bmm(X.mT, W.mT).mT)
         return out
     return torch.bmm(W, X) if out is None else torch.bmm(W, X, out=out)
 
@@ -87,8 +98,9 @@ class GBLRPlan:
     stage1, stage2 : list of _Bucket
         Stage-1 buckets of ``(M, T1)`` panels (values from ``V``), stage-2 buckets of
         ``(T2, M)`` panels (values from ``U``).
-    x_gather : LongTensor (tiles1 * T1,)
-        Rows of ``X`` read by the stage-1 tiles, bucket after bucket (modulo ``n``).
+    x_gather : LongTensor (tiles1 * T1,) or None
+        Rows of ``X`` read by the stage-1 tiles, bucket after bucket (modulo ``n``); ``None``
+        when that is ``X`` itself in order (aligned layouts: stage 1 reads views of ``X``).
     z_index : LongTensor
         Slot (row of ``Z``) each stage-1 output row adds into (``slots`` for padding).
     z_gather : LongTensor
@@ -98,6 +110,10 @@ class GBLRPlan:
         when they already are in tile order).
     padded_macs, flops : int
         Multiply-adds per product column executed (padding included) and the matrix's cost.
+    reads_x : bool
+        Whether stage 2 reads rows of ``X`` (dense components); otherwise ``X`` is not copied.
+    row_form : bool
+        Panels packed for thin products (fewer than ``ROW_FORM_BELOW`` columns, row form).
     """
 
     shape: tuple[int, int]
@@ -105,12 +121,14 @@ class GBLRPlan:
     tiles: tuple[int, int]
     stage1: list[_Bucket]
     stage2: list[_Bucket]
-    x_gather: torch.Tensor
+    x_gather: torch.Tensor | None
     z_index: torch.Tensor
     z_gather: torch.Tensor
     y_order: torch.Tensor | None
     padded_macs: int
     flops: int
+    reads_x: bool = True
+    row_form: bool = False
 
     @property
     def fill(self) -> float:
@@ -129,12 +147,14 @@ class GBLRPlan:
             self.tiles,
             [mv(b) for b in self.stage1],
             [mv(b) for b in self.stage2],
-            self.x_gather.to(device),
+            None if self.x_gather is None else self.x_gather.to(device),
             self.z_index.to(device),
             self.z_gather.to(device),
             None if self.y_order is None else self.y_order.to(device),
             self.padded_macs,
             self.flops,
+            self.reads_x,
+            self.row_form,
         )
 
     # ------------------------------------------------------------------ values
@@ -151,6 +171,9 @@ class GBLRPlan:
         Uz = torch.cat([U.reshape(-1), zero])
         p1 = [Vz[b.value_index].view(b.count, b.rows, b.cols) for b in self.stage1]
         p2 = [Uz[b.value_index].view(b.count, b.rows, b.cols) for b in self.stage2]
+        if self.row_form:  # thin products read W^T: store it contiguous
+            p1 = [p.mT.contiguous().mT for p in p1]
+            p2 = [p.mT.contiguous().mT for p in p2]
         return p1, p2
 
     # ----------------------------------------------------------------- product
@@ -168,15 +191,20 @@ class GBLRPlan:
         )
         if needs_grad:
             return self._matmul_autograd(p1, p2, X)
+        if X.shape[1] == 1 and len(p1) <= 1 and len(p2) == 1:
+            return self._matvec(p1, p2[0], X)
         m = self.shape[0]
         B = X.shape[1]
         T1 = self.tiles[0]
         S1 = self.slots + 1
-        ZX = X.new_empty(S1 + X.shape[0], B)  # rows: slots, a zero scratch row, then X
-        ZX[:S1].zero_()
-        ZX[S1:].copy_(X)
+        if self.reads_x:  # rows: slots, a zero scratch row, then X (read by dense slots)
+            ZX = X.new_empty(S1 + X.shape[0], B)
+            ZX[:S1].zero_()
+            ZX[S1:].copy_(X)
+        else:
+            ZX = X.new_zeros(S1, B)
         if self.stage1:
-            Xg = X.index_select(0, self.x_gather)
+            Xg = X if self.x_gather is None else _rows(X, self.x_gather)
             P = X.new_empty(self.z_index.numel(), B)
             at = to = 0
             for b, vals in zip(self.stage1, p1, strict=True):
@@ -188,7 +216,7 @@ class GBLRPlan:
                 )
                 at, to = at + size, to + rows
             ZX[:S1].index_add_(0, self.z_index, P)
-        Zg = ZX.index_select(0, self.z_gather)
+        Zg = _rows(ZX, self.z_gather)
         Y = X.new_empty(sum(b.count * b.rows for b in self.stage2), B)
         at = to = 0
         for b, vals in zip(self.stage2, p2, strict=True):
@@ -200,8 +228,27 @@ class GBLRPlan:
             )
             at, to = at + size, to + rows
         if self.y_order is not None:
-            Y = Y.index_select(0, self.y_order)
+            Y = _rows(Y, self.y_order)
         return Y[:m]
+
+    def _matvec(self, p1: list[torch.Tensor], p2: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """One column, one panel shape per stage: six kernels, no per-bucket Python work
+        (measured ~2x less overhead than the general loop at 384x384)."""
+        x = X.reshape(-1)
+        S1 = self.slots + 1
+        Z = x.new_zeros(S1 + x.numel()) if self.reads_x else x.new_zeros(S1)
+        if self.reads_x:
+            Z[S1:] = x
+        if p1:
+            b = self.stage1[0]
+            xs = x if self.x_gather is None else x[self.x_gather]
+            P = torch.bmm(xs.view(b.count, 1, b.cols), p1[0].mT)
+            Z.index_add_(0, self.z_index, P.view(-1))
+        b = self.stage2[0]
+        Y = torch.bmm(Z[self.z_gather].view(b.count, 1, b.cols), p2.mT).view(-1)
+        if self.y_order is not None:
+            Y = Y[self.y_order]
+        return Y[: self.shape[0]].view(-1, 1)
 
     def _matmul_autograd(
         self, p1: list[torch.Tensor], p2: list[torch.Tensor], X: torch.Tensor
@@ -212,7 +259,7 @@ class GBLRPlan:
         T1 = self.tiles[0]
         Z = X.new_zeros(self.slots + 1, B)
         if self.stage1:
-            Xg = X.index_select(0, self.x_gather)
+            Xg = X if self.x_gather is None else _rows(X, self.x_gather)
             at = 0
             parts = []
             for b, vals in zip(self.stage1, p1, strict=True):
@@ -220,7 +267,7 @@ class GBLRPlan:
                 parts.append(_bmm(vals, Xg[at : at + size].view(b.count, T1, B)).reshape(-1, B))
                 at += size
             Z = Z.index_add(0, self.z_index, torch.cat(parts) if len(parts) > 1 else parts[0])
-        Zg = torch.cat([Z, X]).index_select(0, self.z_gather)
+        Zg = _rows(torch.cat([Z, X]) if self.reads_x else Z, self.z_gather)
         outs = []
         at = 0
         for b, vals in zip(self.stage2, p2, strict=True):
@@ -229,25 +276,38 @@ class GBLRPlan:
             at += size
         Y = torch.cat(outs) if len(outs) > 1 else outs[0]
         if self.y_order is not None:
-            Y = Y.index_select(0, self.y_order)
+            Y = _rows(Y, self.y_order)
         return Y[:m]
 
 
-def _buckets(counts: list[int], size: int, bucket_cost: float) -> list[tuple[int, list[int]]]:
+def _rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``X[index]`` for a 2-D ``X``: the embedding lookup kernel, measured ~2x faster than
+    ``index_select`` for row gathers on CPU (differentiable in ``X``)."""
+    return torch.nn.functional.embedding(index, X)
+
+
+def _buckets(
+    counts: list[int], size: int, bucket_cost: float, contiguous: bool = False
+) -> list[tuple[int, list[int]]]:
     """Split tiles into buckets minimising padded MACs + ``bucket_cost`` per bucket.
 
-    Tiles sorted by their slot count are cut into contiguous runs (dynamic programming,
-    ``O(G^2)``); a run pads every tile to its largest count and runs as one ``bmm`` of
-    ``size``-long panels. Returns ``(padded count, tile ids)`` per bucket.
+    Tiles sorted by their slot count (or, with ``contiguous``, in tile order: every bucket is
+    then a run of neighbouring tiles, so its rows of ``X`` or ``Y`` are one contiguous slice)
+    are cut into contiguous runs (dynamic programming, ``O(G^2)``); a run pads every tile to
+    its largest count and runs as one ``bmm`` of ``size``-long panels. Returns
+    ``(padded count, tile ids)`` per bucket.
     """
-    order = sorted(range(len(counts)), key=lambda g: counts[g])
+    order = list(range(len(counts)))
+    if not contiguous:
+        order.sort(key=lambda g: counts[g])
     cnt = [max(counts[g], 1) for g in order]
     G = len(cnt)
     best = [0.0] + [float("inf")] * G
     cut = [0] * (G + 1)
     for j in range(1, G + 1):
-        M = cnt[j - 1]
+        M = 0
         for i in range(j - 1, -1, -1):
+            M = max(M, cnt[i])
             c = best[i] + (j - i) * M * size + bucket_cost
             if c < best[j]:
                 best[j], cut[j] = c, i
@@ -255,9 +315,13 @@ def _buckets(counts: list[int], size: int, bucket_cost: float) -> list[tuple[int
     j = G
     while j > 0:
         i = cut[j]
-        out.append((cnt[j - 1], order[i:j]))
+        out.append((max(cnt[i:j]), order[i:j]))
         j = i
     return out[::-1]
+
+
+def _padded(buckets: list[tuple[int, list[int]]], size: int, bucket_cost: float) -> float:
+    return sum(M * len(ids) * size + bucket_cost for M, ids in buckets)
 
 
 def _incidence(
@@ -279,7 +343,12 @@ def _incidence(
 
 
 def _stage(starts: list[int], widths: list[int], side: int, tile: int, bucket_cost: float):
-    """Per tile the slots meeting it (with their runs), and the tiles' buckets."""
+    """Per tile the slots meeting it (with their runs), and the tiles' buckets.
+
+    Buckets of neighbouring tiles are preferred while they pad by less than one gather or
+    reordering of the side's rows would cost (``side * LINE_COST``): their slices of ``X``
+    (stage 1) or ``Y`` (stage 2) are then read or written in place.
+    """
     tiles = _incidence(starts, widths, side, tile)
     # the slots of a tile: each distinct slot once, its runs merged into one panel line
     lines = []
@@ -288,7 +357,11 @@ def _stage(starts: list[int], widths: list[int], side: int, tile: int, bucket_co
         for run in runs:
             by_slot.setdefault(run[0], []).append(run)
         lines.append(list(by_slot.items()))
-    buckets = _buckets([len(ln) for ln in lines], tile, bucket_cost)
+    counts = [len(ln) for ln in lines]
+    buckets = _buckets(counts, tile, bucket_cost)
+    runs = _buckets(counts, tile, bucket_cost, contiguous=True)
+    if _padded(runs, tile, bucket_cost) <= _padded(buckets, tile, bucket_cost) + side * LINE_COST:
+        buckets = runs
     return lines, buckets
 
 
@@ -303,7 +376,7 @@ def _best_tile(starts, widths, side, tiles, bucket_cost) -> int:
     def padded(tile):
         lines = _incidence(starts, widths, side, tile)
         counts = [len({run[0] for run in runs}) for runs in lines]
-        return sum(max(c, 1) for c in counts) * tile + bucket_cost * 2
+        return sum(max(c, 1) for c in counts) * (tile + LINE_COST) + bucket_cost * 2
 
     cands = [t for t in tiles if t <= max(side, 1)] or [min(tiles)]
     return min(cands, key=padded)
@@ -320,6 +393,7 @@ def build_plan(
     *,
     tiles: tuple[int, int] | None = None,
     bucket_cost: float = BUCKET_COST,
+    row_form: bool = False,
 ) -> GBLRPlan:
     """Build the plan of a GBLR structure (plain Python lists of length K).
 
@@ -327,7 +401,8 @@ def build_plan(
     (``(h, r)`` row-major, or its dense ``(h, w)`` block) and ``V[vo:vo+w*r]`` (``(w, r)``).
     ``tiles=(T1, T2)`` fixes the tile sizes (default: the candidate in :data:`TILES` with the
     fewest padded MACs, per stage). ``bucket_cost`` prices one more ``bmm`` call in
-    multiply-adds per product column.
+    multiply-adds per product column. ``row_form=True`` packs the panels for thin products
+    (:attr:`GBLRPlan.row_form`); results are the same either way.
     Cost: ``O(S (w / T + 1) + tiles^2)`` integer work for ``S`` slots, done once.
     """
     m, n = shape
@@ -408,16 +483,242 @@ def build_plan(
     rows = torch.cat([t * T2 + torch.arange(T2) for t in order])
     y_order = None if bool((rows == torch.arange(rows.numel())).all()) else torch.argsort(rows)
     empty = torch.zeros(0, dtype=torch.long)
+    x_gather = torch.cat(xg) if xg else empty
+    if x_gather.numel() == n and bool((x_gather == torch.arange(n)).all()):
+        x_gather = None  # the tiles read X in order: stage 1 runs on views of X
+    z_gather = torch.cat(zg)
     return GBLRPlan(
         (m, n),
         S,
         (T1, T2),
         stage1,
         stage2,
-        torch.cat(xg) if xg else empty,
+        x_gather,
         torch.cat(zi) if zi else empty,
-        torch.cat(zg),
+        z_gather,
         y_order,
         padded,
         flops,
+        bool((z_gather > S).any()),
+        row_form,
     )
+
+
+# ------------------------------------------------------------------ segment plans
+@dataclass
+class _Segment:
+    """One GEMM on contiguous slices: ``out[o : o + rows] (+)= P^T or P @ src[s : s + len]``.
+
+    ``value_index`` gathers the panel ``P`` from a padded flat factor buffer, shape
+    ``(rows_of_P, cols_of_P)``; ``accumulate`` adds into the output instead of writing it.
+    """
+
+    src: int
+    length: int
+    out: int
+    rows: int
+    accumulate: bool
+    shape: tuple[int, int]
+    value_index: torch.Tensor
+
+
+@dataclass
+class GBLRSegments:
+    """A GBLR product as a few real GEMMs over contiguous slices (aligned layouts).
+
+    Components are grouped by interval instead of cut into tiles:
+
+    1. ``Z = V^T X``: one GEMM per distinct column interval of the factored components,
+       ``Z[slots of the group] = [V_1 .. V_J]^T X[c0 : c0 + w]`` (a wrapping interval is two
+       GEMMs), written in place into ``Z``;
+    2. ``Y = U Z``: one GEMM per distinct row interval of all components,
+       ``Y[r0 : r0 + h] += [U_1 .. U_J | D_1 ..] [Z rows; X rows]`` after a single gather of
+       each group's input rows (slots of its factored members, ``X`` rows of its dense blocks).
+
+    No padding (``padded_macs == flops``) and no partial sums; the row traffic is one gather
+    of ``gathered`` rows. ``len(stage1) + len(stage2) + 3`` kernel launches, so it pays off
+    for layouts with few distinct intervals (:func:`build_segments` returns ``None`` past
+    ``max_segments``). Used for products without autograd; the tiled plan serves gradients.
+    """
+
+    shape: tuple[int, int]
+    slots: int
+    stage1: list[_Segment]
+    stage2: list[_Segment]
+    gather: torch.Tensor | None  # rows of [Z; X] read by stage 2 (None: Z itself, in order)
+    padded_macs: int
+    flops: int
+    reads_x: bool = True
+
+    @property
+    def fill(self) -> float:
+        return self.flops / self.padded_macs if self.padded_macs else 1.0
+
+    @property
+    def gathered(self) -> int:
+        """Rows copied by the gather between the stages (0 when stage 2 reads ``Z``)."""
+        return 0 if self.gather is None else int(self.gather.numel())
+
+    def to(self, device: torch.device) -> GBLRSegments:
+        def mv(s: _Segment) -> _Segment:
+            return _Segment(
+                s.src, s.length, s.out, s.rows, s.accumulate, s.shape, s.value_index.to(device)
+            )
+
+        return GBLRSegments(
+            self.shape,
+            self.slots,
+            [mv(s) for s in self.stage1],
+            [mv(s) for s in self.stage2],
+            None if self.gather is None else self.gather.to(device),
+            self.padded_macs,
+            self.flops,
+            self.reads_x,
+        )
+
+    def pack(
+        self, U: torch.Tensor, V: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Panels: ``(length, rows)`` blocks of ``V`` (stage 1), ``(rows, length)`` of ``U``."""
+        zero = U.new_zeros(1)
+        Vz = torch.cat([V.reshape(-1), zero])
+        Uz = torch.cat([U.reshape(-1), zero])
+        p1 = [Vz[s.value_index].view(s.shape) for s in self.stage1]
+        p2 = [Uz[s.value_index].view(s.shape) for s in self.stage2]
+        return p1, p2
+
+    def matmul(
+        self, panels: tuple[list[torch.Tensor], list[torch.Tensor]], X: torch.Tensor
+    ) -> torch.Tensor:
+        """``A @ X`` for ``X`` of shape ``(n, k)`` (no autograd: in-place GEMMs)."""
+        p1, p2 = panels
+        B = X.shape[1]
+        n = self.shape[1]
+        if self.reads_x:  # dense blocks read rows of X after the slots
+            ZX = X.new_empty(self.slots + n, B)
+            ZX[self.slots :].copy_(X)
+        else:
+            ZX = X.new_empty(self.slots, B)
+        Z = ZX[: self.slots]
+        for s, P in zip(self.stage1, p1, strict=True):
+            out = Z[s.out : s.out + s.rows]
+            src = X[s.src : s.src + s.length]
+            if s.accumulate:
+                out.addmm_(P.T, src)
+            else:
+                torch.mm(P.T, src, out=out)
+        G = ZX if self.gather is None else _rows(ZX, self.gather)
+        m = self.shape[0]
+        if self.stage2 and not self.stage2[0].accumulate:  # first segment covers every row
+            s, P = self.stage2[0], p2[0]
+            Y = torch.mm(P, G[s.src : s.src + s.length])
+            rest = zip(self.stage2[1:], p2[1:], strict=True)
+        else:
+            Y = X.new_zeros(m, B)
+            rest = zip(self.stage2, p2, strict=True)
+        for s, P in rest:
+            Y[s.out : s.out + s.rows].addmm_(P, G[s.src : s.src + s.length])
+        return Y
+
+
+def build_segments(
+    shape: tuple[int, int],
+    row_start: list[int],
+    row_width: list[int],
+    col_start: list[int],
+    col_width: list[int],
+    ranks: list[int],
+    is_dense: list[bool],
+    *,
+    max_segments: int = 48,
+) -> GBLRSegments | None:
+    """The segment plan of a GBLR structure, or ``None`` when it needs more than
+    ``max_segments`` GEMMs (many distinct intervals: the tiled plan is then faster).
+
+    Same flat-buffer layout as :func:`build_plan`. ``O(sum_k r_k (h_k + w_k))`` index work.
+    """
+    m, n = shape
+    K = len(ranks)
+    uo = vo = 0
+    offs = []
+    for k in range(K):
+        h, w, r = row_width[k], col_width[k], ranks[k]
+        offs.append((uo, vo))
+        if is_dense[k]:
+            uo += h * w
+        else:
+            uo += h * r
+            vo += w * r
+    live = [k for k in range(K) if row_width[k] and col_width[k] and (is_dense[k] or ranks[k])]
+    by_col: dict[tuple[int, int], list[int]] = {}
+    by_row: dict[tuple[int, int], list[int]] = {}
+    for k in live:
+        if not is_dense[k]:
+            by_col.setdefault((col_start[k], col_width[k]), []).append(k)
+        by_row.setdefault((row_start[k], row_width[k]), []).append(k)
+
+    def wraps(s: int, w: int, side: int) -> int:
+        return 2 if s + w > side else 1
+
+    count = sum(wraps(s, w, n) for s, w in by_col) + sum(wraps(s, h, m) for s, h in by_row)
+    if count > max_segments:
+        return None
+
+    # stage 1: slots grouped by column interval; V panel (w, R) gathered from V's buffer
+    stage1: list[_Segment] = []
+    slot_of: dict[int, int] = {}
+    S = 0
+    for (c0, w), ks in by_col.items():
+        cols = []
+        for k in ks:
+            r, v0 = ranks[k], offs[k][1]
+            slot_of[k] = S + sum(ranks[j] for j in ks[: ks.index(k)])
+            cols.append(v0 + torch.arange(w)[:, None] * r + torch.arange(r)[None, :])
+        idx = torch.cat(cols, 1)  # (w, R)
+        R = idx.shape[1]
+        first = min(w, n - c0)
+        stage1.append(_Segment(c0, first, S, R, False, (first, R), idx[:first].reshape(-1)))
+        if first < w:
+            rest = w - first
+            stage1.append(_Segment(0, rest, S, R, True, (rest, R), idx[first:].reshape(-1)))
+        S += R
+    # stage 2: groups by row interval; inputs = slots (rows of Z) and X rows (dense blocks)
+    stage2: list[_Segment] = []
+    gather = []
+    at = 0
+    for (r0, h), ks in by_row.items():
+        src, cols = [], []
+        for k in ks:
+            u0 = offs[k][0]
+            if is_dense[k]:
+                w = col_width[k]
+                src.append(S + (col_start[k] + torch.arange(w)) % n)
+                cols.append(u0 + torch.arange(h)[:, None] * w + torch.arange(w)[None, :])
+            else:
+                r = ranks[k]
+                src.append(slot_of[k] + torch.arange(r))
+                cols.append(u0 + torch.arange(h)[:, None] * r + torch.arange(r)[None, :])
+        rows = torch.cat(src)
+        idx = torch.cat(cols, 1)  # (h, M)
+        M = rows.numel()
+        gather.append(rows)
+        first = min(h, m - r0)
+        stage2.append(_Segment(at, M, r0, first, True, (first, M), idx[:first].reshape(-1)))
+        if first < h:
+            rest = h - first
+            stage2.append(_Segment(at, M, 0, rest, True, (rest, M), idx[first:].reshape(-1)))
+        at += M
+    flops = sum(
+        row_width[k] * col_width[k] if is_dense[k] else ranks[k] * (row_width[k] + col_width[k])
+        for k in live
+    )
+    g = torch.cat(gather) if gather else torch.zeros(0, dtype=torch.long)
+    reads_x = bool((g >= S).any())
+    if not reads_x and g.numel() == S and bool((g == torch.arange(S)).all()):
+        g = None  # stage 2 reads Z in order
+    full = [i for i, sg in enumerate(stage2) if sg.out == 0 and sg.rows == m]
+    if full:  # a segment that writes every output row goes first, without zero-filling
+        sg = stage2.pop(full[0])
+        sg.accumulate = False
+        stage2.insert(0, sg)
+    return GBLRSegments((m, n), S, stage1, stage2, g, flops, flops, reads_x)

@@ -1,0 +1,198 @@
+"""Runnable GBLR layouts (fit/gblr/layout.py): lossless merge, tile snapping, tiled refit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gblr_approx as ga
+from gblr_approx.fit.gblr.layout import (
+    is_aligned,
+    merge_identical,
+    snap_interval,
+    snapped_model,
+    tiled_layout,
+)
+from gblr_approx.formats.blocklowrank import BlockLowRank
+from gblr_approx.formats.gblr import GBLR
+from gblr_approx.formats.lowrank import LowRank
+
+
+def target(m, n, seed=0):
+    """A low-rank-plus-local-blocks matrix with noise (GBLR structure to find)."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, n, generator=gen, dtype=torch.float64
+    )
+    W[4:20, 10:30] += 3 * torch.randn(16, 20, generator=gen, dtype=torch.float64)
+    return W + 0.1 * torch.randn(m, n, generator=gen, dtype=torch.float64)
+
+
+def test_merge_identical_is_lossless_and_never_costs_more():
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    # rectangles: A twice (rank 1 + rank 2), B three times (one dense), C once (wraps rows)
+    rs, rw, cs, cw = (
+        [0, 5, 0, 5, 5, 30],
+        [10, 8, 10, 8, 8, 6],
+        [3, 0, 3, 0, 0, 35],
+        [7, 9, 7, 9, 9, 9],
+    )
+    factors = [(r(10, 1), r(7, 1)), (r(8, 1), r(9, 1)), (r(10, 2), r(7, 2)), r(8, 9)]
+    factors += [(r(8, 1), r(9, 1)), (r(6, 1), r(9, 1))]
+    G = GBLR((32, 40), rs, rw, cs, cw, factors)
+    M = merge_identical(G)
+    assert M.num_components == 3
+    assert M.flops <= G.flops
+    assert torch.allclose(M.to_dense(), G.to_dense(), atol=1e-12)
+    assert sorted(M.ranks.tolist()) == [1, 3, 8]  # rank 1+2 factored; dense 8x9 (min(h, w))
+    X = r(40, 3)
+    assert torch.allclose(M @ X, G @ X, atol=1e-10)
+    with pytest.raises(TypeError, match="GBLR"):
+        merge_identical(torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("side,tile", [(384, 32), (100, 16), (50, 64), (70, 7)])
+def test_snapped_intervals_are_aligned(side, tile):
+    gen = torch.Generator().manual_seed(side + tile)
+    for _ in range(300):
+        s = int(torch.randint(0, side, (1,), generator=gen))
+        w = int(torch.randint(1, side + 1, (1,), generator=gen))
+        a, ww = snap_interval(s, w, side, tile)
+        assert 0 <= a < side and 1 <= ww <= side
+        end = a + ww if a + ww <= side else a + ww - side
+        assert a % tile == 0 and (end % tile == 0 or end == side)
+        # both ends moved by at most half a cell (or the interval grew to one cell / the side)
+        if ww not in (side, tile, side - a):
+            assert abs((a - s + side // 2) % side - side // 2) <= tile // 2 + 1
+
+
+def test_snapped_model_carries_the_free_layout():
+    W = target(48, 40)
+    free = ga.fit_gblr(W, 0.3, steps=3, progress=False).matrix
+    model = snapped_model(W, free, 8)
+    G = model.to_gblr()
+    assert is_aligned(G, 8)
+    assert G.num_components <= free.num_components
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_tiled_fit_within_budget_aligned_and_no_worse_than_aligned_starts(tile):
+    W = target(48, 64)
+    budget = int(0.3 * 48 * 64)
+    res = ga.fit_gblr(W, budget, steps=4, layout="tiled", tile=tile, progress=False)
+    G = res.matrix
+    assert G.flops <= budget
+    assert is_aligned(G, tile)
+    D = G.to_dense()
+    err = float((W - D).norm() / W.norm())
+    assert err == pytest.approx(res.rel_error, rel=1e-6)
+    # aligned starts: the truncated SVD and block-low-rank on a tile grid
+    L = LowRank.project(W, budget)
+    assert err <= float((W - L.to_dense()).norm() / W.norm()) + 1e-9
+    B = BlockLowRank.project(W, budget, grid=(48 // tile, 64 // tile))
+    assert err <= float((W - B.to_dense()).norm() / W.norm()) + 1e-9
+    # exact products, transpose, gradients against to_dense
+    for batch in (1, 3, 40):
+        X = torch.randn(64, batch, dtype=torch.float64)
+        assert torch.allclose(G @ X, D @ X, atol=1e-10)
+        L2 = torch.randn(batch, 48, dtype=torch.float64)
+        assert torch.allclose(L2 @ G, L2 @ D, atol=1e-10)
+    assert torch.allclose(G.T.to_dense(), D.T, atol=1e-12)
+    X = torch.randn(64, 5, dtype=torch.float64, requires_grad=True)
+    (G @ X).pow(2).sum().backward()
+    X2 = X.detach().clone().requires_grad_(True)
+    (D @ X2).pow(2).sum().backward()
+    assert torch.allclose(X.grad, X2.grad, atol=1e-9)
+
+
+def test_tiled_layout_iterates_respect_the_budget():
+    W = target(32, 48, seed=3)
+    budget = 400
+    seen = 0
+    for name, G, err in tiled_layout(W, budget, None, tile=16, iters=3, max_components=4):
+        seen += 1
+        assert G.flops <= budget and is_aligned(G, 16), name
+        assert err == pytest.approx(float((W - G.to_dense()).norm() / W.norm()), rel=1e-6)
+        if name == "tiled":
+            assert G.num_components <= 4
+    assert seen >= 2
+
+
+def test_aligned_plan_reads_x_in_place_and_fills_tiles():
+    # factored components on 16-aligned rectangles of a 64 x 64 matrix
+    gen = torch.Generator().manual_seed(5)
+    rs, rw, cs, cw = [0, 16, 32, 0], [32, 16, 32, 64], [0, 16, 48, 0], [16, 32, 16, 64]
+    factors = [
+        (torch.randn(h, 2, generator=gen), torch.randn(w, 2, generator=gen))
+        for h, w in zip(rw, cw, strict=True)
+    ]
+    G = GBLR((64, 64), rs, rw, cs, cw, factors)
+    plan = G.plan
+    assert plan.x_gather is None and not plan.reads_x
+    assert plan.fill > 0.7
+    for batch in (1, 7, 64):
+        X = torch.randn(64, batch)
+        assert torch.allclose(G @ X, G.to_dense() @ X, atol=1e-4)
+
+
+def test_layout_option_errors_name_the_argument():
+    W = torch.randn(16, 16)
+    with pytest.raises(ValueError, match="layout"):
+        ga.fit_gblr(W, 0.5, layout="grid", progress=False)
+    with pytest.raises(ValueError, match="tile"):
+        ga.fit_gblr(W, 0.5, layout="tiled", tile=0, progress=False)
+    with pytest.raises(ValueError, match="tile"):
+        list(tiled_layout(W, 64, None, tile=2.5))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segment_plan_is_exact_on_wrapped_dense_and_rank0_components(seed):
+    from gblr_approx.formats.gblr_plan import build_segments
+
+    gen = torch.Generator().manual_seed(seed)
+    m, n = 40, 56
+    rs, rw, cs, cw, factors = [], [], [], [], []
+    for k in range(9):
+        h = m if k == 0 else int(torch.randint(1, m + 1, (1,), generator=gen))
+        w = n if k == 0 else int(torch.randint(1, n + 1, (1,), generator=gen))
+        rs.append(0 if k == 0 else int(torch.randint(0, m, (1,), generator=gen)))
+        cs.append(0 if k == 0 else int(torch.randint(0, n, (1,), generator=gen)))
+        rw.append(h)
+        cw.append(w)
+        if k % 4 == 3:
+            factors.append(torch.randn(h, w, generator=gen, dtype=torch.float64))
+        else:
+            r = k % 3  # includes rank 0
+            factors.append(
+                (
+                    torch.randn(h, r, generator=gen, dtype=torch.float64),
+                    torch.randn(w, r, generator=gen, dtype=torch.float64),
+                )
+            )
+    G = GBLR((m, n), rs, rw, cs, cw, factors)
+    args = [G.shape] + [
+        t.tolist()
+        for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
+    ]
+    seg = build_segments(*args)
+    assert seg is not None and seg.flops == G.flops and seg.fill == 1.0
+    D = G.to_dense()
+    for batch in (1, 33):
+        X = torch.randn(n, batch, dtype=torch.float64)
+        assert torch.allclose(seg.matmul(seg.pack(G._Uf, G._Vf), X), D @ X, atol=1e-10)
+        assert torch.allclose(G @ X, D @ X, atol=1e-10)  # the dispatch picks it at 33
+    assert build_segments(*args, max_segments=2) is None
+
+
+def test_tiled_fit_stopped_by_the_callback_still_returns_a_matrix():
+    W = target(32, 32, seed=4)
+    seen = []
+
+    def stop_in_tiled(rec):
+        seen.append(rec["stage"])
+        return not rec["stage"].startswith("tiled")
+
+    res = ga.fit_gblr(W, 0.3, steps=2, layout="tiled", tile=8, callback=stop_in_tiled)
+    assert res.matrix.flops <= res.budget and seen[-1].startswith("tiled")
+    assert is_aligned(res.matrix, 8)  # the first tiled iterate was kept
