@@ -202,8 +202,9 @@ def fit_blast(
         "best_step": res.best_step,
         "stopped": res.stopped,
         "fit_seconds": res.seconds,
-        "steps": steps, "steps_rule": ("auto (AUTO_FIT_MACS)" if budgeted else
-                                       "auto" if auto else "given"), "lr": lr, "damping": damping, "end_factor": end_factor,
+        "steps": steps,
+        "steps_rule": "auto (AUTO_FIT_MACS)" if budgeted else "auto" if auto else "given",
+        "lr": lr, "damping": damping, "end_factor": end_factor,
         "prune": prune, "init": init, "seed": seed,
         "history": [h["rel_error"] for h in res.history],
         **res.info,  # init_svd (exact/randomized), layout (batched/frugal), chunks
