@@ -162,7 +162,10 @@ def fit_gblr(
     steps : int, optional
         Structure-learning steps: interval-ALS sweeps (default 25, fewer when ``tol`` stops
         it) or, with ``algorithm="proximal"``, gradient steps (default 200). ``0`` keeps the
-        best start.
+        best start. Layers of at least :data:`LARGE_MIN_ENTRIES` entries follow the
+        large-layer schedule: the low-rank start only (given ``grids``, ``block_shapes`` or
+        ``mixed_grids`` add theirs) and :func:`large_sweeps` sweeps (one at 4096 x 11008;
+        a given ``steps`` or ``sweeps`` wins); ``FitResult.info["schedule"]`` records it.
     device : str or torch.device, optional
         Where to compute (default: ``W``'s device). ``"cuda"`` raises if CUDA is absent.
         The result is returned on ``W``'s device.
