@@ -248,6 +248,11 @@ def test_fit_gblr_large_schedule(monkeypatch):
     res2 = ga.fit_gblr(W, 0.3, steps=2, grids=[(2, 2)], progress=False)
     stages2 = [h["stage"] for h in res2.history]
     assert "init:blocklowrank2x2" in stages2 and stages2.count("intervals") <= 2
+    # proximal: the schedule sets the ALS sweeps, steps stay gradient steps
+    res3 = ga.fit_gblr(W, 0.3, algorithm="proximal", steps=2, progress=False)
+    assert res3.info["schedule"]["sweeps"].startswith("5")
+    assert [h["stage"] for h in res3.history].count("intervals") == 5
+    assert res3.rel_error <= res.rel_error + 1e-12
 
 
 def test_large_sweeps_counts_piece_entries(monkeypatch):

@@ -537,6 +537,9 @@ def _fit(
         # ---------------- B step: B_i <- B_i - lr (B_i P_i - Y_i)(P_i + eps I)^-1
         Gc = Cp @ Cp.mT  # (b2, r, r)
         Y = y_from(T_cur, S) if frugal else y_products(Cp, S)  # (b1, p, r)
+        # T = A C^T is dead until the s step recomputes it for the new C: free it now
+        # (m b2 r entries, 1.07x a 4096 x 11008 layer at 16 x 16, r = 733)
+        T_cur = None
         P = gram_sum(S, Gc, over_rows=True)  # (b1, r, r)
         eps = damp(dot(Bp, Y), dot(Bp.mT @ Bp, P))
         G = Bp @ P - Y

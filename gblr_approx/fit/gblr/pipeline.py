@@ -415,8 +415,11 @@ def _fit_gblr(
             offer("init:entries", G)
 
         # ---- stage 2: structure learning by interval ALS (exact prox-type updates)
-        if large and steps_given is None and not sweeps_given and algorithm != "proximal":
-            sweeps = steps = large_sweeps(state["best"])
+        if large and not sweeps_given and (algorithm == "proximal" or steps_given is None):
+            # (with "proximal", steps counts gradient steps and keeps its own default)
+            sweeps = large_sweeps(state["best"])
+            if algorithm != "proximal":
+                steps = sweeps
             schedule["sweeps"] = f"{sweeps} (LARGE_SWEEP_WORK)"
         if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
             for G, err, cost in interval_stage(
