@@ -283,7 +283,8 @@ class BLAST(StructuredMatrix):
         blocks : (b1, b2), int or "auto"
             Block grid. ``"auto"`` (default) fits each of ``(16, 16)`` and ``(4, 4)`` that fits
             the shape and budget and keeps the lower error (both are recorded in ``info``);
-            the second is abandoned after ``max(10, steps // 8)`` steps if it then trails the
+            the second is abandoned after ``max(10, steps // 8)`` steps (a third of the
+            steps when ``steps="auto"`` had to shorten the schedule) if it then trails the
             first at the same step (``steps_run`` in ``info["candidates"]``).
             Blocks need not divide the shape (balanced splits); needs ``b1 <= m``, ``b2 <= n``.
         rank : int, optional
