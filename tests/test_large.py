@@ -205,3 +205,136 @@ def test_interval_model_own_residual_is_exact():
                       own=True)
     assert b.R is scratch and torch.equal(a.R, b.R)
     assert a.rel_error() == pytest.approx(b.rel_error(), rel=1e-12)
+
+
+def test_residual_equals_dense_difference_with_wrapping_components():
+    from gblr_approx.fit.gblr.pipeline import _residual
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(30, 40, generator=g, dtype=torch.float64)
+    G = ga.GBLR((30, 40), [25, 0, 4], [10, 30, 3], [35, 2, 38], [12, 40, 5],
+                [(torch.randn(10, 2, generator=g, dtype=W.dtype),
+                  torch.randn(12, 2, generator=g, dtype=W.dtype)),
+                 (torch.randn(30, 1, generator=g, dtype=W.dtype),
+                  torch.randn(40, 1, generator=g, dtype=W.dtype)),
+                 torch.randn(3, 5, generator=g, dtype=W.dtype)], dtype=W.dtype)
+    assert bool(G.is_dense[2])
+    R = _residual(W, G)
+    assert torch.allclose(R, W - G.to_dense(), atol=1e-12)
+    assert torch.equal(W, W.clone())  # W itself untouched
+
+
+def test_fit_gblr_large_schedule(monkeypatch):
+    import gblr_approx.fit.gblr.pipeline as pipe
+
+    W = powerlaw(60, 80, alpha=0.5)
+    full = ga.fit_gblr(W, 0.3, progress=False)
+    assert full.info["schedule"] == {"large": False}
+    assert len({h["stage"] for h in full.history}) > 3  # the many starts
+    monkeypatch.setattr(pipe, "LARGE_MIN_ENTRIES", 1000)
+    monkeypatch.setattr(pipe, "LARGE_SWEEP_WORK", 5 * 4800 * 10)
+    res = ga.fit_gblr(W, 0.3, progress=False)
+    stages = [h["stage"] for h in res.history]
+    assert stages[0] == "init:lowrank" and set(stages[1:]) == {"intervals"}
+    rank = int(0.3 * 60 * 80) // 140  # 10 rank-1 pieces of 60 x 80: 5 sweeps
+    assert rank == 10 and len(stages) - 1 == 5 == res.matrix.info["steps"]
+    assert res.info["schedule"]["sweeps"].startswith("5")
+    assert res.info["schedule"]["price"] == "sigma_r of the low-rank start"
+    lr = ga.project(W, "lowrank", 0.3)
+    # never worse than its low-rank start (on this spectrum low rank is hard to beat)
+    assert res.rel_error <= rel(W, lr) + 1e-12 and res.matrix.flops <= res.budget
+    assert rel(W, res.matrix) == pytest.approx(res.rel_error, rel=1e-6)
+    # given options win over the schedule
+    res2 = ga.fit_gblr(W, 0.3, steps=2, grids=[(2, 2)], progress=False)
+    stages2 = [h["stage"] for h in res2.history]
+    assert "init:blocklowrank2x2" in stages2 and stages2.count("intervals") <= 2
+    # proximal: the schedule sets the ALS sweeps, steps stay gradient steps
+    res3 = ga.fit_gblr(W, 0.3, algorithm="proximal", steps=2, progress=False)
+    assert res3.info["schedule"]["sweeps"].startswith("5")
+    assert [h["stage"] for h in res3.history].count("intervals") == 5
+    assert res3.rel_error <= res.rel_error + 1e-12
+
+
+def test_large_sweeps_counts_piece_entries(monkeypatch):
+    import gblr_approx.fit.gblr.pipeline as pipe
+
+    G = ga.GBLR((10, 20), [0, 2], [10, 4], [0, 5], [20, 3],
+                [(torch.ones(10, 3), torch.ones(20, 3)), torch.ones(4, 3)])
+    monkeypatch.setattr(pipe, "LARGE_SWEEP_WORK", 3 * 200 * 4)
+    assert pipe.large_sweeps(G) == 4  # 3 pieces of 10 x 20; the dense block is fixed
+    monkeypatch.setattr(pipe, "LARGE_SWEEP_WORK", 1)
+    assert pipe.large_sweeps(G) == 1
+    monkeypatch.setattr(pipe, "LARGE_SWEEP_WORK", 10**12)
+    assert pipe.large_sweeps(G) == 25
+
+
+# --------------------------------------------------------------- BLAST steps="auto"
+def test_blast_auto_steps_rule():
+    from gblr_approx.fit.blast import pipeline as bp
+
+    def grids(m, n):
+        b = int(0.25 * m * n)
+        return [(16, 16, b // (m + n + 256)), (4, 4, b // (m + n + 16))]
+
+    for m, n in ((384, 384), (384, 1536), (1536, 384), (1024, 4096)):
+        assert bp.auto_steps(m, n, grids(m, n)) == bp.AUTO_STEPS == 200
+    s = bp.auto_steps(4096, 11008, grids(4096, 11008))
+    per = sum(bp.iteration_macs(4096, 11008, r, a, b) for a, b, r in grids(4096, 11008))
+    assert s == int(bp.AUTO_FIT_MACS // per) and bp.AUTO_MIN_STEPS <= s < 200
+    assert s * per <= bp.AUTO_FIT_MACS < (s + 1) * per
+    assert bp.auto_steps(10**5, 10**5, grids(10**5, 10**5)) == bp.AUTO_MIN_STEPS
+    # 2 m n r + 6 (m + n) r^2 + (b1 b2 + b1 + b2) r^3 / 3
+    assert bp.iteration_macs(10, 20, 3, 2, 2) == 2 * 200 * 3 + 6 * 30 * 9 + 8 * 27 // 3
+
+
+def test_blast_auto_default_equals_200_steps_on_small_layers():
+    W = powerlaw(48, 64, alpha=0.5, dtype=torch.float32)
+    a = ga.project(W, "blast", 0.3, blocks=(4, 4))
+    b = ga.project(W, "blast", 0.3, blocks=(4, 4), steps=200)
+    assert a.info["steps"] == 200 and a.info["steps_rule"] == "auto"
+    assert b.info["steps_rule"] == "given"
+    assert torch.equal(a.to_dense(), b.to_dense())
+    with pytest.raises(TypeError, match="steps"):
+        ga.project(W, "blast", 0.3, steps="many")
+
+
+def test_blast_auto_steps_budgeted(monkeypatch):
+    from gblr_approx.fit.blast import pipeline as bp
+
+    W = powerlaw(48, 64, alpha=0.5, dtype=torch.float32)
+    monkeypatch.setattr(bp, "AUTO_FIT_MACS", 6e6)
+    A = ga.project(W, "blast", 0.3)
+    per = sum(bp.iteration_macs(48, 64, c["rank"], *c["blocks"]) for c in A.info["candidates"])
+    assert A.info["steps"] == int(6e6 // per) < 200
+    assert A.info["steps_rule"] == "auto (AUTO_FIT_MACS)"
+    for c in A.info["candidates"]:
+        assert c["steps_run"] <= A.info["steps"]
+    assert A.info["rel_error"] <= A.info["history"][0] + 1e-7  # never above its SVD start
+    assert rel(W, A) == pytest.approx(A.info["rel_error"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------- validation
+def test_count_nonfinite_in_chunks_matches_whole(monkeypatch):
+    from gblr_approx import validation
+
+    W = torch.randn(37, 29)
+    W[3, 4] = float("nan")
+    W[20, 0] = float("inf")
+    W[36, 28] = -float("inf")
+    assert validation.count_nonfinite(W) == 3
+    assert validation.count_nonfinite(W, chunk=50) == 3  # 1 row of 29 per piece
+    assert validation.count_nonfinite(W[:, 1:], chunk=7) == 2  # a strided view
+    assert validation.count_nonfinite(torch.randn(5, 6), chunk=4) == 0
+    monkeypatch.setattr(validation, "FINITE_CHECK_CHUNK", 100)
+    with pytest.raises(ValueError, match="3 NaN or Inf"):
+        validation.as_matrix(W)
+
+
+def test_lu_basis_spans_its_input():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    B = la._lu_basis(X)
+    assert B.shape == X.shape
+    Q, _ = torch.linalg.qr(B)
+    assert float(torch.linalg.norm(X - Q @ (Q.T @ X))) < 1e-10 * float(torch.linalg.norm(X))
+    assert float(B.abs().max()) <= 1.0 + 1e-12  # partial pivoting: |L_ij| <= 1

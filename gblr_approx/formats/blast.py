@@ -259,7 +259,7 @@ class BLAST(StructuredMatrix):
         *,
         blocks: Any = "auto",
         rank: int | None = None,
-        steps: int = 200,
+        steps: int | str = "auto",
         lr: float = 1.8,
         damping: float = 0.01,
         end_factor: float = 0.0,
@@ -283,14 +283,19 @@ class BLAST(StructuredMatrix):
         blocks : (b1, b2), int or "auto"
             Block grid. ``"auto"`` (default) fits each of ``(16, 16)`` and ``(4, 4)`` that fits
             the shape and budget and keeps the lower error (both are recorded in ``info``);
-            the second is abandoned after ``max(10, steps // 8)`` steps if it then trails the
+            the second is abandoned after ``max(10, steps // 8)`` steps (a third of the
+            steps when ``steps="auto"`` had to shorten the schedule) if it then trails the
             first at the same step (``steps_run`` in ``info["candidates"]``).
             Blocks need not divide the shape (balanced splits); needs ``b1 <= m``, ``b2 <= n``.
         rank : int, optional
             Fix ``r`` instead of deriving it from the budget (must fit the budget).
-        steps : int
-            Outer iterations ``T`` (default 200; the reference code uses 300, which buys
-            about 0.002 of relative error on MiniLM layers for 1.5x the time).
+        steps : int or "auto"
+            Outer iterations ``T``. ``"auto"`` (default): 200 (the reference code uses 300,
+            which buys about 0.002 of relative error on MiniLM layers for 1.5x the time),
+            except for large layers, whose iterations on all grids together are capped at
+            :data:`gblr_approx.fit.blast.pipeline.AUTO_FIT_MACS` MACs (every layer up to
+            1024 x 4096 at 25 % keeps 200; 4096 x 11008 gets 7; ``info["steps"]`` records
+            the number, see docs/large_layers.md).
         lr : float
             Initial step, decayed linearly to ``lr * end_factor`` (``0.5`` = plain alternating
             least squares step; larger over-relaxes).

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ... import linalg
 from ...budget import resolve_budget
 from ...formats.gblr import GBLR
 from ...validation import as_matrix, check_positive_int
@@ -42,13 +43,40 @@ from .candidates import (
     embedded_candidates,
     mixed_candidates,
 )
-from .intervals import interval_stage
+from .intervals import _col_slices, interval_stage
 from .layout import check_layout, merge_identical, tiled_layout
 from .support import support_candidates
 
-__all__ = ["fit_gblr"]
+__all__ = ["fit_gblr", "LARGE_MIN_ENTRIES", "LARGE_SWEEP_WORK", "large_sweeps"]
 
 _ALGORITHMS = ("auto", "intervals", "embedded", "bcd", "proximal")
+
+#: From this many entries (``m n``) on, the defaults of ``fit_gblr`` follow the large-layer
+#: schedule (docs/large_layers.md): the low-rank start only (no block-low-rank, block-sparse
+#: or mixed starts unless ``grids`` / ``block_shapes`` / ``mixed_grids`` are given), the price
+#: of interval ALS read off that start, and as many sweeps as :data:`LARGE_SWEEP_WORK` buys
+#: (:func:`large_sweeps`) unless ``steps`` / ``sweeps`` are given. ``2**23`` = 8,388,608
+#: (e.g. 2048 x 4096): the MiniLM layers (at most 384 x 1536) and 1024 x 4096 keep the full
+#: schedule. Tests lower it (``monkeypatch.setattr(pipeline, "LARGE_MIN_ENTRIES", ...)``).
+LARGE_MIN_ENTRIES: int = 2**23
+
+#: Interval-ALS work of the large-layer schedule, in piece-entries: a sweep visits every
+#: rank-1 piece's rectangle (``h w`` entries) about six times (memory-bound ``addmm_`` and
+#: strip products, ~20 GB/s), so a sweep from the rank-746 low-rank start of a 4096 x 11008
+#: layer costs ``746 * 4096 * 11008 = 3.4e10`` piece-entries (~50 CPU seconds on one loaded
+#: thread). ``4e10`` buys that layer one sweep and a 4096 x 4096 layer (512 pieces) four.
+LARGE_SWEEP_WORK: int = 40_000_000_000
+
+
+def large_sweeps(start: GBLR, max_sweeps: int = 25) -> int:
+    """Interval-ALS sweeps of the large-layer schedule from ``start``: ``LARGE_SWEEP_WORK``
+    divided by the piece-entries of one sweep (``sum_k r_k h_k w_k`` over the factored
+    components), clipped to ``[1, max_sweeps]``."""
+    work = 0
+    for k in range(start.num_components):
+        if not bool(start.is_dense[k]):
+            work += int(start.ranks[k]) * int(start.row_width[k]) * int(start.col_width[k])
+    return max(1, min(max_sweeps, LARGE_SWEEP_WORK // max(work, 1)))
 
 
 def _resolve_device(device: Any, W: torch.Tensor) -> torch.device:
@@ -86,6 +114,31 @@ def _model_from_gblr(W: torch.Tensor, G: GBLR) -> BlockModel:
     return BlockModel(W, rects, ranks)
 
 
+def _residual(W: torch.Tensor, G: GBLR) -> torch.Tensor:
+    """``W - G`` as one new dense matrix, component by component on (cyclic) slices.
+
+    Extra memory: the result (``m n`` entries) and one block; ``GBLR.to_dense`` followed by a
+    difference needs two matrices plus the broadcast index tensors of ``index_put_``.
+    Cost: ``sum_k r_k h_k w_k`` MACs (dense blocks: ``h_k w_k`` subtractions).
+    """
+    m, n = W.shape
+    R = W.clone()
+    for k in range(G.num_components):
+        r0, h = int(G.row_start[k]), int(G.row_width[k])
+        c0, w = int(G.col_start[k]), int(G.col_width[k])
+        if h == 0 or w == 0:
+            continue
+        dense = bool(G.is_dense[k])
+        U, V = (G.block(k), None) if dense else G.component(k)
+        for a, b, oa in _col_slices(r0, h, m):
+            for p, q, op in _col_slices(c0, w, n):
+                if dense:
+                    R[a:b, p:q].sub_(U[oa : oa + b - a, op : op + q - p])
+                else:
+                    R[a:b, p:q].addmm_(U[oa : oa + b - a], V[op : op + q - p].T, alpha=-1.0)
+    return R
+
+
 def fit_gblr(
     W: Any,
     budget: float | int,
@@ -110,7 +163,10 @@ def fit_gblr(
     steps : int, optional
         Structure-learning steps: interval-ALS sweeps (default 25, fewer when ``tol`` stops
         it) or, with ``algorithm="proximal"``, gradient steps (default 200). ``0`` keeps the
-        best start.
+        best start. Layers of at least :data:`LARGE_MIN_ENTRIES` entries follow the
+        large-layer schedule: the low-rank start only (given ``grids``, ``block_shapes`` or
+        ``mixed_grids`` add theirs) and :func:`large_sweeps` sweeps (one at 4096 x 11008;
+        a given ``steps`` or ``sweeps`` wins); ``FitResult.info["schedule"]`` records it.
     device : str or torch.device, optional
         Where to compute (default: ``W``'s device). ``"cuda"`` raises if CUDA is absent.
         The result is returned on ``W``'s device.
@@ -217,12 +273,16 @@ def _fit_gblr(
     dtype = opts.pop("dtype", W.dtype)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype!r}")
-    grids = _check_grids(opts.pop("grids", default_grids(m, n)), "grids", m, n)
+    # large layers (LARGE_MIN_ENTRIES): the low-rank start only, unless starts are given
+    large = m * n >= LARGE_MIN_ENTRIES
+    grids = _check_grids(opts.pop("grids", [] if large else default_grids(m, n)), "grids", m, n)
     block_shapes = _check_grids(
-        opts.pop("block_shapes", default_block_shapes(m, n)), "block_shapes", m, n
+        opts.pop("block_shapes", [] if large else default_block_shapes(m, n)),
+        "block_shapes", m, n,
     )
     mixed_grids = _check_grids(
-        opts.pop("mixed_grids", default_mixed_grids(m, n, B)), "mixed_grids", m, n
+        opts.pop("mixed_grids", [] if large else default_mixed_grids(m, n, B)),
+        "mixed_grids", m, n,
     )
     mixed_iters = check_positive_int(opts.pop("mixed_iters", 6), "mixed_iters")
     tol = opts.pop("tol", 1e-3)
@@ -258,11 +318,15 @@ def _fit_gblr(
     steps_given = steps
     if steps is None:
         steps = 60 if algorithm == "proximal" else 25
+    sweeps_given = sweeps is not None
     if sweeps is None:
         sweeps = 25 if algorithm == "proximal" else steps
+    schedule: dict[str, Any] = {"large": large}
 
     Wc = W.to(device=dev, dtype=dtype)
-    nrm = float(Wc.double().norm()) or 1.0
+    # from the randomized-SVD size on: float64 sums without float64 copies of the layer
+    big = m * n >= linalg.RANDOMIZED_MIN_ENTRIES
+    nrm = (math.sqrt(linalg.frob2(Wc)) if big else float(Wc.double().norm())) or 1.0
     history: list[dict[str, Any]] = []
     state: dict[str, Any] = {"best": None, "err": math.inf, "stop": False, "source": None}
 
@@ -292,7 +356,11 @@ def _fit_gblr(
     def offer(stage: str, G: GBLR, err: float | None = None) -> None:
         if G.flops > B:
             return
-        if err is None:
+        if err is None and big:
+            D = _residual(Wc, G)  # one dense temporary, no float64 copy
+            err = math.sqrt(linalg.frob2(D)) / nrm
+            del D
+        elif err is None:
             err = float((Wc - G.to_dense()).double().norm()) / nrm
         if err < state["err"]:
             state["best"], state["err"], state["source"] = G, err, stage
@@ -308,10 +376,19 @@ def _fit_gblr(
         else:
             algorithm_starts = True
         # ---- stage 1: embedded starts
+        lam = None
         for name, G in (
             embedded_candidates(Wc, B, grids, block_shapes) if algorithm_starts else ()
         ):
             offer(f"init:{name}", G)
+            if large and name == "lowrank" and not bool(G.is_dense[0]):
+                # the price of interval ALS, sigma^2 / (m + n), from the start's smallest
+                # singular value sigma_r (balanced factors: sigma_t = |U_t| |V_t|) instead of
+                # sigma_{r+1} from a second randomized SVD (~10 s at 4096 x 11008)
+                U0, V0 = G.component(0)
+                sig = torch.linalg.vector_norm(U0, dim=0) * torch.linalg.vector_norm(V0, dim=0)
+                lam = float(sig.min()) ** 2 / (m + n)
+                schedule["price"] = "sigma_r of the low-rank start"
             if state["stop"]:
                 break
         if algorithm != "embedded" and algorithm_starts and not state["stop"]:
@@ -344,8 +421,16 @@ def _fit_gblr(
             offer("init:entries", G)
 
         # ---- stage 2: structure learning by interval ALS (exact prox-type updates)
+        if large and not sweeps_given and (algorithm == "proximal" or steps_given is None):
+            # (with "proximal", steps counts gradient steps and keeps its own default)
+            sweeps = large_sweeps(state["best"])
+            if algorithm != "proximal":
+                steps = sweeps
+            schedule["sweeps"] = f"{sweeps} (LARGE_SWEEP_WORK)"
         if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
-            for G, err, cost in interval_stage(Wc, B, state["best"], sweeps, components, tol=tol):
+            for G, err, cost in interval_stage(
+                Wc, B, state["best"], sweeps, components, tol=tol, lam=lam
+            ):
                 before = state["err"]
                 if G is None:
                     record("intervals", err, cost, -1)
@@ -444,5 +529,6 @@ def _fit_gblr(
             "grids": grids,
             "block_shapes": block_shapes,
             "options": prox_opts,
+            "schedule": schedule,
         },
     )
