@@ -27,6 +27,7 @@ from .base import (
     ROW_FORM_BELOW,
     StructuredMatrix,
     batch_major,
+    cached_layout,
     gather_slabs,
     register_format,
     scatter_slabs,
@@ -166,45 +167,56 @@ class BLAST(StructuredMatrix):
             rows.append(self.U[rs[i] : rs[i + 1]] @ Vs.T)
         return torch.cat(rows, dim=0)
 
-    @staticmethod
     def _apply(
+        self,
         U: torch.Tensor,
         V: torch.Tensor,
         S: torch.Tensor,
         rmaps: tuple,
         cmaps: tuple,
         X: torch.Tensor,
+        side: str = "",
     ) -> torch.Tensor:
         """``A @ X`` for ``A_ij = U_i diag(S[i, j]) V_j^T``: three batched GEMMs.
 
         ``z_j = V_j^T x_j`` (``n r k`` MACs), ``u_i = sum_j s_ij * z_j`` (``b1 b2 r k``) and
         ``y_i = U_i u_i`` (``m r k``); uneven blocks are padded to the longest by one gather of
-        ``X`` and of the bases (index maps from :func:`slab_maps`).
+        ``X`` and of the bases (index maps from :func:`slab_maps`). The transposed layouts the
+        kernels read (``Us^T`` for mat-vecs, ``S`` with the rank first for large ``k``) are
+        contiguous copies cached per ``side`` (``"t"``: the left product) while the factors
+        are unchanged (:func:`~gblr_approx.formats.base.cached_layout`).
         """
         b1, b2, _ = S.shape
         rg, rs, p = rmaps
         cg, _, q = cmaps
         k = X.shape[1]
-        Vs = gather_slabs(V, b2, q, cg, False)  # (b2, q, r)
-        Us = gather_slabs(U, b1, p, rg, False)  # (b1, p, r)
+        # uneven blocks: the padded bases are one gather each, cached like the layouts below
+        Vs = gather_slabs(V, b2, q, cg, False) if cg is None else cached_layout(
+            self, "Vs" + side, lambda: gather_slabs(V, b2, q, cg, False), V)  # (b2, q, r)
+        Us = gather_slabs(U, b1, p, rg, False) if rg is None else cached_layout(
+            self, "Us" + side, lambda: gather_slabs(U, b1, p, rg, False), U)  # (b1, p, r)
         bm = batch_major(X)
         if k == 1:  # mat-vec: the same kernels on flat views
             Xs = X.reshape(b2, 1, q) if cg is None else gather_slabs(X, b2, q, cg, True).mT
             Z = torch.bmm(Xs, Vs)  # (b2, 1, r)
             Uc = (S * Z.transpose(0, 1)).sum(1, keepdim=True)  # (b1, 1, r)
-            return scatter_slabs(torch.bmm(Uc, Us.mT).view(-1, 1), rs, False)
+            UsT = cached_layout(self, "UsT" + side, lambda: Us.mT.contiguous(), U)
+            return scatter_slabs(torch.bmm(Uc, UsT).view(-1, 1), rs, False)
         if k < ROW_FORM_BELOW:  # small k: batch-major temporaries, the fast bmm form
             Z = torch.bmm(gather_slabs(X, b2, q, cg, True).mT, Vs)  # (b2, k, r)
             if k <= 4:  # u_i = sum_j s_ij * z_j elementwise: no tiny GEMMs
                 Uc = (S.unsqueeze(2) * Z).sum(1)  # (b1, k, r)
             else:  # one GEMM (k x b2) @ (b2 x b1) per rank index, on contiguous operands
-                St = S.permute(2, 1, 0).contiguous()
+                St = cached_layout(
+                    self, "St" + side, lambda: S.permute(2, 1, 0).contiguous(), self.S
+                )
                 Uc = torch.bmm(Z.permute(2, 1, 0).contiguous(), St).permute(2, 1, 0).contiguous()
             Y = torch.bmm(Uc, Us.mT)  # (b1, k, p)
             return scatter_slabs(stack_rows(Y.mT, True), rs, True)
         # large k: z stored (b2, r, k) so that the coupling GEMMs batch over r without copies
         Z = torch.bmm(Vs.mT, gather_slabs(X, b2, q, cg, bm))  # (b2, r, k)
-        Uc = torch.bmm(S.permute(2, 0, 1).contiguous(), Z.transpose(0, 1))  # (r, b1, k)
+        Sr = cached_layout(self, "Sr" + side, lambda: S.permute(2, 0, 1).contiguous(), self.S)
+        Uc = torch.bmm(Sr, Z.transpose(0, 1))  # (r, b1, k)
         if bm:
             Y = torch.bmm(Uc.permute(1, 2, 0), Us.mT)  # (b1, k, p)
             return scatter_slabs(stack_rows(Y.mT, True), rs, True)
@@ -217,7 +229,7 @@ class BLAST(StructuredMatrix):
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         # X @ A = (A^T X^T)^T and A^T has blocks V_j diag(S[i, j]) U_i^T
         return self._apply(
-            self.V, self.U, self.S.transpose(0, 1), self._cmaps, self._rmaps, X.T
+            self.V, self.U, self.S.transpose(0, 1), self._cmaps, self._rmaps, X.T, "t"
         ).T
 
     def _transpose(self) -> BLAST:
