@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument(
         "--fit-cache",
         type=Path,
-        help="folder caching the model row's fitted layers (reruns skip fits)",
+        help="folder caching every fitted matrix (layer rows and model row; reruns skip fits)",
     )
     p.add_argument("--model-sentences", type=int, default=64)
     p.add_argument("--model-only", action="store_true", help="only the model row, no layer table")
@@ -140,7 +140,16 @@ def main() -> None:
         for budget in args.budgets:
             for fmt in args.formats:
                 torch.set_num_threads(1)
-                A = make(fmt, W, budget, real, args.gblr_components)
+                A = cached_fit(
+                    args.fit_cache,
+                    f"{size}--{fmt}--{budget:g}--{'real' if real else 'synthetic'}",
+                    make,
+                    fmt,
+                    W,
+                    budget,
+                    real,
+                    args.gblr_components,
+                )
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     for B in args.batches:
@@ -182,6 +191,19 @@ def main() -> None:
         print(markdown_table(df))
     if args.csv:
         df.to_csv(args.csv, index=False)
+
+
+def cached_fit(cache: Path | None, key: str, fit, *args):
+    """``fit(*args)``, or the matrix ``A.save``-d as ``cache/<key>.safetensors`` by a former run."""
+    path = None if cache is None else Path(cache) / f"{key}.safetensors"
+    if path is not None and path.is_file():
+        return ga.load(path)
+    torch.set_num_threads(1)
+    A = fit(*args)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        A.save(path)
+    return A
 
 
 def model_texts(folder: Path, count: int) -> list[str]:
@@ -234,15 +256,10 @@ def compressed_copy(dense, fmt: str, budget: float, cache: Path | None):
     t0 = time.perf_counter()
     for name in names:
         layer = model.get_submodule(name)
-        path = None if cache is None else cache / f"{name}--{fmt}--{budget:g}.safetensors"
-        if path is not None and path.is_file():
-            A = ga.load(path)
-        else:
-            torch.set_num_threads(1)
-            A = ga.project(layer.weight.detach(), fmt, budget)
-            fitted += 1
-            if path is not None:
-                A.save(path)
+        key = f"{name}--{fmt}--{budget:g}"
+        fresh = cache is None or not (cache / f"{key}.safetensors").is_file()
+        A = cached_fit(cache, key, ga.project, layer.weight.detach(), fmt, budget)
+        fitted += fresh
         bias = layer.bias.detach() if layer.bias is not None else None
         replace_module(model, name, ga.nn.StructuredLinear(A.to(dtype=layer.weight.dtype), bias))
     print(
