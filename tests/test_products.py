@@ -197,6 +197,16 @@ def test_cached_layouts_follow_in_place_updates_and_modes(fmt, gen):
     torch.testing.assert_close(X.grad, A.to_dense().sum(0, keepdim=True).T.expand_as(X))
 
 
+def test_blocksparse_chunked_large_k_product_is_exact(gen, monkeypatch):
+    """Column chunks of the large-k product (forced small here) cover every column once."""
+    from gblr_approx.formats import blocksparse
+
+    monkeypatch.setattr(blocksparse, "GATHER_CHUNK", 64)
+    cells = [(0, 0), (0, 2), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (3, 3)]
+    A = _blocksparse((23, 17), (6, 5), cells, gen)  # ragged edges, a full block row
+    _check_products(A, gen)
+
+
 def test_blocksparse_rebuild_reuses_plan_and_sees_block_updates(gen):
     A = _blocksparse((23, 17), (5, 4), [(0, 0), (1, 1), (2, 0), (2, 3)], gen)
     B = ga.BlockSparse(A.shape, A.block_shape, A.block_rows, A.block_cols, A.blocks)

@@ -23,6 +23,10 @@ DEFAULT_BLOCK_SHAPE = (32, 32)
 _PLANS: dict[tuple, tuple] = {}
 _PLANS_MAX = 256
 
+#: Floats of gathered input slabs per chunk of the large-``k`` product (256 KiB of float32: the
+#: gathered operand stays in L2 for its GEMM).
+GATHER_CHUNK = 1 << 16
+
 #: Largest ``grid * nb`` for which a mat-vec sums block outputs with a 0/1 matrix product.
 SCATTER_MATRIX_MAX = 1 << 16
 
@@ -331,40 +335,48 @@ class BlockSparse(StructuredMatrix):
     def _grouped_in_place(
         self, t: int, X: torch.Tensor, plan: dict, panels: list, pad: int, out_len: int, bm: bool
     ) -> torch.Tensor:
-        """Large-``k`` product without autograd: per group of block rows one gather of its own
-        input slabs (small, still in cache for its GEMM) and one batched GEMM, written into the
-        result with ``index_copy_``; full block rows read ``X`` in place (one GEMM, no gather).
-        ``flops * k`` MACs; ``2 * groups`` kernels plus one zero fill.
+        """Large-``k`` product without autograd, written into the result with ``index_copy_``.
+
+        Per group of block rows: its input slabs gathered and one batched GEMM, in chunks of
+        columns small enough (:data:`GATHER_CHUNK` floats) that the gathered slabs are still in
+        cache when the GEMM reads them (the gather duplicates each slab of ``X`` once per
+        stored block reading it, which at large ``k`` is memory-bound); full block rows read
+        ``X`` in place (one GEMM, no gather). ``flops * k`` MACs.
         """
         p, q = self.block_shape[::-1] if t else self.block_shape
         out_grid, full = self.grid[t], self.grid[1 - t]
         k = X.shape[1]
         F = torch.nn.functional
+        groups = zip(plan["groups"], panels, plan["group_slabs"], plan["group_rows"], strict=True)
         if bm:  # X = x.T for a row-major batch x (k, n): the row form, batch-major throughout
             xr = X.T if pad == 0 else F.pad(X.T, (0, pad))  # (k, n')
             xs = xr.unflatten(1, (-1, q))
             Y = X.new_zeros(k, out_grid, p)
-            for (_, g, c), P, sl, rows in zip(
-                plan["groups"], panels, plan["group_slabs"], plan["group_rows"], strict=True
-            ):
+            for (_, g, c), P, sl, rows in groups:
                 if c == full:
-                    out = (xr @ P.reshape(g * p, c * q).T).view(k, g, p)
-                else:
-                    G = xs.index_select(1, sl).reshape(k, g, c * q).transpose(0, 1)
-                    out = torch.bmm(G, P.mT).transpose(0, 1)  # (k, g, p)
-                Y.index_copy_(1, rows, out)
+                    Y.index_copy_(1, rows, (xr @ P.reshape(g * p, c * q).T).view(k, g, p))
+                    continue
+                step = max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q))
+                for a in range(0, k, step):
+                    G = xs[a : a + step].index_select(1, sl).view(-1, g, c * q)  # (step, g, c q)
+                    out = torch.bmm(G.transpose(0, 1), P.mT).transpose(0, 1)  # (step, g, p)
+                    Y[a : a + step].index_copy_(1, rows, out)
             return Y.view(k, out_grid * p)[:, :out_len].T
         Xp = X if pad == 0 else F.pad(X, (0, 0, 0, pad))  # (n', k)
-        Xs = Xp.reshape(-1, q * k)
+        Xs = Xp.unflatten(0, (-1, q))  # (gc, q, k)
         Y = X.new_zeros(out_grid, p, k)
-        for (_, g, c), P, sl, rows in zip(
-            plan["groups"], panels, plan["group_slabs"], plan["group_rows"], strict=True
-        ):
+        for (_, g, c), P, sl, rows in groups:
             if c == full:
-                out = (P.reshape(g * p, c * q) @ Xp).view(g, p, k)
-            else:
-                out = torch.bmm(P, Xs.index_select(0, sl).view(g, c * q, k))
-            Y.index_copy_(0, rows, out)
+                Y.index_copy_(0, rows, (P.reshape(g * p, c * q) @ Xp).view(g, p, k))
+                continue
+            step = max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q))
+            for a in range(0, k, step):
+                G = Xs[:, :, a : a + step].index_select(0, sl)  # (g c, q, step) contiguous
+                out = torch.bmm(P, G.view(g, c * q, -1))
+                if step >= k:
+                    Y.index_copy_(0, rows, out)
+                else:
+                    Y[:, :, a : a + step].index_copy_(0, rows, out)
         return Y.view(out_grid * p, k)[:out_len]
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
