@@ -54,6 +54,7 @@ __all__ = [
     "take_rows",
     "gather",
     "cached_layout",
+    "balanced_step",
 ]
 
 FORMAT_VERSION = 1
@@ -192,6 +193,13 @@ def gather(src: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tens
     if torch.is_grad_enabled() and src.requires_grad:
         return _Gather.apply(src, dim, index, inverse)
     return src.index_select(dim, index)
+
+
+def balanced_step(k: int, step: int) -> int:
+    """Chunk width for ``k`` columns in chunks of at most ``step``, all about equally wide
+    (no thin last chunk): ``ceil(k / ceil(k / step))``."""
+    chunks = -(-k // max(1, step))
+    return -(-k // chunks)
 
 
 def cached_layout(owner: Any, name: str, build: Any, *sources: torch.Tensor) -> Any:

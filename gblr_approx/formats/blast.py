@@ -26,6 +26,7 @@ from ..validation import check_pair
 from .base import (
     ROW_FORM_BELOW,
     StructuredMatrix,
+    balanced_step,
     batch_major,
     cached_layout,
     gather_slabs,
@@ -245,7 +246,7 @@ class BLAST(StructuredMatrix):
         b2, q, _ = Vs.shape
         n, k = X.shape
         Sr = cached_layout(self, "Sr" + side, lambda: S.permute(2, 0, 1).contiguous(), self.S)
-        step = max(ROW_FORM_BELOW, CHUNK_FLOATS // (max(b1, b2) * r))
+        step = balanced_step(k, max(ROW_FORM_BELOW, CHUNK_FLOATS // (max(b1, b2) * r)))
         Xb = X.unflatten(0, (b2, q))  # (b2, q, k) view
         if batch_major(X):  # result stored row-major (k, m), returned as its transposed view
             Yt = X.new_empty(k, b1 * p)

@@ -11,7 +11,7 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair
-from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, register_format
+from .base import ROW_FORM_BELOW, StructuredMatrix, balanced_step, batch_major, register_format
 
 __all__ = ["BlockSparse", "grid_sizes"]
 
@@ -356,7 +356,7 @@ class BlockSparse(StructuredMatrix):
                 if c == full:
                     Y.index_copy_(1, rows, (xr @ P.reshape(g * p, c * q).T).view(k, g, p))
                     continue
-                step = max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q))
+                step = balanced_step(k, max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q)))
                 for a in range(0, k, step):
                     G = xs[a : a + step].index_select(1, sl).view(-1, g, c * q)  # (step, g, c q)
                     out = torch.bmm(G.transpose(0, 1), P.mT).transpose(0, 1)  # (step, g, p)
@@ -369,7 +369,7 @@ class BlockSparse(StructuredMatrix):
             if c == full:
                 Y.index_copy_(0, rows, (P.reshape(g * p, c * q) @ Xp).view(g, p, k))
                 continue
-            step = max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q))
+            step = balanced_step(k, max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q)))
             for a in range(0, k, step):
                 G = Xs[:, :, a : a + step].index_select(0, sl)  # (g c, q, step) contiguous
                 out = torch.bmm(P, G.view(g, c * q, -1))
