@@ -285,11 +285,8 @@ class BlockLowRank(StructuredMatrix):
         in_maps: tuple,
         out_maps: tuple,
         X: torch.Tensor,
-        UpT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``blockdiag(Up) @ regroup(blockdiag(Vp)^T @ X)`` for ``X`` (n, k).
-
-        ``UpT``: ``Up.mT`` stored contiguously (optional; the mat-vec reads it faster).
         ``Vp`` (b2, q, Rv), ``Up`` (b1, p, Ru); ``zmap`` takes the ``b1 * Ru`` rows of the
         regrouped intermediate from the ``b2 * Rv`` computed ones and ``zinv`` is its inverse
         (the backward of the regrouping is then a gather, too).
@@ -302,8 +299,7 @@ class BlockLowRank(StructuredMatrix):
             Xs = X.reshape(b2, 1, q) if in_maps[0] is None else (
                 gather_slabs(X, b2, q, in_maps[0], True).mT)
             Z = torch.bmm(Xs, Vp).view(-1)  # (b2 Rv,)
-            UpT = Up.mT if UpT is None else UpT
-            Y = torch.bmm(gather(Z, 0, zmap, zinv).view(b1, 1, Ru), UpT)  # (b1, 1, p)
+            Y = torch.bmm(gather(Z, 0, zmap, zinv).view(b1, 1, Ru), Up.mT)  # (b1, 1, p)
             return scatter_slabs(Y.view(-1, 1), out_maps[1], False)
         row = batch_major(X) or k < ROW_FORM_BELOW
         Z = bmm_nk(Vp.mT, gather_slabs(X, b2, q, in_maps[0], row), row)  # (b2, Rv, k)
@@ -409,26 +405,18 @@ class BlockLowRank(StructuredMatrix):
             and (X.requires_grad or any(t.requires_grad for t in self._sources()))
         )
 
-    def _transposed_base(self, side: int, base: torch.Tensor) -> torch.Tensor | None:
-        """``base.mT`` stored contiguously for mat-vecs (cached; ``side`` 0: ``Up``, 1: ``Vp``)."""
-        return cached_layout(self, f"base_t{side}", lambda: base.mT.contiguous(), *self._sources())
-
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         if self._use_panels(X):
             return self._panel_product(X, False)
         Up, Vp = self._packed()
-        UpT = self._transposed_base(0, Up) if X.shape[1] == 1 else None
-        return self._apply(Vp, Up, self._zmap, self._zmap_t, self._cmaps, self._rmaps, X, UpT)
+        return self._apply(Vp, Up, self._zmap, self._zmap_t, self._cmaps, self._rmaps, X)
 
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         # X @ A = (A^T X^T)^T: A^T's column-side bases are A's row-side ones and vice versa
         if self._use_panels(X.T):
             return self._panel_product(X.T, True).T
         Up, Vp = self._packed()
-        VpT = self._transposed_base(1, Vp) if X.shape[0] == 1 else None
-        return self._apply(
-            Up, Vp, self._zmap_t, self._zmap, self._rmaps, self._cmaps, X.T, VpT
-        ).T
+        return self._apply(Up, Vp, self._zmap_t, self._zmap, self._rmaps, self._cmaps, X.T).T
 
     def _transpose(self) -> BlockLowRank:
         b1, b2 = self.grid

@@ -26,7 +26,6 @@ from .base import (
     StructuredMatrix,
     batch_major,
     bmm_nk,
-    cached_layout,
     register_format,
 )
 
@@ -120,14 +119,6 @@ class Monarch(StructuredMatrix):
         M = self._untransposed_dense()
         return M.T.contiguous() if self.transposed else M
 
-    def _transposed_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w1.mT`` and ``w2.mT`` stored contiguously (cached; the row-form bmm reads them
-        ~1.5x faster than the strided views at batch 1)."""
-        w1, w2 = self.w1, self.w2
-        return cached_layout(
-            self, "factors_t", lambda: (w1.mT.contiguous(), w2.mT.contiguous()), w1, w2
-        )
-
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         """``M @ X`` for the untransposed matrix ``M``: two batched GEMMs and two regroupings.
 
@@ -137,11 +128,10 @@ class Monarch(StructuredMatrix):
         K, J, R = self.in_blocks, self.out_blocks, self.rank
         Lr = self.w2.shape[1]
         k = X.shape[1]
-        if k == 1:  # mat-vec: the same kernels on flat views, factors' transposes contiguous
-            w1t, w2t = self._transposed_factors()
-            z = torch.bmm(X.reshape(K, 1, -1), w1t)  # (K, 1, R*J)
+        if k == 1:  # mat-vec: the same kernels on flat views
+            z = torch.bmm(X.reshape(K, 1, -1), self.w1.mT)  # (K, 1, R*J)
             z = z.view(K, R, J).permute(2, 0, 1).reshape(J, 1, K * R)
-            return torch.bmm(z, w2t).view(J, Lr).T.reshape(-1, 1)
+            return torch.bmm(z, self.w2.mT).view(J, Lr).T.reshape(-1, 1)
         row = batch_major(X) or k < ROW_FORM_BELOW
         z = bmm_nk(self.w1, X.unflatten(0, (K, -1)), row)  # (K, R*J, k)
         if not row:
