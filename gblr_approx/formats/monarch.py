@@ -21,13 +21,7 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair, check_positive_int
-from .base import (
-    ROW_FORM_BELOW,
-    StructuredMatrix,
-    batch_major,
-    bmm_nk,
-    register_format,
-)
+from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, bmm_nk, register_format
 
 __all__ = ["Monarch"]
 
@@ -122,8 +116,9 @@ class Monarch(StructuredMatrix):
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         """``M @ X`` for the untransposed matrix ``M``: two batched GEMMs and two regroupings.
 
-        ``R (J n + K m) k`` MACs; the regroupings copy the ``(K R J, k)`` intermediate and the
-        ``(m, k)`` result once each.
+        ``R (J n + K m) k`` MACs. Column form (feature-major ``X``, ``k >= ROW_FORM_BELOW``): no
+        copies (strided views, and ``out=`` without autograd); row form: the regroupings copy
+        the ``(K R J, k)`` intermediate and the ``(m, k)`` result once each.
         """
         K, J, R = self.in_blocks, self.out_blocks, self.rank
         Lr = self.w2.shape[1]
