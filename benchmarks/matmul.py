@@ -147,6 +147,13 @@ def main() -> None:
     p.add_argument("--gblr-layouts", nargs="+", default=["free"], help="free, tiled<T>")
     p.add_argument("--model", type=Path, help="sentence-transformers model folder (MiniLM)")
     p.add_argument("--model-budget", type=float, default=0.5)
+    p.add_argument(
+        "--fit-cache",
+        type=Path,
+        help="folder caching every fitted matrix (layer rows and model row; reruns skip fits)",
+    )
+    p.add_argument("--model-sentences", type=int, default=64)
+    p.add_argument("--model-only", action="store_true", help="only the model row, no layer table")
     p.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     p.add_argument("--clock", choices=["wall", "thread"], default="wall")
     args = p.parse_args()
@@ -154,7 +161,7 @@ def main() -> None:
 
     sample = ga.datasets.minilm_sample()
     rows = []
-    for size in args.sizes:
+    for size in [] if args.model_only else args.sizes:
         m, n = (int(v) for v in size.lower().split("x"))
         real = (m, n) in MINILM
         W = sample[MINILM[(m, n)]] if real else power_law(m, n)
@@ -166,7 +173,17 @@ def main() -> None:
                     layouts = gblr_layouts(W, budget, args.gblr_layouts, real, args.gblr_components)
                     cases += [(fmt, lay, A) for lay, A in layouts]
                 else:
-                    cases.append((fmt, None, make(fmt, W, budget, real, args.gblr_components)))
+                    A = cached_fit(
+                        args.fit_cache,
+                        f"{size}--{fmt}--{budget:g}--{'real' if real else 'synthetic'}",
+                        make,
+                        fmt,
+                        W,
+                        budget,
+                        real,
+                        args.gblr_components,
+                    )
+                    cases.append((fmt, None, A))
             for fmt, layout, A in cases:
                 extra = {}
                 if layout is not None:
@@ -199,48 +216,148 @@ def main() -> None:
                         print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     if args.model is not None:
-        df_model = model_rows(args.model, args.formats, args.model_budget, args.threads)
+        df_model = model_rows(
+            args.model,
+            args.formats,
+            args.model_budget,
+            args.threads,
+            cache=args.fit_cache,
+            sentences=args.model_sentences,
+            clock=clock,
+        )
         print("\n" + markdown_table(df_model))
     print(f"\n# torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print(markdown_table(df))
+    if rows:
+        print(markdown_table(df))
     if args.csv:
         df.to_csv(args.csv, index=False)
 
 
-def model_rows(folder: Path, formats, budget: float, threads) -> pd.DataFrame:
-    """Encode time of sentence-transformers MiniLM with every encoder linear compressed."""
+def cached_fit(cache: Path | None, key: str, fit, *args):
+    """``fit(*args)``, or the matrix ``A.save``-d as ``cache/<key>.safetensors`` by a former run."""
+    path = None if cache is None else Path(cache) / f"{key}.safetensors"
+    if path is not None and path.is_file():
+        return ga.load(path)
+    torch.set_num_threads(1)
+    A = fit(*args)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        A.save(path)
+    return A
+
+
+def model_texts(folder: Path, count: int) -> list[str]:
+    """``count`` prose lines of the model folder's README (its model card), cycled in order.
+
+    Code blocks, headings, tables, lists and lines under four words are skipped; nothing is
+    picked by hand, so the text is whatever the model ships with.
+    """
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        raise ValueError(f"--model folder {folder} has no README.md to take the text from")
+    lines, code = [], False
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("```"):
+            code = not code
+            continue
+        if code or not line or line.startswith(("|", "#", "---", "<", "-", "*")):
+            continue
+        if len(line.split()) >= 4:
+            lines.append(line)
+    if not lines:
+        raise ValueError(f"{readme} has no prose lines to encode")
+    return [lines[i % len(lines)] for i in range(count)]
+
+
+def compressed_copy(dense, fmt: str, budget: float, cache: Path | None):
+    """Deep copy of ``dense`` with every encoder ``nn.Linear`` a ``StructuredLinear`` in ``fmt``.
+
+    Each layer is ``ga.project(W, fmt, budget)`` (the plain per-layer projection, as
+    ``compress_model`` with one format and no calibration). With ``cache`` every fitted matrix
+    is stored there as ``<layer>--<fmt>--<budget>.safetensors`` (``A.save``) and loaded
+    (``ga.load``) on the next run, so reruns skip the fits.
+    """
     import copy
 
+    from torch import nn
+
+    from gblr_approx.compress import replace_module
+
+    model = copy.deepcopy(dense)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    names = [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and ".encoder.layer." in f".{name}"
+    ]
+    fitted = 0
+    t0 = time.perf_counter()
+    for name in names:
+        layer = model.get_submodule(name)
+        key = f"{name}--{fmt}--{budget:g}"
+        fresh = cache is None or not (cache / f"{key}.safetensors").is_file()
+        A = cached_fit(cache, key, ga.project, layer.weight.detach(), fmt, budget)
+        fitted += fresh
+        bias = layer.bias.detach() if layer.bias is not None else None
+        replace_module(model, name, ga.nn.StructuredLinear(A.to(dtype=layer.weight.dtype), bias))
+    print(
+        f"# {fmt}: {len(names)} encoder linears, {fitted} fitted, {len(names) - fitted} from "
+        f"cache, {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    return model
+
+
+def model_rows(
+    folder: Path,
+    formats,
+    budget: float,
+    threads,
+    *,
+    cache: Path | None = None,
+    sentences: int = 64,
+    batch_size: int = 32,
+    reps: int = 7,
+    clock=time.perf_counter,
+) -> pd.DataFrame:
+    """Encode time of sentence-transformers MiniLM with every encoder linear compressed.
+
+    Two workloads per format: ``sentences`` README lines in batches of ``batch_size``, and one
+    sentence (batch 1). Each is timed interleaved with the dense model (median of ``reps``).
+    """
     from sentence_transformers import SentenceTransformer
 
-    texts = [line for line in ga.__doc__.splitlines() if line.strip()] * 8
+    texts = model_texts(folder, sentences)
     dense = SentenceTransformer(str(folder), device="cpu")
     out = []
     for fmt in formats:
-        model = copy.deepcopy(dense)
-        torch.set_num_threads(1)
-        ga.nn.compress_model(model, fmt, budget, include="*encoder.layer.*")
+        model = compressed_copy(dense, fmt, budget, cache)
         for t in threads:
             torch.set_num_threads(t)
-            t_dense, t_fmt = timed(
-                [
-                    lambda: dense.encode(texts, batch_size=32),
-                    lambda m=model: m.encode(texts, batch_size=32),
-                ],
-                5,
-            )
-            out.append(
-                {
-                    "format": fmt,
-                    "budget": budget,
-                    "threads": t,
-                    "sentences": len(texts),
-                    "dense_s": round(t_dense, 3),
-                    "s": round(t_fmt, 3),
-                    "encode time/dense": round(t_fmt / t_dense, 2),
-                }
-            )
-            print(out[-1], flush=True)
+            for batch, bs in ((texts, batch_size), (texts[:1], 1)):
+                t_dense, t_fmt = timed(
+                    [
+                        lambda b=batch, bs=bs: dense.encode(b, batch_size=bs),
+                        lambda b=batch, bs=bs, m=model: m.encode(b, batch_size=bs),
+                    ],
+                    reps,
+                    clock,
+                )
+                out.append(
+                    {
+                        "format": fmt,
+                        "budget": budget,
+                        "threads": t,
+                        "sentences": len(batch),
+                        "batch_size": bs,
+                        "dense_ms": round(t_dense * 1e3, 1),
+                        "ms": round(t_fmt * 1e3, 1),
+                        "encode time/dense": round(t_fmt / t_dense, 2),
+                    }
+                )
+                print(out[-1], flush=True)
     return pd.DataFrame(out)
 
 

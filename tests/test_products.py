@@ -170,6 +170,43 @@ def test_blocklowrank_sees_in_place_factor_updates(gen):
     torch.testing.assert_close(A @ x, A.to_dense() @ x, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("fmt", ["monarch", "blast", "blocklowrank"])
+def test_cached_layouts_follow_in_place_updates_and_modes(fmt, gen):
+    """The contiguous layouts cached for products (``cached_layout``) are rebuilt after an
+    in-place change of any factor, and a copy made in inference mode is not reused outside."""
+    A = next(a for name, _, a in instances() if name == fmt)
+    m, n = A.shape
+    xs = [torch.randn(n, k, dtype=torch.float64, generator=gen) for k in (1, ROW_FORM_BELOW + 8)]
+    ys = [torch.randn(k, m, dtype=torch.float64, generator=gen) for k in (1, ROW_FORM_BELOW + 8)]
+
+    def check() -> None:
+        D = A.to_dense()
+        for X, Y in zip(xs, ys, strict=True):
+            torch.testing.assert_close(A @ X, D @ X, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(Y @ A, Y @ D, rtol=1e-12, atol=1e-12)
+
+    check()  # fills the caches
+    with torch.no_grad():
+        for i, t in enumerate(A._float_tensors()):
+            t.mul_(1.5 + i)
+    check()
+    with torch.inference_mode():
+        check()
+    X = xs[1].clone().requires_grad_(True)  # autograd through X only, after inference mode
+    (A @ X).sum().backward()
+    torch.testing.assert_close(X.grad, A.to_dense().sum(0, keepdim=True).T.expand_as(X))
+
+
+def test_blocksparse_chunked_large_k_product_is_exact(gen, monkeypatch):
+    """Column chunks of the large-k product (forced small here) cover every column once."""
+    from gblr_approx.formats import blocksparse
+
+    monkeypatch.setattr(blocksparse, "GATHER_CHUNK", 64)
+    cells = [(0, 0), (0, 2), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (3, 3)]
+    A = _blocksparse((23, 17), (6, 5), cells, gen)  # ragged edges, a full block row
+    _check_products(A, gen)
+
+
 def test_blocksparse_rebuild_reuses_plan_and_sees_block_updates(gen):
     A = _blocksparse((23, 17), (5, 4), [(0, 0), (1, 1), (2, 0), (2, 3)], gen)
     B = ga.BlockSparse(A.shape, A.block_shape, A.block_rows, A.block_cols, A.blocks)

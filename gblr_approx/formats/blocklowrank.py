@@ -15,6 +15,7 @@ from .base import (
     StructuredMatrix,
     batch_major,
     bmm_nk,
+    cached_layout,
     gather,
     gather_slabs,
     register_format,
@@ -286,7 +287,6 @@ class BlockLowRank(StructuredMatrix):
         X: torch.Tensor,
     ) -> torch.Tensor:
         """``blockdiag(Up) @ regroup(blockdiag(Vp)^T @ X)`` for ``X`` (n, k).
-
         ``Vp`` (b2, q, Rv), ``Up`` (b1, p, Ru); ``zmap`` takes the ``b1 * Ru`` rows of the
         regrouped intermediate from the ``b2 * Rv`` computed ones and ``zinv`` is its inverse
         (the backward of the regrouping is then a gather, too).
@@ -311,12 +311,110 @@ class BlockLowRank(StructuredMatrix):
         Y = bmm_nk(Up, Zg, row)  # (b1, p, k)
         return scatter_slabs(stack_rows(Y, row), out_maps[1], row)
 
+    def _panels(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Unpadded bases for the batched path (cached while the factors are unchanged).
+
+        Returns ``Vt`` (per block column ``j``: ``[V_1j ... V_b1j]^T``, ``(R_j, q_j)``), ``Ur``
+        (per block row ``i``: ``[U_i1 ... U_ib2]``, ``(p_i, R_i)``), both contiguous, and
+        ``sel`` (sum R,): the rows of the intermediate stacked by block column (``R_j`` rows
+        each) taken in block-row order.
+        """
+
+        def build() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+            Up, Vp = self._packed()
+            R = self.ranks
+            Ri, Rj = R.sum(1).tolist(), R.sum(0).tolist()
+            rs, cs = self.row_splits, self.col_splits
+            Vt = [Vp[j, : cs[j + 1] - cs[j], : Rj[j]].T.contiguous() for j in range(len(Rj))]
+            Ur = [Up[i, : rs[i + 1] - rs[i], : Ri[i]].contiguous() for i in range(len(Ri))]
+            Rv = Vp.shape[2]
+            zm = self._zmap.view(len(Ri), -1)
+            offs = torch.tensor([0, *Rj[:-1]]).cumsum(0).to(zm.device)
+            sel = torch.cat([zm[i, : Ri[i]] for i in range(len(Ri))])
+            return Vt, Ur, offs[sel // Rv] + sel % Rv
+
+        return cached_layout(self, "panels", build, *self._sources())
+
+    def _panel_product(self, X: torch.Tensor, t: bool) -> torch.Tensor:
+        """``A @ X`` (``t=False``) or ``A^T @ X`` by unpadded GEMMs, for ``X`` (n, k), no grad.
+
+        One GEMM per block column (``Z_j = V_j^T X_j``, read in place from ``X``), one gather
+        regrouping ``Z`` by block row, one GEMM per block row written in place into the
+        result: ``flops * k`` MACs exactly, ``b1 + b2`` kernels. Batch-major ``X`` is computed
+        in the row form ``Y^T = X^T [...]`` with the same kernels.
+        """
+        Vt, Ur, sel = self._panels()
+        rs, cs = self.row_splits, self.col_splits
+        if t:  # A^T: rows and columns swap roles; the regrouping maps swap with them
+            Vt, Ur = [U.T for U in Ur], [V.T for V in Vt]
+            rs, cs = cs, rs
+            sel = self._panel_sel_t()
+        k = X.shape[1]
+        bm = batch_major(X)
+        Zr = sum(V.shape[0] for V in Vt)
+        if bm:
+            x = X.T  # (k, n) row-major
+            Z = x.new_empty(k, Zr)
+            o = 0
+            for j, V in enumerate(Vt):
+                torch.mm(x[:, cs[j] : cs[j + 1]], V.T, out=Z[:, o : o + V.shape[0]])
+                o += V.shape[0]
+            Zg = Z.index_select(1, sel)
+            y = x.new_empty(k, rs[-1])
+            o = 0
+            for i, U in enumerate(Ur):
+                torch.mm(Zg[:, o : o + U.shape[1]], U.T, out=y[:, rs[i] : rs[i + 1]])
+                o += U.shape[1]
+            return y.T
+        Z = X.new_empty(Zr, k)
+        o = 0
+        for j, V in enumerate(Vt):
+            torch.mm(V, X[cs[j] : cs[j + 1]], out=Z[o : o + V.shape[0]])
+            o += V.shape[0]
+        Zg = Z.index_select(0, sel)
+        Y = X.new_empty(rs[-1], k)
+        o = 0
+        for i, U in enumerate(Ur):
+            torch.mm(U, Zg[o : o + U.shape[1]], out=Y[rs[i] : rs[i + 1]])
+            o += U.shape[1]
+        return Y
+
+    def _panel_sel_t(self) -> torch.Tensor:
+        """``sel`` of :meth:`_panels` for ``A^T`` (intermediate stacked by block row)."""
+
+        def build() -> torch.Tensor:
+            R = self.ranks
+            Ri, Rj = R.sum(1).tolist(), R.sum(0).tolist()
+            # row-stacked position of block (i, j)'s rank slots, in block-column order
+            row_pos = torch.arange(sum(Ri)).split(Ri)
+            out = []
+            for j in range(len(Rj)):
+                for i in range(len(Ri)):
+                    a = int(R[i, :j].sum())
+                    out.append(row_pos[i][a : a + int(R[i, j])])
+            return torch.cat(out).to(self._zmap.device)
+
+        return cached_layout(self, "panel_sel_t", build, *self._sources())
+
+    def _use_panels(self, X: torch.Tensor) -> bool:
+        """The unpadded GEMMs pay off from ``ROW_FORM_BELOW`` columns on, without autograd."""
+        if X.shape[1] < ROW_FORM_BELOW:
+            return False
+        return not (
+            torch.is_grad_enabled()
+            and (X.requires_grad or any(t.requires_grad for t in self._sources()))
+        )
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
+        if self._use_panels(X):
+            return self._panel_product(X, False)
         Up, Vp = self._packed()
         return self._apply(Vp, Up, self._zmap, self._zmap_t, self._cmaps, self._rmaps, X)
 
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         # X @ A = (A^T X^T)^T: A^T's column-side bases are A's row-side ones and vice versa
+        if self._use_panels(X.T):
+            return self._panel_product(X.T, True).T
         Up, Vp = self._packed()
         return self._apply(Up, Vp, self._zmap_t, self._zmap, self._rmaps, self._cmaps, X.T).T
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair
-from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, register_format
+from .base import ROW_FORM_BELOW, StructuredMatrix, balanced_step, batch_major, register_format
 
 __all__ = ["BlockSparse", "grid_sizes"]
 
@@ -21,6 +22,10 @@ DEFAULT_BLOCK_SHAPE = (32, 32)
 #: validation and planning. Identity is checked through the weak references.
 _PLANS: dict[tuple, tuple] = {}
 _PLANS_MAX = 256
+
+#: Floats of gathered input slabs per chunk of the large-``k`` product (256 KiB of float32: the
+#: gathered operand stays in L2 for its GEMM).
+GATHER_CHUNK = 1 << 16
 
 #: Largest ``grid * nb`` for which a mat-vec sums block outputs with a 0/1 matrix product.
 SCATTER_MATRIX_MAX = 1 << 16
@@ -63,13 +68,22 @@ def _panel_plan(out_idx: torch.Tensor, in_idx: torch.Tensor, out_grid: int) -> d
     for pos, i in enumerate(order):
         inv[i] = pos
     perm_t = torch.tensor(perm, dtype=torch.long, device=dev)
+    sizes = [g * c for _, g, c in groups]
+    slabs = in_idx[perm_t] if perm else in_idx
+    counts = [g for _, g, _ in groups]
+    row_spans = list(zip([0, *itertools.accumulate(counts)], counts, strict=False))
     return {
         "perm": perm_t,
         "groups": groups,
-        "sizes": [g * c for _, g, c in groups],
-        "slabs": in_idx[perm_t] if perm else in_idx,
+        "sizes": sizes,
+        "slabs": slabs,
         "inv": torch.tensor(inv, dtype=torch.long, device=dev),
         "empty": len(order) < out_grid,
+        # per group: its input slabs and its block rows (for the in-place batched path)
+        "group_slabs": list(slabs.split(sizes)) if perm else [],
+        "group_rows": [
+            torch.tensor(order[a : a + g], dtype=torch.long, device=dev) for a, g in row_spans
+        ],
     }
 
 
@@ -295,6 +309,8 @@ class BlockSparse(StructuredMatrix):
             return Y.transpose(0, 1).reshape(k, out_grid * p)[:, :out_len].T
         plan = self._plans[t]
         panels = self._panels(t)
+        if not (torch.is_grad_enabled() and (X.requires_grad or self.blocks.requires_grad)):
+            return self._grouped_in_place(t, X, plan, panels, pad, out_len, bm)
         outs = []
         if bm:  # X = x.T for a row-major batch x (k, n): gather columns of x
             Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
@@ -314,6 +330,53 @@ class BlockSparse(StructuredMatrix):
         if plan["empty"]:
             outs.append(X.new_zeros(1, p, k))
         Y = torch.cat(outs).index_select(0, plan["inv"])  # (grid, p, k)
+        return Y.view(out_grid * p, k)[:out_len]
+
+    def _grouped_in_place(
+        self, t: int, X: torch.Tensor, plan: dict, panels: list, pad: int, out_len: int, bm: bool
+    ) -> torch.Tensor:
+        """Large-``k`` product without autograd, written into the result with ``index_copy_``.
+
+        Per group of block rows: its input slabs gathered and one batched GEMM, in chunks of
+        columns small enough (:data:`GATHER_CHUNK` floats) that the gathered slabs are still in
+        cache when the GEMM reads them (the gather duplicates each slab of ``X`` once per
+        stored block reading it, which at large ``k`` is memory-bound); full block rows read
+        ``X`` in place (one GEMM, no gather). ``flops * k`` MACs.
+        """
+        p, q = self.block_shape[::-1] if t else self.block_shape
+        out_grid, full = self.grid[t], self.grid[1 - t]
+        k = X.shape[1]
+        F = torch.nn.functional
+        groups = zip(plan["groups"], panels, plan["group_slabs"], plan["group_rows"], strict=True)
+        if bm:  # X = x.T for a row-major batch x (k, n): the row form, batch-major throughout
+            xr = X.T if pad == 0 else F.pad(X.T, (0, pad))  # (k, n')
+            xs = xr.unflatten(1, (-1, q))
+            Y = X.new_zeros(k, out_grid, p)
+            for (_, g, c), P, sl, rows in groups:
+                if c == full:
+                    Y.index_copy_(1, rows, (xr @ P.reshape(g * p, c * q).T).view(k, g, p))
+                    continue
+                step = balanced_step(k, max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q)))
+                for a in range(0, k, step):
+                    G = xs[a : a + step].index_select(1, sl).view(-1, g, c * q)  # (step, g, c q)
+                    out = torch.bmm(G.transpose(0, 1), P.mT).transpose(0, 1)  # (step, g, p)
+                    Y[a : a + step].index_copy_(1, rows, out)
+            return Y.view(k, out_grid * p)[:, :out_len].T
+        Xp = X if pad == 0 else F.pad(X, (0, 0, 0, pad))  # (n', k)
+        Xs = Xp.unflatten(0, (-1, q))  # (gc, q, k)
+        Y = X.new_zeros(out_grid, p, k)
+        for (_, g, c), P, sl, rows in groups:
+            if c == full:
+                Y.index_copy_(0, rows, (P.reshape(g * p, c * q) @ Xp).view(g, p, k))
+                continue
+            step = balanced_step(k, max(ROW_FORM_BELOW, GATHER_CHUNK // (g * c * q)))
+            for a in range(0, k, step):
+                G = Xs[:, :, a : a + step].index_select(0, sl)  # (g c, q, step) contiguous
+                out = torch.bmm(P, G.view(g, c * q, -1))
+                if step >= k:
+                    Y.index_copy_(0, rows, out)
+                else:
+                    Y[:, :, a : a + step].index_copy_(0, rows, out)
         return Y.view(out_grid * p, k)[:out_len]
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:

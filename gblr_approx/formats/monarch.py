@@ -34,6 +34,11 @@ __all__ = ["Monarch"]
 MIN_SIDE = 64
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a product of ``tensors`` (then no ``out=`` kernels)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _divisors(x: int) -> list[int]:
     return [d for d in range(1, x + 1) if x % d == 0]
 
@@ -111,8 +116,9 @@ class Monarch(StructuredMatrix):
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         """``M @ X`` for the untransposed matrix ``M``: two batched GEMMs and two regroupings.
 
-        ``R (J n + K m) k`` MACs; the regroupings copy the ``(K R J, k)`` intermediate and the
-        ``(m, k)`` result once each.
+        ``R (J n + K m) k`` MACs. Column form (feature-major ``X``, ``k >= ROW_FORM_BELOW``): no
+        copies (strided views, and ``out=`` without autograd); row form: the regroupings copy
+        the ``(K R J, k)`` intermediate and the ``(m, k)`` result once each.
         """
         K, J, R = self.in_blocks, self.out_blocks, self.rank
         Lr = self.w2.shape[1]
@@ -123,14 +129,19 @@ class Monarch(StructuredMatrix):
             return torch.bmm(z, self.w2.mT).view(J, Lr).T.reshape(-1, 1)
         row = batch_major(X) or k < ROW_FORM_BELOW
         z = bmm_nk(self.w1, X.unflatten(0, (K, -1)), row)  # (K, R*J, k)
-        if row:  # stored (K, k, R*J) -> (J, k, K*R)
-            z = z.mT.unflatten(2, (R, J)).permute(3, 1, 0, 2).reshape(J, k, K * R).mT
-        else:
-            z = z.unflatten(1, (R, J)).permute(2, 0, 1, 3).reshape(J, K * R, k)
+        if not row:
+            # column form, no copies: z's rows (k*R + r, j) are the regrouped intermediate as
+            # a strided view, and the second GEMM writes output row l*J + j in place
+            u = z.view(K * R, J, k).transpose(0, 1)  # (J, K*R, k)
+            if _needs_grad(X, self.w1, self.w2):
+                return torch.bmm(self.w2, u).transpose(0, 1).reshape(Lr * J, k)
+            Y = X.new_empty(Lr * J, k)
+            torch.bmm(self.w2, u, out=Y.view(Lr, J, k).transpose(0, 1))
+            return Y
+        # row form: stored (K, k, R*J) -> (J, k, K*R)
+        z = z.mT.unflatten(2, (R, J)).permute(3, 1, 0, 2).reshape(J, k, K * R).mT
         y = bmm_nk(self.w2, z, row)  # (J, Lr, k); output row l*J + j
-        if row:
-            return y.mT.permute(1, 2, 0).reshape(k, Lr * J).T
-        return y.permute(1, 0, 2).reshape(Lr * J, k)
+        return y.mT.permute(1, 2, 0).reshape(k, Lr * J).T
 
     def _backward(self, Y: torch.Tensor) -> torch.Tensor:
         """``M^T @ Y`` for the untransposed matrix ``M`` (same cost as :meth:`_forward`)."""
@@ -146,11 +157,15 @@ class Monarch(StructuredMatrix):
             y = Y.T.unflatten(1, (Lr, J)).permute(2, 0, 1).contiguous().mT  # stored (J, k, Lr)
         else:
             y = Y.unflatten(0, (Lr, J)).permute(1, 0, 2)  # (J, Lr, k)
-        z = bmm_nk(self.w2.mT, y, row)  # (J, K*R, k)
         if row:  # stored (J, k, K*R) -> (K, k, R*J)
+            z = bmm_nk(self.w2.mT, y, row)  # (J, K*R, k)
             z = z.mT.unflatten(2, (K, R)).permute(2, 1, 3, 0).reshape(K, k, R * J).mT
-        else:
-            z = z.unflatten(1, (K, R)).permute(1, 2, 0, 3).reshape(K, R * J, k)
+        elif _needs_grad(Y, self.w1, self.w2):
+            z = torch.bmm(self.w2.mT, y).unflatten(1, (K, R)).permute(1, 2, 0, 3)
+            z = z.reshape(K, R * J, k)
+        else:  # the first GEMM writes the regrouped intermediate in place (strided rows)
+            z = Y.new_empty(K, R * J, k)
+            torch.bmm(self.w2.mT, y, out=z.view(K * R, J, k).transpose(0, 1))
         x = bmm_nk(self.w1.mT, z, row)  # (K, I, k)
         if row:
             return x.mT.permute(1, 0, 2).reshape(k, -1).T
