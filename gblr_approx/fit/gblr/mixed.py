@@ -24,29 +24,40 @@ from .blocks import BlockModel, Rect
 __all__ = ["lowrank_plus_blocks"]
 
 
+def _grid_index(splits: list[int], pad: int) -> torch.Tensor:
+    """Indices of each block's entries along one side, padded with ``pad``: (blocks, longest)."""
+    lens = [b - a for a, b in zip(splits, splits[1:], strict=False)]
+    idx = torch.full((len(lens), max(lens)), pad, dtype=torch.long)
+    for i, (a, ln) in enumerate(zip(splits, lens, strict=False)):
+        idx[i, :ln] = torch.arange(a, a + ln)
+    return idx
+
+
 def _grid_batch(X: torch.Tensor, rs: list[int], cs: list[int]) -> torch.Tensor:
-    """Blocks of ``X`` on the grid, zero-padded to the largest block: (b1*b2, pmax, qmax)."""
-    b1, b2 = len(rs) - 1, len(cs) - 1
-    pmax = max(b - a for a, b in zip(rs, rs[1:], strict=False))
-    qmax = max(b - a for a, b in zip(cs, cs[1:], strict=False))
-    out = X.new_zeros(b1 * b2, pmax, qmax)
-    for i in range(b1):
-        for j in range(b2):
-            out[i * b2 + j, : rs[i + 1] - rs[i], : cs[j + 1] - cs[j]] = X[
-                rs[i] : rs[i + 1], cs[j] : cs[j + 1]
-            ]
-    return out
+    """Blocks of ``X`` on the grid, zero-padded to the largest block: (b1*b2, pmax, qmax).
+
+    One gather (no Python loop over blocks: fine grids have thousands of them); the padding
+    indices point at an appended zero row / column.
+    """
+    m, n = X.shape
+    ri = _grid_index(rs, m).to(X.device)
+    ci = _grid_index(cs, n).to(X.device)
+    Xp = torch.nn.functional.pad(X, (0, 1, 0, 1))
+    b1, pmax = ri.shape
+    b2, qmax = ci.shape
+    out = Xp[ri[:, None, :, None], ci[None, :, None, :]]  # (b1, b2, pmax, qmax)
+    return out.reshape(b1 * b2, pmax, qmax)
 
 
 def _ungrid(B: torch.Tensor, rs: list[int], cs: list[int], m: int, n: int) -> torch.Tensor:
-    b2 = len(cs) - 1
-    out = B.new_zeros(m, n)
-    for i in range(len(rs) - 1):
-        for j in range(b2):
-            out[rs[i] : rs[i + 1], cs[j] : cs[j + 1]] = B[
-                i * b2 + j, : rs[i + 1] - rs[i], : cs[j + 1] - cs[j]
-            ]
-    return out
+    """Inverse of :func:`_grid_batch`: the (m, n) matrix of the blocks (padding dropped)."""
+    ri = _grid_index(rs, m).to(B.device)
+    ci = _grid_index(cs, n).to(B.device)
+    b1, pmax = ri.shape
+    b2, qmax = ci.shape
+    out = B.new_zeros(m + 1, n + 1)
+    out[ri[:, None, :, None], ci[None, :, None, :]] = B.reshape(b1, b2, pmax, qmax)
+    return out[:m, :n]
 
 
 def _allocate(

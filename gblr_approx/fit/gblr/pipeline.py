@@ -36,10 +36,12 @@ from ...validation import as_matrix, check_positive_int
 from ..result import FitResult
 from .blocks import BlockModel, Rect
 from .candidates import (
+    FINE_PRICE_GAIN,
     default_block_shapes,
     default_grids,
     default_mixed_grids,
     embedded_candidates,
+    fine_regime,
     mixed_candidates,
 )
 from .intervals import interval_stage
@@ -339,7 +341,10 @@ def _fit_gblr(
 
         # ---- stage 2: structure learning by interval ALS (exact prox-type updates)
         if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
-            for G, err, cost in interval_stage(Wc, B, state["best"], sweeps, components, tol=tol):
+            gain = FINE_PRICE_GAIN if fine_regime(m, n, B) else 2.0  # price exponent
+            for G, err, cost in interval_stage(
+                Wc, B, state["best"], sweeps, components, tol=tol, gain=gain
+            ):
                 before = state["err"]
                 if G is None:
                     record("intervals", err, cost, -1)
