@@ -25,6 +25,7 @@ from .mixed import lowrank_plus_blocks
 __all__ = [
     "default_grids",
     "default_mixed_grids",
+    "fine_regime",
     "default_block_shapes",
     "embedded_candidates",
     "mixed_candidates",
@@ -44,21 +45,53 @@ def default_grids(m: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
+#: Layers with at most this many entries, at budgets up to :data:`FINE_MIXED_MAX_FRACTION` of
+#: the dense MACs, get the finer start of :func:`default_mixed_grids` (3-entry blocks, twice
+#: the pieces); larger layers and budgets keep the coarser rule (it bounds the cost of
+#: interval ALS on 4096 x 11008 layers, and at 50 % the finer start costs 3-4x the time).
+FINE_MIXED_MAX_ENTRIES = 1 << 20
+FINE_MIXED_MAX_FRACTION = 0.3
+#: Price-update exponent of interval ALS (``gain`` of :meth:`.intervals.IntervalModel.fit`) in
+#: the fine regime: a slower price (1 instead of 2) oscillates less around the budget with many
+#: small pieces (MiniLM 384 x 384 at 10-25 %: 0.1-0.3 % lower error, as fast); at 50 % it was
+#: 1-2 % worse than 2, so elsewhere the price keeps exponent 2.
+FINE_PRICE_GAIN = 1.0
+
+
+def fine_regime(m: int, n: int, budget: int | None) -> bool:
+    """Whether an ``m x n`` fit at ``budget`` MACs gets the fine start and the slow price.
+
+    True for layers of at most :data:`FINE_MIXED_MAX_ENTRIES` entries at budgets up to
+    :data:`FINE_MIXED_MAX_FRACTION` of the dense MACs: there :func:`default_mixed_grids`
+    returns 3-entry blocks and the pipeline runs interval ALS with price exponent
+    :data:`FINE_PRICE_GAIN` (measured in docs/benchmarks.md, fit_gblr).
+    """
+    return m * n <= FINE_MIXED_MAX_ENTRIES and budget is not None and (
+        budget <= FINE_MIXED_MAX_FRACTION * m * n
+    )
+
+
 def default_mixed_grids(
     m: int, n: int, budget: int | None = None, max_pieces: int | None = None
 ) -> list[tuple[int, int]]:
     """One fine grid for the low-rank + blocks start.
 
-    Square blocks of side ``b = max(min(m, n) // 48, 4)``, enlarged to
-    ``ceil(budget / (2 max_pieces))`` so that about ``max_pieces`` rank-1 pieces fit the budget
-    (the cost of interval ALS grows with their number; default ``1600 (m + n) / 768``).
-    Fine blocks give the structure learning
-    (:mod:`.intervals`) many small pieces to move and resize; measured on the MiniLM layers they
-    start it far better than coarse grids.
+    Square blocks of side ``b``, enlarged to ``ceil(budget / (2 max_pieces))`` so that about
+    ``max_pieces`` rank-1 pieces fit the budget (the cost of interval ALS grows with their
+    number). Up to :data:`FINE_MIXED_MAX_ENTRIES` entries and a budget up to
+    :data:`FINE_MIXED_MAX_FRACTION` ``m n``: ``b >= 3`` and ``max_pieces`` defaults to
+    ``3200 (m + n) / 768``; otherwise ``b >= max(min(m, n) // 48, 4)`` and
+    ``1600 (m + n) / 768``. Fine blocks give the structure learning (:mod:`.intervals`) many
+    small pieces to move and resize; measured on the MiniLM layers (docs/benchmarks.md,
+    fit_gblr) they start it far better than coarse grids: 384 x 384 at 10 % of the MACs,
+    3-entry blocks end 1-1.5 % below the 8-entry ones, at 25 % 6-entry blocks 1.5 % below
+    12-entry ones. Blocks of 2 entries are worse again (a rank-1 2 x 2 block costs as much as
+    its dense entries).
     """
-    b = max(min(m, n) // 48, 4)
+    fine = fine_regime(m, n, budget)
+    b = 3 if fine else max(min(m, n) // 48, 4)
     if max_pieces is None:
-        max_pieces = max(1, round(1600 * (m + n) / 768))
+        max_pieces = max(1, round((3200 if fine else 1600) * (m + n) / 768))
     if budget is not None:
         b = max(b, math.ceil(budget / (2 * max_pieces)))
     return [(max(1, min(m, round(m / b))), max(1, min(n, round(n / b))))]

@@ -398,7 +398,8 @@ def interval_stage(
     rank-1 components, each of which then learns its own intervals. ``G`` is ``None`` for a
     sweep whose cost exceeds ``budget`` (the price is raised for the next sweep) or that did
     not improve on the best iterate so far. ``lam`` defaults to the marginal value of one
-    MAC of the truncated SVD at this budget, ``sigma_{r+1}^2 / (m + n)``.
+    MAC of the truncated SVD at this budget, ``sigma_{r+1}^2 / (m + n)``. ``gain`` is the
+    exponent of the price update (:meth:`IntervalModel.fit`).
     """
     m, n = W.shape
     fixed_idx = [k for k in range(start.num_components) if bool(start.is_dense[k])]

@@ -24,29 +24,40 @@ from .blocks import BlockModel, Rect
 __all__ = ["lowrank_plus_blocks"]
 
 
+def _grid_index(splits: list[int], pad: int) -> torch.Tensor:
+    """Indices of each block's entries along one side, padded with ``pad``: (blocks, longest)."""
+    lens = [b - a for a, b in zip(splits, splits[1:], strict=False)]
+    idx = torch.full((len(lens), max(lens)), pad, dtype=torch.long)
+    for i, (a, ln) in enumerate(zip(splits, lens, strict=False)):
+        idx[i, :ln] = torch.arange(a, a + ln)
+    return idx
+
+
 def _grid_batch(X: torch.Tensor, rs: list[int], cs: list[int]) -> torch.Tensor:
-    """Blocks of ``X`` on the grid, zero-padded to the largest block: (b1*b2, pmax, qmax)."""
-    b1, b2 = len(rs) - 1, len(cs) - 1
-    pmax = max(b - a for a, b in zip(rs, rs[1:], strict=False))
-    qmax = max(b - a for a, b in zip(cs, cs[1:], strict=False))
-    out = X.new_zeros(b1 * b2, pmax, qmax)
-    for i in range(b1):
-        for j in range(b2):
-            out[i * b2 + j, : rs[i + 1] - rs[i], : cs[j + 1] - cs[j]] = X[
-                rs[i] : rs[i + 1], cs[j] : cs[j + 1]
-            ]
-    return out
+    """Blocks of ``X`` on the grid, zero-padded to the largest block: (b1*b2, pmax, qmax).
+
+    One gather (no Python loop over blocks: fine grids have thousands of them); the padding
+    indices point at an appended zero row / column.
+    """
+    m, n = X.shape
+    ri = _grid_index(rs, m).to(X.device)
+    ci = _grid_index(cs, n).to(X.device)
+    Xp = torch.nn.functional.pad(X, (0, 1, 0, 1))
+    b1, pmax = ri.shape
+    b2, qmax = ci.shape
+    out = Xp[ri[:, None, :, None], ci[None, :, None, :]]  # (b1, b2, pmax, qmax)
+    return out.reshape(b1 * b2, pmax, qmax)
 
 
 def _ungrid(B: torch.Tensor, rs: list[int], cs: list[int], m: int, n: int) -> torch.Tensor:
-    b2 = len(cs) - 1
-    out = B.new_zeros(m, n)
-    for i in range(len(rs) - 1):
-        for j in range(b2):
-            out[rs[i] : rs[i + 1], cs[j] : cs[j + 1]] = B[
-                i * b2 + j, : rs[i + 1] - rs[i], : cs[j + 1] - cs[j]
-            ]
-    return out
+    """Inverse of :func:`_grid_batch`: the (m, n) matrix of the blocks (padding dropped)."""
+    ri = _grid_index(rs, m).to(B.device)
+    ci = _grid_index(cs, n).to(B.device)
+    b1, pmax = ri.shape
+    b2, qmax = ci.shape
+    out = B.new_zeros(m + 1, n + 1)
+    out[ri[:, None, :, None], ci[None, :, None, :]] = B.reshape(b1, b2, pmax, qmax)
+    return out[:m, :n]
 
 
 def _allocate(
@@ -70,18 +81,35 @@ def _allocate(
     costs = torch.cat(
         [torch.full_like(g1, float(c1)), c2.double()[:, None].expand(nb, t).reshape(-1)]
     )
-    order = torch.argsort(gains, descending=True, stable=True).tolist()
+    order_t = torch.argsort(gains, descending=True, stable=True)
     used = 0
     k1 = 0
     ranks = torch.zeros(nb, dtype=torch.long)
     nS1 = S1.numel()
     active = 0
-    costs_l = costs.tolist()
-    gains_l = gains.tolist()
-    for idx in order:
-        if gains_l[idx] <= 0:
+    if max_blocks is None:
+        # fast path: the longest prefix of the order that fits is bought at once (the
+        # spectra are sorted, so a block's ranks -- and the global ranks -- come in order);
+        # the loop below then only fills the remaining room
+        pos = gains[order_t] > 0
+        fit = torch.cumsum(costs[order_t], 0) <= budget
+        k = int((pos & fit).long().cumprod(0).sum())
+        head = order_t[:k]
+        k1 = int((head < nS1).sum())
+        blk = head[head >= nS1] - nS1
+        ranks = torch.bincount(torch.div(blk, t, rounding_mode="floor"), minlength=nb)
+        used = int(costs[head].sum())
+        order_t = order_t[k:]
+    cmin = float(costs.min()) if costs.numel() else 0.0
+    if budget - used < cmin:
+        order_t = order_t[:0]
+    order = order_t.tolist()
+    gains_l = gains[order_t].tolist()
+    costs_l = costs[order_t].tolist()
+    for idx, gain, cost in zip(order, gains_l, costs_l, strict=True):
+        if budget - used < cmin or gain <= 0:
             break
-        c = int(costs_l[idx])
+        c = int(cost)
         if used + c > budget:
             continue
         if idx < nS1:
@@ -173,20 +201,20 @@ def lowrank_plus_blocks(
             fac = (U1[:, :k1] * S1[:k1], Vh1[:k1], U2 * S2.unsqueeze(-2), Vh2)
     err, k1, ranks = best
     GU, GVh, BU, BVh = fac
+    # only the blocks that were bought become components (fine grids have thousands)
+    active = torch.nonzero(ranks > 0).flatten().tolist()
     rects = [Rect(0, m, 0, n)]
     rk = [k1]
-    for i in range(b1):
-        for j in range(b2):
-            rects.append(Rect(rs[i], rs[i + 1] - rs[i], cs[j], cs[j + 1] - cs[j]))
-            rk.append(int(ranks[i * b2 + j]))
+    for b in active:
+        i, j = divmod(b, b2)
+        rects.append(Rect(rs[i], rs[i + 1] - rs[i], cs[j], cs[j + 1] - cs[j]))
+        rk.append(int(ranks[b]))
     model = BlockModel(W, rects, rk)
     model.set_factors(0, GU, GVh)
-    for i in range(b1):
-        for j in range(b2):
-            b = i * b2 + j
-            r, p, q = int(ranks[b]), rs[i + 1] - rs[i], cs[j + 1] - cs[j]
-            if r > 0:
-                model.set_factors(1 + b, BU[b, :p, :r], BVh[b, :r, :q])
+    for t, b in enumerate(active):
+        i, j = divmod(b, b2)
+        r, p, q = rk[1 + t], rs[i + 1] - rs[i], cs[j + 1] - cs[j]
+        model.set_factors(1 + t, BU[b, :p, :r], BVh[b, :r, :q])
     model.drop_inactive()
     model.info["global_svd"] = global_svd
     return model, math.sqrt(err)

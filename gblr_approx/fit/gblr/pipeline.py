@@ -37,10 +37,12 @@ from ...validation import as_matrix, check_positive_int
 from ..result import FitResult
 from .blocks import BlockModel, Rect
 from .candidates import (
+    FINE_PRICE_GAIN,
     default_block_shapes,
     default_grids,
     default_mixed_grids,
     embedded_candidates,
+    fine_regime,
     mixed_candidates,
 )
 from .intervals import _col_slices, interval_stage
@@ -428,8 +430,9 @@ def _fit_gblr(
                 steps = sweeps
             schedule["sweeps"] = f"{sweeps} (LARGE_SWEEP_WORK)"
         if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
+            gain = FINE_PRICE_GAIN if fine_regime(m, n, B) else 2.0  # price exponent
             for G, err, cost in interval_stage(
-                Wc, B, state["best"], sweeps, components, tol=tol, lam=lam
+                Wc, B, state["best"], sweeps, components, tol=tol, lam=lam, gain=gain
             ):
                 before = state["err"]
                 if G is None:
