@@ -39,6 +39,7 @@ from .data_aware import output_error, regularised_gram, whitened_lowrank
 from .formats.base import FORMATS, StructuredMatrix, get_format
 from .metrics import relative_error
 from .projection import project
+from .validation import check_positive_int
 
 __all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "replace_module"]
 
@@ -442,6 +443,7 @@ def compress_model(
                 raise ValueError(f"sensitivity[{L.name!r}] must be a finite number > 0; got {w}")
             L.weight = w
 
+    workers = check_positive_int(workers, "workers")
     if scheduler is not None:
         check_scheduler(scheduler)  # a clear error before any work (imports Dask)
     bar = _progress(progress, len(layers), f"compress ({allocation})")

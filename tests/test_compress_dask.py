@@ -112,5 +112,7 @@ def test_bad_scheduler_is_refused_before_any_work():
         ga.nn.compress_model(model, "lowrank", 0.5, scheduler="nowhere")
     with pytest.raises(TypeError, match="scheduler"):
         ga.nn.compress_model(model, "lowrank", 0.5, scheduler=3)
+    with pytest.raises(ValueError, match="workers"):
+        ga.nn.compress_model(model, "lowrank", 0.5, scheduler="local", workers=0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
