@@ -67,41 +67,21 @@ def cached_plan(
             for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
         ),
     )
-    plan = _PLAN_CACHE.get(key)
-    if plan is None and key not in _PLAN_CACHE and matvec == "segments":
-        plan = build_segments(
-            G.shape,
-            G.row_start.tolist(),
-            G.row_width.tolist(),
-            G.col_start.tolist(),
-            G.col_width.tolist(),
-            G.ranks.tolist(),
-            G.is_dense.tolist(),
-        )
-        if plan is not None and torch.device(device).type != "cpu":
-            plan = plan.to(torch.device(device))
-        _PLAN_CACHE[key] = plan
-        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    elif plan is None and matvec != "segments":
-        plan = build_plan(
-            G.shape,
-            G.row_start.tolist(),
-            G.row_width.tolist(),
-            G.col_start.tolist(),
-            G.col_width.tolist(),
-            G.ranks.tolist(),
-            G.is_dense.tolist(),
-            bucket_cost=MATVEC_BUCKET_COST if matvec else BUCKET_COST,
-            row_form=matvec,
-        )
-        if torch.device(device).type != "cpu":
-            plan = plan.to(torch.device(device))
-        _PLAN_CACHE[key] = plan
-        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    elif key in _PLAN_CACHE:
+    if key in _PLAN_CACHE:  # (a segment plan may be a cached None)
         _PLAN_CACHE.move_to_end(key)
+        return _PLAN_CACHE[key]
+    structure = (G.shape, *(t.tolist() for t in (G.row_start, G.row_width, G.col_start,
+                                                  G.col_width, G.ranks, G.is_dense)))
+    if matvec == "segments":
+        plan = build_segments(*structure)
+    else:
+        plan = build_plan(*structure, bucket_cost=MATVEC_BUCKET_COST if matvec else BUCKET_COST,
+                          row_form=matvec)
+    if plan is not None and torch.device(device).type != "cpu":
+        plan = plan.to(torch.device(device))
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
     return plan
 
 
