@@ -70,9 +70,48 @@ def test_plan_accounts_for_every_mac_and_padding():
     assert plan.flops == G.flops
     assert plan.padded_macs >= G.flops
     assert 0 < plan.fill <= 1
-    # padded panel entries are exactly the executed multiply-adds
+    # padded panel entries (tiles and the wide slots' dense GEMMs) are the executed MACs
     executed = sum(b.count * b.rows * b.cols for b in plan.stage1 + plan.stage2)
+    m, n = G.shape
+    assert plan.wide1 > 0 and plan.wide2[1] > 0  # the full-width / full-height components
+    executed += plan.wide1 * n + plan.wide2[1] * m
     assert executed == plan.padded_macs
+
+
+def _structure(G):
+    return [G.shape] + [
+        t.tolist()
+        for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
+    ]
+
+
+def test_wide_slots_leave_the_tiles_of_the_stage_they_span():
+    """Slots covering >= WIDE_SHARE of a side run in that stage's dense GEMM: a low-rank
+    layout needs no tiles at all; a full-width, one-row-tall slot is wide in stage 1 only."""
+    L = ga.LowRank(torch.randn(40, 3, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64))
+    G = GBLR.from_lowrank(L)
+    plan = build_plan(*_structure(G))
+    assert (plan.wide1, plan.wide2) == (3, (0, 3))
+    assert plan.stage1 == [] and plan.stage2 == []
+    assert plan.padded_macs == G.flops  # no padding: the intervals are the full sides
+    X = torch.randn(30, 6, dtype=torch.float64)
+    assert torch.allclose(G @ X, L.to_dense() @ X, atol=1e-12)
+    # a wrapped near-full component (wide in both), a full-width thin one (wide in stage 1),
+    # a tall narrow one (wide in stage 2) and a small one (tiles in both)
+    g = torch.Generator().manual_seed(0)
+    f = [(torch.randn(h, 1, generator=g, dtype=torch.float64),
+          torch.randn(w, 1, generator=g, dtype=torch.float64))
+         for h, w in [(38, 28), (2, 30), (40, 3), (5, 4)]]
+    G = GBLR((40, 30), [30, 7, 0, 11], [38, 2, 40, 5], [25, 0, 9, 20], [28, 30, 3, 4], f)
+    plan = build_plan(*_structure(G))
+    assert (plan.wide1, plan.wide2) == (2, (1, 2))
+    D = G.to_dense()
+    for cols in (1, 7, 40):
+        X = torch.randn(30, cols, dtype=torch.float64)
+        assert torch.allclose(G @ X, D @ X, atol=1e-12)
+    never = build_plan(*_structure(G), wide_share=2.0)
+    assert never.wide1 == 0 and never.wide2 == (0, 0)
+    assert torch.allclose(never.matmul(never.pack(G._Uf, G._Vf), X), D @ X, atol=1e-12)
 
 
 def test_plan_options_do_not_change_the_result():

@@ -16,6 +16,13 @@ interval) and runs ``Y = A @ X`` in two tiled stages, each a few batched GEMMs:
    every output row exactly once (no scatter of partial outputs). A component stored as a
    dense block is a set of stage-2 slots, one per block column, that read ``X`` rows directly.
 
+Slots whose interval spans most of a side (``WIDE_SHARE``; on fitted MiniLM layouts a few
+dozen near-full-width rank-1 pieces that carry 35-70 % of the MACs) skip the tiles of that
+stage: stage 1 computes their rows of ``Z`` with one dense GEMM ``V_w^T X`` over zero-padded
+full-length rows, stage 2 adds ``U_w Z_w`` with one more. Those GEMMs run at the dense rate and
+pad by at most ``1 / WIDE_SHARE``; in tiles the same slots would occupy a line of every tile and
+go through the ``index_add`` and the row gathers.
+
 Everything that depends only on the structure (intervals, ranks) is integer index tensors
 built once on the CPU; the panel values are one gather from the flat factor buffers, so
 autograd reaches ``U`` and ``V`` and the product never synchronises with the host
@@ -54,6 +61,15 @@ MATVEC_BUCKET_COST = 16384
 #: form has a large fixed cost per call when the right operand is thin (measured ~60 us vs
 #: ~3 us at one column).
 ROW_FORM_BELOW = 32
+#: A slot whose interval covers at least this share of its side runs in that stage's dense
+#: GEMM (zero-padded to the full side) instead of the tiles. Measured on fitted MiniLM layers
+#: (384x384 at 50 %, batch 256): the near-full pieces then run at ~1.0 of the dense rate
+#: against ~0.3 in tiles.
+WIDE_SHARE = 0.75
+#: Cache footprint (bytes) of one column block of a large product's intermediates, and the
+#: smallest block (per-block Python work: one call per bucket).
+CHUNK_BYTES = 1 << 20
+MIN_CHUNK = 64
 
 
 def _bmm(W: torch.Tensor, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,6 +130,12 @@ class GBLRPlan:
         Whether stage 2 reads rows of ``X`` (dense components); otherwise ``X`` is not copied.
     row_form : bool
         Panels packed for thin products (fewer than ``ROW_FORM_BELOW`` columns, row form).
+    wide1 : int
+        Slots ``0 .. wide1-1`` are wide in stage 1: their rows of ``Z`` are one GEMM
+        ``V_w^T X`` with ``V_w^T`` of shape ``(wide1, n)``, values ``wide_v`` (flat indices).
+    wide2 : (start, count)
+        Slots ``start .. start+count-1`` are wide in stage 2: ``Y += U_w Z[start:start+count]``
+        with ``U_w`` of shape ``(m, count)``, values ``wide_u``.
     """
 
     shape: tuple[int, int]
@@ -129,6 +151,10 @@ class GBLRPlan:
     flops: int
     reads_x: bool = True
     row_form: bool = False
+    wide1: int = 0
+    wide2: tuple[int, int] = (0, 0)
+    wide_v: torch.Tensor | None = None
+    wide_u: torch.Tensor | None = None
 
     @property
     def fill(self) -> float:
@@ -155,16 +181,20 @@ class GBLRPlan:
             self.flops,
             self.reads_x,
             self.row_form,
+            self.wide1,
+            self.wide2,
+            None if self.wide_v is None else self.wide_v.to(device),
+            None if self.wide_u is None else self.wide_u.to(device),
         )
 
     # ------------------------------------------------------------------ values
-    def pack(
-        self, U: torch.Tensor, V: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def pack(self, U: torch.Tensor, V: torch.Tensor) -> tuple:
         """Panel values from the flat factor buffers (differentiable in ``U`` and ``V``).
 
-        Returns one ``(count, M, T1)`` tensor per stage-1 bucket (entries of ``V``) and one
-        ``(count, T2, M)`` tensor per stage-2 bucket (entries of ``U``); padding is zero.
+        Returns ``(p1, p2, (V_w, U_w))``: one ``(count, M, T1)`` tensor per stage-1 bucket
+        (entries of ``V``), one ``(count, T2, M)`` tensor per stage-2 bucket (entries of
+        ``U``), and the wide slots' ``(wide1, n)`` and ``(m, wide2[1])`` matrices (``None``
+        when there are none); padding is zero.
         """
         zero = U.new_zeros(1)
         Vz = torch.cat([V.reshape(-1), zero])
@@ -174,7 +204,10 @@ class GBLRPlan:
         if self.row_form:  # thin products read W^T: store it contiguous
             p1 = [p.mT.contiguous().mT for p in p1]
             p2 = [p.mT.contiguous().mT for p in p2]
-        return p1, p2
+        m, n = self.shape
+        Vw = None if self.wide_v is None else Vz[self.wide_v].view(self.wide1, n)
+        Uw = None if self.wide_u is None else Uz[self.wide_u].view(m, self.wide2[1])
+        return p1, p2, (Vw, Uw)
 
     # ----------------------------------------------------------------- product
     def matmul(
@@ -185,14 +218,42 @@ class GBLRPlan:
         About ``6 + len(stage1) + len(stage2)`` kernel launches, no host synchronisation.
         Without autograd the stages write into preallocated buffers (no concatenations).
         """
-        p1, p2 = panels
+        p1, p2, (Vw, Uw) = panels
         needs_grad = torch.is_grad_enabled() and (
-            X.requires_grad or any(v.requires_grad for v in p1 + p2)
+            X.requires_grad
+            or any(v.requires_grad for v in p1 + p2 + [w for w in (Vw, Uw) if w is not None])
         )
         if needs_grad:
-            return self._matmul_autograd(p1, p2, X)
-        if X.shape[1] == 1 and len(p1) <= 1 and len(p2) == 1:
-            return self._matvec(p1, p2[0], X)
+            return self._matmul_autograd(p1, p2, (Vw, Uw), X)
+        if X.shape[1] == 1 and len(p1) <= 1 and len(p2) <= 1:
+            return self._matvec(p1, p2, (Vw, Uw), X)
+        chunk = self.chunk_columns
+        B = X.shape[1]
+        if B >= 2 * chunk:  # column blocks whose intermediates stay in cache
+            out = X.new_empty(self.shape[0], B)
+            for j in range(0, B, chunk):
+                out[:, j : j + chunk] = self._matmul_block(p1, p2, (Vw, Uw), X[:, j : j + chunk])
+            return out
+        return self._matmul_block(p1, p2, (Vw, Uw), X)
+
+    @property
+    def chunk_columns(self) -> int:
+        """Product columns per block: the intermediates (rows of ``Z``, the stage-1 partial
+        sums, the gathered stage-2 operand and the output) of one block fill about
+        :data:`CHUNK_BYTES` of fp32 (measured on MiniLM layouts: 2-3x faster at 1024 columns
+        than one block), at least :data:`MIN_CHUNK` columns."""
+        rows = (
+            self.slots + 1 + (self.shape[1] if self.reads_x else 0) + self.z_index.numel()
+            + self.z_gather.numel() + sum(b.count * b.rows for b in self.stage2)
+        )
+        c = CHUNK_BYTES // (4 * max(rows, 1))
+        return max(MIN_CHUNK, 1 << max(c, 1).bit_length() - 1)
+
+    def _matmul_block(
+        self, p1: list[torch.Tensor], p2: list[torch.Tensor], pw: tuple, X: torch.Tensor
+    ) -> torch.Tensor:
+        """The no-autograd product of one column block (see :meth:`matmul`)."""
+        Vw, Uw = pw
         m = self.shape[0]
         B = X.shape[1]
         T1 = self.tiles[0]
@@ -203,6 +264,8 @@ class GBLRPlan:
             ZX[S1:].copy_(X)
         else:
             ZX = X.new_zeros(S1, B)
+        if Vw is not None:  # wide stage-1 slots: one dense GEMM into their rows of Z
+            torch.mm(Vw, X, out=ZX[: self.wide1])
         if self.stage1:
             Xg = X if self.x_gather is None else _rows(X, self.x_gather)
             P = X.new_empty(self.z_index.numel(), B)
@@ -216,6 +279,9 @@ class GBLRPlan:
                 )
                 at, to = at + size, to + rows
             ZX[:S1].index_add_(0, self.z_index, P)
+        w0, wc = self.wide2
+        if not self.stage2:  # every stage-2 slot is wide
+            return torch.mm(Uw, ZX[w0 : w0 + wc])
         Zg = _rows(ZX, self.z_gather)
         Y = X.new_empty(sum(b.count * b.rows for b in self.stage2), B)
         at = to = 0
@@ -229,35 +295,54 @@ class GBLRPlan:
             at, to = at + size, to + rows
         if self.y_order is not None:
             Y = _rows(Y, self.y_order)
-        return Y[:m]
+        Y = Y[:m]
+        if Uw is not None:
+            Y.addmm_(Uw, ZX[w0 : w0 + wc])
+        return Y
 
-    def _matvec(self, p1: list[torch.Tensor], p2: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        """One column, one panel shape per stage: six kernels, no per-bucket Python work
-        (measured ~2x less overhead than the general loop at 384x384)."""
+    def _matvec(self, p1: list[torch.Tensor], p2: list[torch.Tensor], pw: tuple,
+                X: torch.Tensor) -> torch.Tensor:
+        """One column, at most one panel shape per stage: a few kernels, no per-bucket Python
+        work (measured ~2x less overhead than the general loop at 384x384)."""
+        Vw, Uw = pw
         x = X.reshape(-1)
         S1 = self.slots + 1
         Z = x.new_zeros(S1 + x.numel()) if self.reads_x else x.new_zeros(S1)
         if self.reads_x:
             Z[S1:] = x
+        if Vw is not None:
+            torch.mv(Vw, x, out=Z[: self.wide1])
         if p1:
             b = self.stage1[0]
             xs = x if self.x_gather is None else x[self.x_gather]
             P = torch.bmm(xs.view(b.count, 1, b.cols), p1[0].mT)
             Z.index_add_(0, self.z_index, P.view(-1))
-        b = self.stage2[0]
-        Y = torch.bmm(Z[self.z_gather].view(b.count, 1, b.cols), p2.mT).view(-1)
-        if self.y_order is not None:
-            Y = Y[self.y_order]
-        return Y[: self.shape[0]].view(-1, 1)
+        w0, wc = self.wide2
+        if p2:
+            b = self.stage2[0]
+            Y = torch.bmm(Z[self.z_gather].view(b.count, 1, b.cols), p2[0].mT).view(-1)
+            if self.y_order is not None:
+                Y = Y[self.y_order]
+            Y = Y[: self.shape[0]]
+            if Uw is not None:
+                Y.addmv_(Uw, Z[w0 : w0 + wc])
+        else:
+            Y = torch.mv(Uw, Z[w0 : w0 + wc])
+        return Y.view(-1, 1)
 
     def _matmul_autograd(
-        self, p1: list[torch.Tensor], p2: list[torch.Tensor], X: torch.Tensor
+        self, p1: list[torch.Tensor], p2: list[torch.Tensor], pw: tuple, X: torch.Tensor
     ) -> torch.Tensor:
         """The same product out of differentiable (out-of-place) operations."""
+        Vw, Uw = pw
         m = self.shape[0]
         B = X.shape[1]
         T1 = self.tiles[0]
-        Z = X.new_zeros(self.slots + 1, B)
+        S1 = self.slots + 1
+        if Vw is None:
+            Z = X.new_zeros(S1, B)
+        else:
+            Z = torch.cat([Vw @ X, X.new_zeros(S1 - self.wide1, B)])
         if self.stage1:
             Xg = X if self.x_gather is None else _rows(X, self.x_gather)
             at = 0
@@ -267,6 +352,10 @@ class GBLRPlan:
                 parts.append(_bmm(vals, Xg[at : at + size].view(b.count, T1, B)).reshape(-1, B))
                 at += size
             Z = Z.index_add(0, self.z_index, torch.cat(parts) if len(parts) > 1 else parts[0])
+        w0, wc = self.wide2
+        Yw = None if Uw is None else Uw @ Z[w0 : w0 + wc]
+        if not self.stage2:
+            return Yw
         Zg = _rows(torch.cat([Z, X]) if self.reads_x else Z, self.z_gather)
         outs = []
         at = 0
@@ -277,7 +366,8 @@ class GBLRPlan:
         Y = torch.cat(outs) if len(outs) > 1 else outs[0]
         if self.y_order is not None:
             Y = _rows(Y, self.y_order)
-        return Y[:m]
+        Y = Y[:m]
+        return Y if Yw is None else Y + Yw
 
 
 def _rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -394,6 +484,7 @@ def build_plan(
     tiles: tuple[int, int] | None = None,
     bucket_cost: float = BUCKET_COST,
     row_form: bool = False,
+    wide_share: float = WIDE_SHARE,
 ) -> GBLRPlan:
     """Build the plan of a GBLR structure (plain Python lists of length K).
 
@@ -402,7 +493,9 @@ def build_plan(
     ``tiles=(T1, T2)`` fixes the tile sizes (default: the candidate in :data:`TILES` with the
     fewest padded MACs, per stage). ``bucket_cost`` prices one more ``bmm`` call in
     multiply-adds per product column. ``row_form=True`` packs the panels for thin products
-    (:attr:`GBLRPlan.row_form`); results are the same either way.
+    (:attr:`GBLRPlan.row_form`); results are the same either way. A slot whose interval
+    covers at least ``wide_share`` of a side runs in that stage's dense GEMM (``wide_share >
+    1``: never).
     Cost: ``O(S (w / T + 1) + tiles^2)`` integer work for ``S`` slots, done once.
     """
     m, n = shape
@@ -437,12 +530,50 @@ def build_plan(
         uo += h * r
         vo += w * r
     S = len(c_start)
+    # ---- wide slots leave the tiles of the stage they span (WIDE_SHARE); renumber the slots
+    # as [wide in stage 1 only, wide in both, wide in stage 2 only, narrow] so that each
+    # stage's wide slots are one contiguous range of rows of Z
+    r_of = {src: j for j, src in enumerate(r_src) if src >= 0}
+    w1 = [c_width[i] >= wide_share * n for i in range(S)]
+    w2 = [r_width[r_of[i]] >= wide_share * m for i in range(S)]
+    group = [(1 if w2[i] else 0) if w1[i] else (2 if w2[i] else 3) for i in range(S)]
+    new_id = [0] * S
+    for rank_, i in enumerate(sorted(range(S), key=lambda i: group[i])):
+        new_id[i] = rank_
+    old_of = sorted(range(S), key=lambda i: new_id[i])
+    c_start, c_width, c_val = ([lst[i] for i in old_of] for lst in (c_start, c_width, c_val))
+    r_src = [new_id[src] if src >= 0 else src for src in r_src]
+    wide1 = group.count(0) + group.count(1)
+    wide2 = (group.count(0), group.count(1) + group.count(2))
+    wide_v = wide_u = None
+    if wide1:
+        vidx = torch.full((wide1, n), vo, dtype=torch.long)  # vo: the appended zero
+        for i in range(wide1):
+            cols = (c_start[i] + torch.arange(c_width[i])) % n
+            vidx[i, cols] = _value_index(c_val[i], 0, c_width[i])
+        wide_v = vidx.reshape(-1)
+    narrow_r = [j for j, src in enumerate(r_src) if not (wide2[0] <= src < sum(wide2))]
+    if wide2[1]:
+        uidx = torch.full((m, wide2[1]), uo, dtype=torch.long)  # uo: the appended zero
+        for j, src in enumerate(r_src):
+            if wide2[0] <= src < sum(wide2):
+                rows_ = (r_start[j] + torch.arange(r_width[j])) % m
+                uidx[rows_, src - wide2[0]] = _value_index(r_val[j], 0, r_width[j])
+        wide_u = uidx.reshape(-1)
+    padded = wide1 * n + wide2[1] * m
+    c_start, c_width, c_val = c_start[wide1:], c_width[wide1:], c_val[wide1:]
+    r_start, r_width, r_val, r_src = (
+        [lst[j] for j in narrow_r] for lst in (r_start, r_width, r_val, r_src)
+    )
+    skip2 = not narrow_r and wide2[1] > 0  # every stage-2 slot is wide: no tiles at all
+
     T1 = tiles[0] if tiles else _best_tile(c_start, c_width, n, TILES, bucket_cost)
     T2 = tiles[1] if tiles else _best_tile(r_start, r_width, m, TILES, bucket_cost)
-    padded = 0
 
-    # ---- stage 1: column tiles, (M, T1) panels of V entries
-    lines1, buckets1 = _stage(c_start, c_width, n, T1, bucket_cost) if S else ([], [])
+    # ---- stage 1: column tiles, (M, T1) panels of V entries (narrow slots wide1 .. S-1)
+    lines1, buckets1 = (
+        _stage(c_start, c_width, n, T1, bucket_cost) if c_start else ([], [])
+    )
     stage1: list[_Bucket] = []
     xg, zi = [], []
     for M, ids in buckets1:
@@ -453,7 +584,7 @@ def build_plan(
         for g, tid in enumerate(ids):
             xg.append((tid * T1 + torch.arange(T1)) % n)
             for a, (i, runs) in enumerate(lines1[tid]):
-                zidx[g, a] = i
+                zidx[g, a] = wide1 + i
                 for _, p0, t0, length in runs:
                     vidx[g, a, p0 : p0 + length] = _value_index(c_val[i], t0, length)
         stage1.append(_Bucket(G, M, T1, vidx.reshape(-1)))
@@ -461,7 +592,7 @@ def build_plan(
         padded += G * M * T1
 
     # ---- stage 2: row tiles, (T2, M) panels of U entries, reading rows of [Z; 0; X]
-    lines2, buckets2 = _stage(r_start, r_width, m, T2, bucket_cost)
+    lines2, buckets2 = ([], []) if skip2 else _stage(r_start, r_width, m, T2, bucket_cost)
     stage2: list[_Bucket] = []
     zg, order = [], []
     for M, ids in buckets2:
@@ -480,13 +611,13 @@ def build_plan(
         zg.append(sidx.reshape(-1))
         padded += G * T2 * M
     # stage-2 outputs come bucket by bucket; y_order puts tile rows back in place
-    rows = torch.cat([t * T2 + torch.arange(T2) for t in order])
-    y_order = None if bool((rows == torch.arange(rows.numel())).all()) else torch.argsort(rows)
     empty = torch.zeros(0, dtype=torch.long)
+    rows = torch.cat([t * T2 + torch.arange(T2) for t in order]) if order else empty
+    y_order = None if bool((rows == torch.arange(rows.numel())).all()) else torch.argsort(rows)
     x_gather = torch.cat(xg) if xg else empty
     if x_gather.numel() == n and bool((x_gather == torch.arange(n)).all()):
         x_gather = None  # the tiles read X in order: stage 1 runs on views of X
-    z_gather = torch.cat(zg)
+    z_gather = torch.cat(zg) if zg else empty
     return GBLRPlan(
         (m, n),
         S,
@@ -501,6 +632,10 @@ def build_plan(
         flops,
         bool((z_gather > S).any()),
         row_form,
+        wide1,
+        wide2,
+        wide_v,
+        wide_u,
     )
 
 
