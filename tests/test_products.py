@@ -17,7 +17,8 @@ import gblr_approx as ga
 from gblr_approx.formats.base import ROW_FORM_BELOW
 from gblr_approx.formats.blocklowrank import balanced_splits
 
-KS = (1, 3, ROW_FORM_BELOW + 8)
+# large k: the blocked paths (GBLR column blocks, block-sparse column form) start at 128
+KS = (1, 3, ROW_FORM_BELOW + 8, 160)
 CASES = list(instances())
 IDS = [f"{name}-{m}x{n}" for name, (m, n), _ in CASES]
 
@@ -205,6 +206,23 @@ def test_blocksparse_chunked_large_k_product_is_exact(gen, monkeypatch):
     cells = [(0, 0), (0, 2), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (3, 3)]
     A = _blocksparse((23, 17), (6, 5), cells, gen)  # ragged edges, a full block row
     _check_products(A, gen)
+
+
+def test_blocksparse_column_form_is_exact_and_chosen_by_layout(gen, monkeypatch):
+    """The column form (one GEMM per block column, added into the block rows) runs for large
+    k unless most blocks lie in full block rows; chunks (forced small here) cover every column
+    once, ragged edges included."""
+    from gblr_approx.formats import blocksparse
+
+    scattered = _blocksparse((23, 17), (6, 5), [(0, 0), (1, 1), (2, 0), (2, 3), (3, 3)], gen)
+    full_rows = _blocksparse((12, 20), (4, 5), [(0, 0), (0, 1), (0, 2), (0, 3), (2, 1)], gen)
+    assert scattered._uses_column_form(0, 128) and scattered._uses_column_form(1, 128)
+    assert not scattered._uses_column_form(0, 127)
+    assert not full_rows._uses_column_form(0, 128)  # 4 of 5 blocks in a full block row
+    monkeypatch.setattr(blocksparse, "COLUMN_FORM_FROM", ROW_FORM_BELOW)
+    monkeypatch.setattr(blocksparse, "COLUMN_FORM_CHUNK", 16)
+    _check_products(scattered, gen)
+    _check_products(scattered.T, gen)
 
 
 def test_blocksparse_rebuild_reuses_plan_and_sees_block_updates(gen):

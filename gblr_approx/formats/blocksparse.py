@@ -30,6 +30,17 @@ GATHER_CHUNK = 1 << 16
 #: Largest ``grid * nb`` for which a mat-vec sums block outputs with a 0/1 matrix product.
 SCATTER_MATRIX_MAX = 1 << 16
 
+#: Feature-major products of at least this many columns (no autograd) run in *column form*
+#: (one GEMM per block column, added into the block rows), unless most blocks lie in full
+#: block rows (which the row form runs as one in-place GEMM). Measured on the MiniLM layers
+#: at 25 % / 50 % and 256 columns: 1536x384 efficiency 0.34-0.48 -> 0.54-0.68, the others
+#: unchanged within noise. Batch-major operands (``StructuredLinear``) stay in row form: their
+#: result must come out batch-major, and the transposing copy cost more than the form saved
+#: (sentence-transformers MiniLM encode: 1.11x -> 1.21x dense).
+COLUMN_FORM_FROM = 128
+#: Product columns per chunk of the column form (its per-column partial outputs stay in cache).
+COLUMN_FORM_CHUNK = 1024
+
 
 def grid_sizes(length: int, block: int) -> list[int]:
     """Sizes of the blocks cutting ``length`` into pieces of ``block`` (the last may be shorter)."""
@@ -162,6 +173,7 @@ class BlockSparse(StructuredMatrix):
         self.block_cols = block_cols
         self.blocks = blocks
         self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
+        self._col_cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
         self._scatter: list[torch.Tensor | None] = [None, None]
 
     def _validate(self, block_rows: torch.Tensor, block_cols: torch.Tensor, nb: int) -> None:
@@ -253,6 +265,70 @@ class BlockSparse(StructuredMatrix):
             self._cache[t] = (self.blocks._version, panels)
         return panels
 
+    def _column_plan(self, t: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Column form of ``A @ X`` (``t=1``: of ``A^T``): per non-empty block column ``j``
+        its blocks and the output rows they add into, ``(j, block ids (c,), rows (c p,))``;
+        built once per index tensors (kept in the shared plan)."""
+        plan = self._plans[t]
+        p = self.block_shape[t]  # output rows per block of this product
+        key = ("column_form", p)
+        if key not in plan:
+            out_idx, in_idx = (self.block_cols, self.block_rows) if t else (
+                self.block_rows, self.block_cols)
+            per: dict[int, list[int]] = {}
+            for b, j in enumerate(in_idx.tolist()):
+                per.setdefault(j, []).append(b)
+            out_l = out_idx.tolist()
+            dev = out_idx.device
+
+            def longs(values: list[int]) -> torch.Tensor:
+                return torch.tensor(values, dtype=torch.long, device=dev)
+
+            plan[key] = [
+                (
+                    j,
+                    longs(ids),
+                    longs([out_l[b] * p + r for b in ids for r in range(p)]),
+                )
+                for j, ids in sorted(per.items())
+            ]
+        return plan[key]
+
+    def _uses_column_form(self, t: int, k: int) -> bool:
+        """Column form for ``k >= COLUMN_FORM_FROM`` columns unless more than half of the
+        blocks lie in full block rows (read ``X`` in place in the row form)."""
+        if k < COLUMN_FORM_FROM or self.num_blocks == 0:
+            return False
+        full = self.grid[1 - t]
+        in_full = sum(g * c for _, g, c in self._plans[t]["groups"] if c == full)
+        return 2 * in_full <= self.num_blocks
+
+    def _column_form(self, t: int, X: torch.Tensor, pad: int, out_len: int) -> torch.Tensor:
+        """No-autograd product in column form: per block column ``j`` one GEMM of its stacked
+        blocks ``(c p, q)`` with the ``q`` rows of ``X`` it reads (in place, no gather), added
+        into its blocks' output rows (``index_add_``), in chunks of :data:`COLUMN_FORM_CHUNK`
+        columns. ``flops * k`` MACs."""
+        p, q = self.block_shape[::-1] if t else self.block_shape
+        cplan = self._column_plan(t)
+        cached = self._col_cache[t]
+        if cached is None or cached[0] != self.blocks._version:
+            B = self.blocks.mT if t else self.blocks  # (nb, p, q)
+            stacked = [B.index_select(0, ids).reshape(-1, q) for _, ids, _ in cplan]
+            cached = (self.blocks._version, stacked)
+            self._col_cache[t] = cached
+        k = X.shape[1]
+        F = torch.nn.functional
+        grid = self.grid[t]
+        step = balanced_step(k, COLUMN_FORM_CHUNK)
+        Xp = X if pad == 0 else F.pad(X, (0, 0, 0, pad))
+        Y = X.new_zeros(grid * p, k)
+        for a in range(0, k, step):
+            Xa = Xp if step >= k else Xp[:, a : a + step]
+            Ya = Y if step >= k else Y[:, a : a + step]
+            for (j, _, rows), P in zip(cplan, cached[1], strict=True):
+                Ya.index_add_(0, rows, P @ Xa[j * q : (j + 1) * q])
+        return Y[:out_len]
+
     def _scatter_matrix(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
         """0/1 matrix (grid, nb) summing block outputs into block rows (``None`` if large).
 
@@ -308,9 +384,11 @@ class BlockSparse(StructuredMatrix):
                 return Y.view(-1, 1)[:out_len]
             return Y.transpose(0, 1).reshape(k, out_grid * p)[:, :out_len].T
         plan = self._plans[t]
-        panels = self._panels(t)
         if not (torch.is_grad_enabled() and (X.requires_grad or self.blocks.requires_grad)):
-            return self._grouped_in_place(t, X, plan, panels, pad, out_len, bm)
+            if not bm and self._uses_column_form(t, k):
+                return self._column_form(t, X, pad, out_len)
+            return self._grouped_in_place(t, X, plan, self._panels(t), pad, out_len, bm)
+        panels = self._panels(t)
         outs = []
         if bm:  # X = x.T for a row-major batch x (k, n): gather columns of x
             Xr = X.T if pad == 0 else F.pad(X.T, (0, pad))
