@@ -29,6 +29,7 @@ from .gblr_plan import (
     BUCKET_COST,
     MATVEC_BUCKET_COST,
     ROW_FORM_BELOW,
+    WIDE_SHARE,
     GBLRPlan,
     GBLRSegments,
     build_plan,
@@ -75,8 +76,9 @@ def cached_plan(
     if matvec == "segments":
         plan = build_segments(*structure)
     else:
+        # mat-vecs keep wide slots in the tiles: two more kernels cost more than they save
         plan = build_plan(*structure, bucket_cost=MATVEC_BUCKET_COST if matvec else BUCKET_COST,
-                          row_form=matvec)
+                          row_form=matvec, wide_share=float("inf") if matvec else WIDE_SHARE)
     if plan is not None and torch.device(device).type != "cpu":
         plan = plan.to(torch.device(device))
     _PLAN_CACHE[key] = plan

