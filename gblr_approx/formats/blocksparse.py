@@ -33,10 +33,11 @@ SCATTER_MATRIX_MAX = 1 << 16
 #: Feature-major products of at least this many columns (no autograd) run in *column form*
 #: (one GEMM per block column, added into the block rows), unless most blocks lie in full
 #: block rows (which the row form runs as one in-place GEMM). Measured on the MiniLM layers
-#: at 25 % / 50 % and 256 columns: 1536x384 efficiency 0.34-0.48 -> 0.54-0.68, the others
-#: unchanged within noise. Batch-major operands (``StructuredLinear``) stay in row form: their
-#: result must come out batch-major, and the transposing copy cost more than the form saved
-#: (sentence-transformers MiniLM encode: 1.11x -> 1.21x dense).
+#: at 25 % (benchmarks/matmul.py): 1536x384 efficiency 0.34 -> 0.47 at 256 columns and
+#: 0.39 -> 0.60 at 1024, 384x1536 0.38 -> 0.52 at 1024, the others within noise.
+#: Batch-major operands (``StructuredLinear``) stay in row form: their result must come out
+#: batch-major, and the transposing copy cost more than the form saved (sentence-transformers
+#: MiniLM encode: 1.11x -> 1.21x dense).
 COLUMN_FORM_FROM = 128
 #: Product columns per chunk of the column form (its per-column partial outputs stay in cache).
 COLUMN_FORM_CHUNK = 1024

@@ -215,8 +215,9 @@ class GBLRPlan:
     ) -> torch.Tensor:
         """``A @ X`` for ``X`` of shape ``(n, k)``; ``panels`` from :meth:`pack`.
 
-        About ``6 + len(stage1) + len(stage2)`` kernel launches, no host synchronisation.
-        Without autograd the stages write into preallocated buffers (no concatenations).
+        About ``6 + len(stage1) + len(stage2)`` kernel launches (two more with wide slots) per
+        column block of :attr:`chunk_columns`, no host synchronisation. Without autograd the
+        stages write into preallocated buffers (no concatenations).
         """
         p1, p2, (Vw, Uw) = panels
         needs_grad = torch.is_grad_enabled() and (
