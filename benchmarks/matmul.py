@@ -24,6 +24,8 @@ random 16x16-block instance, since their fits take minutes at 4096x11008 (benchm
 ``--gblr-layouts free tiled32 tiled64`` times GBLR with several layouts of the same fit: the
 default ("free") and runnable ones (``fit_gblr(..., layout="tiled", tile=T)`` started from the
 free fit); GBLR rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``.
+In the model row (``--model DIR``) the format ``gblr-tiled64`` fits every layer with the
+runnable layout of tile 64.
 """
 
 from __future__ import annotations
@@ -270,13 +272,21 @@ def model_texts(folder: Path, count: int) -> list[str]:
     return [lines[i % len(lines)] for i in range(count)]
 
 
+def model_fit(W: torch.Tensor, fmt: str, budget: float) -> ga.StructuredMatrix:
+    """``ga.project(W, fmt, budget)``; ``fmt="gblr-tiled<T>"`` is GBLR with the runnable layout
+    ``fit_gblr(W, budget, layout="tiled", tile=T)``."""
+    if fmt.startswith("gblr-tiled"):
+        return ga.project(W, "gblr", budget, layout="tiled", tile=int(fmt[len("gblr-tiled"):]))
+    return ga.project(W, fmt, budget)
+
+
 def compressed_copy(dense, fmt: str, budget: float, cache: Path | None):
     """Deep copy of ``dense`` with every encoder ``nn.Linear`` a ``StructuredLinear`` in ``fmt``.
 
-    Each layer is ``ga.project(W, fmt, budget)`` (the plain per-layer projection, as
-    ``compress_model`` with one format and no calibration). With ``cache`` every fitted matrix
-    is stored there as ``<layer>--<fmt>--<budget>.safetensors`` (``A.save``) and loaded
-    (``ga.load``) on the next run, so reruns skip the fits.
+    Each layer is :func:`model_fit` (the plain per-layer projection, as ``compress_model``
+    with one format and no calibration; ``gblr-tiled<T>``: GBLR's runnable layout). With
+    ``cache`` every fitted matrix is stored there as ``<layer>--<fmt>--<budget>.safetensors``
+    (``A.save``) and loaded (``ga.load``) on the next run, so reruns skip the fits.
     """
     import copy
 
@@ -298,7 +308,7 @@ def compressed_copy(dense, fmt: str, budget: float, cache: Path | None):
         layer = model.get_submodule(name)
         key = f"{name}--{fmt}--{budget:g}"
         fresh = cache is None or not (cache / f"{key}.safetensors").is_file()
-        A = cached_fit(cache, key, ga.project, layer.weight.detach(), fmt, budget)
+        A = cached_fit(cache, key, model_fit, layer.weight.detach(), fmt, budget)
         fitted += fresh
         bias = layer.bias.detach() if layer.bias is not None else None
         replace_module(model, name, ga.nn.StructuredLinear(A.to(dtype=layer.weight.dtype), bias))
