@@ -205,3 +205,54 @@ def test_cuda_product_transpose_and_grad():
     out = layer(torch.randn(8, 48, device="cuda"))
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+def test_sparse_matvec_plan_is_exact_on_every_kind_of_component():
+    """The mat-vec plan (wide slots as dense GEMVs, the rest as CSR) equals the dense product:
+    overlapping dense blocks (entries that coincide), wrapped and zero-width components,
+    rank 0, a layout of only wide slots, and after an in-place change of the factors."""
+    g = torch.Generator().manual_seed(7)
+    blocks = [torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    f = [(torch.randn(h, r, generator=g, dtype=torch.float64),
+          torch.randn(w, r, generator=g, dtype=torch.float64))
+         for h, w, r in [(40, 30, 2), (9, 30, 1), (5, 4, 3), (0, 7, 1), (8, 6, 0)]]
+    G = GBLR((40, 30), [3, 35, 38, 30, 0, 12, 14], [40, 9, 5, 0, 8, 6, 6],
+             [27, 0, 28, 1, 5, 20, 21], [30, 30, 4, 7, 6, 5, 5], f + blocks)
+    plan = G.sparse_matvec
+    assert plan.wide == 2 and plan.reads_x  # the full-size component, rank 2
+    assert plan.u_entry.numel() > plan.u_col.numel()  # the dense blocks overlap
+    x = torch.randn(30, dtype=torch.float64, generator=g)
+
+    def sparse(M, v):  # the plan itself (A @ x takes it only where it pays)
+        return M.sparse_matvec.matvec(M._panels(M.sparse_matvec), v)
+
+    torch.testing.assert_close(sparse(G, x), G.to_dense() @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(G @ x, G.to_dense() @ x, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        G._Uf.mul_(-0.5)  # in place: the cached CSR values must follow
+    torch.testing.assert_close(sparse(G, x), G.to_dense() @ x, rtol=1e-12, atol=1e-12)
+    L = GBLR.from_lowrank(ga.LowRank(torch.randn(40, 3, dtype=torch.float64, generator=g),
+                                     torch.randn(30, 3, dtype=torch.float64, generator=g)))
+    assert L.sparse_matvec.wide == 3 and L.sparse_matvec.u_col.numel() == 0
+    torch.testing.assert_close(sparse(L, x), L.to_dense() @ x, rtol=1e-12, atol=1e-12)
+    G32 = G.to(dtype=torch.float32)
+    torch.testing.assert_close(
+        sparse(G32, x.float()), G32.to_dense() @ x.float(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_matvec_takes_the_sparse_plan_where_the_tiles_pad_most():
+    """Many small scattered rank-1 pieces (tiles pad them a lot): the CSR plan; one large
+    component (tiles fill): the tiled plan. Both exact."""
+    g = torch.Generator().manual_seed(3)
+    K = 120
+    rs, cs = torch.randint(0, 96, (K,), generator=g), torch.randint(0, 80, (K,), generator=g)
+    f = [(torch.randn(3, 1, generator=g, dtype=torch.float64),
+          torch.randn(3, 1, generator=g, dtype=torch.float64)) for _ in range(K)]
+    small = GBLR((96, 80), rs, [3] * K, cs, [3] * K, f)
+    big = GBLR((96, 80), [0], [64], [0], [64],
+               [(torch.randn(64, 8, dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64))])
+    assert small._sparse_matvec_pays() and not big._sparse_matvec_pays()
+    x = torch.randn(80, dtype=torch.float64, generator=g)
+    for M in (small, big):
+        torch.testing.assert_close(M @ x, M.to_dense() @ x, rtol=1e-12, atol=1e-12)

@@ -35,6 +35,7 @@ from .gblr_plan import (
     build_plan,
     build_segments,
 )
+from .gblr_sparse import GBLRSparseMatvec, build_sparse_matvec
 
 __all__ = ["GBLR"]
 
@@ -43,6 +44,12 @@ Factor = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 _PLAN_CACHE: OrderedDict[tuple, GBLRPlan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
+#: Price of one CSR non-zero of the sparse mat-vec plan in padded multiply-adds of the tiled
+#: mat-vec plan (index indirection, no panel reuse). Measured on 13 layouts (six default
+#: MiniLM fits at 25 % / 50 %, six tile-64 layouts, a 4096x4096 random one; one thread): the
+#: CSR plan was 0.45-0.95x the tiled plan's time where its non-zeros were <= 0.39 of the
+#: tiled plan's padded MACs, and 1.2x at 0.50-0.60 (aligned layouts that fill their tiles).
+SPARSE_NNZ_COST = 2.2
 #: Products with fewer than ``ROW_FORM_BELOW`` columns run the segment plan only when it has
 #: at most this many GEMMs (e.g. a low-rank-like layout); otherwise the one-bucket tiled plan.
 SEGMENTS_THIN = 4
@@ -50,14 +57,15 @@ SEGMENTS_THIN = 4
 
 def cached_plan(
     G: GBLR, device: torch.device, matvec: bool | str = False
-) -> GBLRPlan | GBLRSegments | None:
+) -> GBLRPlan | GBLRSegments | GBLRSparseMatvec | None:
     """The plan of ``G``'s structure on ``device``, from a small LRU cache keyed by structure.
 
     Matrices that share a structure (a ``StructuredLinear`` rebuilt at every step, copies,
     reloads) share one plan; building one costs ``O(S log S)`` Python work for ``S`` slots.
     ``matvec=True`` gives the plan for thin operands: one panel shape per stage, since call
     overhead, not padding, dominates a mat-vec. ``matvec="segments"`` gives the segment plan
-    (:class:`~.gblr_plan.GBLRSegments`, ``None`` for layouts with many distinct intervals).
+    (:class:`~.gblr_plan.GBLRSegments`, ``None`` for layouts with many distinct intervals),
+    ``matvec="sparse"`` the CSR mat-vec plan (:class:`~.gblr_sparse.GBLRSparseMatvec`).
     """
     key = (
         G.shape,
@@ -75,6 +83,8 @@ def cached_plan(
                                                   G.col_width, G.ranks, G.is_dense)))
     if matvec == "segments":
         plan = build_segments(*structure)
+    elif matvec == "sparse":
+        plan = build_sparse_matvec(*structure)
     else:
         # mat-vecs keep wide slots in the tiles: two more kernels cost more than they save
         plan = build_plan(*structure, bucket_cost=MATVEC_BUCKET_COST if matvec else BUCKET_COST,
@@ -474,9 +484,33 @@ class GBLR(StructuredMatrix):
             plans[key] = cached_plan(self, self.device, "segments")
         return plans[key]
 
-    def _panels(
-        self, plan: GBLRPlan | GBLRSegments
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    @property
+    def sparse_matvec(self) -> GBLRSparseMatvec:
+        """The mat-vec plan: near-full slots as dense GEMVs, the others as two CSR matrices
+        (:mod:`~gblr_approx.formats.gblr_sparse`). Single-column products without autograd
+        run it."""
+        plans = getattr(self, "_plan_refs", None)
+        if plans is None:
+            plans = self._plan_refs = {}
+        key = (self.device, "sparse")
+        if key not in plans:
+            plans[key] = cached_plan(self, self.device, "sparse")
+        return plans[key]
+
+    def _sparse_matvec_pays(self) -> bool:
+        """Whether a mat-vec runs the CSR plan: when ``SPARSE_NNZ_COST`` times its narrow
+        non-zeros is at most the tiled mat-vec plan's padded MACs (decided once per matrix)."""
+        plans = getattr(self, "_plan_refs", None)
+        if plans is None:
+            plans = self._plan_refs = {}
+        key = (self.device, "sparse pays")
+        if key not in plans:
+            plans[key] = (
+                SPARSE_NNZ_COST * self.sparse_matvec.narrow_nnz <= self.plan_for(1).padded_macs
+            )
+        return plans[key]
+
+    def _panels(self, plan: GBLRPlan | GBLRSegments | GBLRSparseMatvec) -> tuple:
         U, V = self._Uf, self._Vf
         if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
             return plan.pack(U, V)  # differentiable: rebuilt at every product
@@ -498,6 +532,9 @@ class GBLR(StructuredMatrix):
             torch.is_grad_enabled()
             and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
         ):
+            if X.shape[1] == 1 and self._sparse_matvec_pays():
+                sp = self.sparse_matvec
+                return sp.matvec(self._panels(sp), X.reshape(-1)).view(-1, 1)
             seg = self.segments
             # thin products: only when it is a handful of GEMMs (launches dominate there)
             if seg is not None and (
