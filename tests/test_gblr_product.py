@@ -208,7 +208,8 @@ def test_cuda_product_transpose_and_grad():
 
 
 def test_sparse_matvec_plan_is_exact_on_every_kind_of_component():
-    """The mat-vec plan (wide slots as dense GEMVs, the rest as CSR) equals the dense product:
+    """The thin-product plan (wide slots dense, the rest as CSR) equals the dense product, for
+    vectors and thin matrices (feature- or batch-major):
     overlapping dense blocks (entries that coincide), wrapped and zero-width components,
     rank 0, a layout of only wide slots, and after an in-place change of the factors."""
     g = torch.Generator().manual_seed(7)
@@ -228,6 +229,11 @@ def test_sparse_matvec_plan_is_exact_on_every_kind_of_component():
 
     torch.testing.assert_close(sparse(G, x), G.to_dense() @ x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(G @ x, G.to_dense() @ x, rtol=1e-12, atol=1e-12)
+    sp = G.sparse_matvec
+    for X in (torch.randn(30, 5, dtype=torch.float64, generator=g),
+              torch.randn(5, 30, dtype=torch.float64, generator=g).T):  # batch-major view
+        torch.testing.assert_close(sp.matmul(G._panels(sp), X), G.to_dense() @ X,
+                                   rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         G._Uf.mul_(-0.5)  # in place: the cached CSR values must follow
     torch.testing.assert_close(sparse(G, x), G.to_dense() @ x, rtol=1e-12, atol=1e-12)

@@ -486,9 +486,9 @@ class GBLR(StructuredMatrix):
 
     @property
     def sparse_matvec(self) -> GBLRSparseMatvec:
-        """The mat-vec plan: near-full slots as dense GEMVs, the others as two CSR matrices
-        (:mod:`~gblr_approx.formats.gblr_sparse`). Single-column products without autograd
-        run it."""
+        """The thin-product plan: near-full slots as dense GEMVs, the others as two CSR
+        matrices (:mod:`~gblr_approx.formats.gblr_sparse`). Products of fewer than
+        ``ROW_FORM_BELOW`` columns without autograd run it where it pays."""
         plans = getattr(self, "_plan_refs", None)
         if plans is None:
             plans = self._plan_refs = {}
@@ -498,8 +498,9 @@ class GBLR(StructuredMatrix):
         return plans[key]
 
     def _sparse_matvec_pays(self) -> bool:
-        """Whether a mat-vec runs the CSR plan: when ``SPARSE_NNZ_COST`` times its narrow
-        non-zeros is at most the tiled mat-vec plan's padded MACs (decided once per matrix)."""
+        """Whether thin products run the CSR plan: when ``SPARSE_NNZ_COST`` times its narrow
+        non-zeros is at most the tiled thin-product plan's padded MACs (decided once per
+        matrix)."""
         plans = getattr(self, "_plan_refs", None)
         if plans is None:
             plans = self._plan_refs = {}
@@ -532,9 +533,9 @@ class GBLR(StructuredMatrix):
             torch.is_grad_enabled()
             and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
         ):
-            if X.shape[1] == 1 and self._sparse_matvec_pays():
+            if X.shape[1] < ROW_FORM_BELOW and self._sparse_matvec_pays():
                 sp = self.sparse_matvec
-                return sp.matvec(self._panels(sp), X.reshape(-1)).view(-1, 1)
+                return sp.matmul(self._panels(sp), X)
             seg = self.segments
             # thin products: only when it is a handful of GEMMs (launches dominate there)
             if seg is not None and (

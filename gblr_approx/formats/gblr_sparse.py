@@ -1,4 +1,4 @@
-"""Mat-vec plan of a GBLR matrix: near-full slots as dense GEMVs, the rest as two CSR matrices.
+"""Thin-product plan of a GBLR matrix: near-full slots dense, the rest as two CSR matrices.
 
 A mat-vec reads every factor entry once and does one multiply-add with it, so its cost is
 memory traffic and kernel launches, not MAC rate. The tiled plan (:mod:`.gblr_plan`) pads
@@ -17,7 +17,9 @@ narrow part reads ``flops`` values plus their column indices. Each non-zero cost
 a padded tile entry (index indirection), so :class:`~.gblr.GBLR` runs this plan only where
 the tiles would pad a lot (``SPARSE_NNZ_COST``): on the default MiniLM fits at 25 % (one
 thread, batch 1, time / dense) 384x384 3.6 -> 2.3-2.4, 1536x384 1.95 -> 1.4-1.5, 384x1536
-2.7 -> 1.8 (docs/benchmarks.md); at 50 % the tiled plan stays.
+2.7 -> 1.8 (docs/benchmarks.md). Products of a few columns (``k < ROW_FORM_BELOW``, e.g.
+the tokens of one sentence) use it too: at 16 batch-major columns it ran at 1.6-3.8x the
+tiled plan's speed on the same fits.
 
 Everything structural (index arrays) is built once per structure on the host; the values
 are gathers from the flat factor buffers, so a plan serves every matrix of that structure.
@@ -108,6 +110,23 @@ class GBLRSparseMatvec:
                 self.u_crow, self.u_col, u_vals, (m, R + (n if self.reads_x else 0))
             )
         return Vw, Uw, Vn, Un
+
+    def matmul(self, packed: tuple, X: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` for ``X`` of shape ``(n, k)`` (thin: ``k`` below ``ROW_FORM_BELOW``);
+        returns ``(m, k)``. One column runs :meth:`matvec` (the 1-D kernels are faster)."""
+        if X.shape[1] == 1:
+            return self.matvec(packed, X.reshape(-1)).view(-1, 1)
+        Vw, Uw, Vn, Un = packed
+        if self.u_col.numel() == 0:
+            Y = X.new_zeros(self.shape[0], X.shape[1])
+        else:
+            Z = Vn @ X if self.slots else X.new_zeros(0, X.shape[1])
+            if self.reads_x:
+                Z = torch.cat([Z, X])
+            Y = Un @ Z
+        if Vw is not None:
+            Y.addmm_(Uw, Vw @ X)
+        return Y
 
     def matvec(self, packed: tuple, x: torch.Tensor) -> torch.Tensor:
         """``A @ x`` for a vector ``x`` of shape ``(n,)``; returns ``(m,)``. Four or five
