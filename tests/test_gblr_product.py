@@ -262,3 +262,12 @@ def test_matvec_takes_the_sparse_plan_where_the_tiles_pad_most():
     x = torch.randn(80, dtype=torch.float64, generator=g)
     for M in (small, big):
         torch.testing.assert_close(M @ x, M.to_dense() @ x, rtol=1e-12, atol=1e-12)
+    # half precision has no CPU sparse kernels: the tiled plan serves it
+    for dt in (torch.float16, torch.bfloat16):
+        H = small.to(dtype=dt)
+        assert not H._sparse_matvec_pays()
+        want = H.to_dense().double() @ x
+        for X in (x, x[:, None].repeat(1, 3)):
+            got = (H @ X.to(dt)).double()
+            torch.testing.assert_close(got, want if X.ndim == 1 else want[:, None].repeat(1, 3),
+                                       rtol=0.05, atol=0.05)

@@ -498,15 +498,15 @@ class GBLR(StructuredMatrix):
         return plans[key]
 
     def _sparse_matvec_pays(self) -> bool:
-        """Whether thin products run the CSR plan: when ``SPARSE_NNZ_COST`` times its narrow
-        non-zeros is at most the tiled thin-product plan's padded MACs (decided once per
-        matrix)."""
+        """Whether thin products run the CSR plan: float32 / float64 factors, and
+        ``SPARSE_NNZ_COST`` times its narrow non-zeros at most the tiled thin-product plan's
+        padded MACs (decided once per matrix)."""
         plans = getattr(self, "_plan_refs", None)
         if plans is None:
             plans = self._plan_refs = {}
         key = (self.device, "sparse pays")
-        if key not in plans:
-            plans[key] = (
+        if key not in plans:  # (CPU sparse kernels exist for float32 / float64 only)
+            plans[key] = self.dtype in (torch.float32, torch.float64) and (
                 SPARSE_NNZ_COST * self.sparse_matvec.narrow_nnz <= self.plan_for(1).padded_macs
             )
         return plans[key]
