@@ -159,6 +159,8 @@ class GBLR(StructuredMatrix):
     the saved layout). ``A @ X`` runs the cached :attr:`plan`: the components' rank-1 slots
     packed into tiled batched GEMMs (:mod:`gblr_approx.formats.gblr_plan`), a few kernel
     launches whatever ``K`` is, exact, differentiable in the factors, and free of host syncs.
+    Without autograd, aligned layouts run :attr:`segments`, and products of fewer than 32
+    columns run :attr:`sparse_matvec` (CSR) where the tiles would pad a lot.
     """
 
     format_name = "gblr"
