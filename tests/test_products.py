@@ -210,8 +210,8 @@ def test_blocksparse_chunked_large_k_product_is_exact(gen, monkeypatch):
 
 def test_blocksparse_column_form_is_exact_and_chosen_by_layout(gen, monkeypatch):
     """The column form (one GEMM per block column, added into the block rows) runs for large
-    k unless most blocks lie in full block rows; chunks (forced small here) cover every column
-    once, ragged edges included."""
+    k unless most blocks lie in full block rows (batch-major operands: also not on tall
+    grids); chunks (forced small here) cover every column once, ragged edges included."""
     from gblr_approx.formats import blocksparse
 
     scattered = _blocksparse((23, 17), (6, 5), [(0, 0), (1, 1), (2, 0), (2, 3), (3, 3)], gen)
@@ -219,9 +219,15 @@ def test_blocksparse_column_form_is_exact_and_chosen_by_layout(gen, monkeypatch)
     assert scattered._uses_column_form(0, 128) and scattered._uses_column_form(1, 128)
     assert not scattered._uses_column_form(0, 127)
     assert not full_rows._uses_column_form(0, 128)  # 4 of 5 blocks in a full block row
+    # batch-major: fewer than half in full rows and not tall (the 23x17 grid is 4 x 4)
+    assert scattered._uses_column_form(0, 1024, bm=True)
+    assert not scattered._uses_column_form(0, 1023, bm=True)
+    tall = _blocksparse((40, 10), (5, 5), [(0, 0), (3, 1), (6, 0)], gen)  # 8 x 2 grid
+    assert tall._uses_column_form(0, 1024) and not tall._uses_column_form(0, 1024, bm=True)
     monkeypatch.setattr(blocksparse, "COLUMN_FORM_FROM", ROW_FORM_BELOW)
+    monkeypatch.setattr(blocksparse, "COLUMN_FORM_BM_FROM", ROW_FORM_BELOW)
     monkeypatch.setattr(blocksparse, "COLUMN_FORM_CHUNK", 16)
-    _check_products(scattered, gen)
+    _check_products(scattered, gen)  # feature- and batch-major operands
     _check_products(scattered.T, gen)
 
 

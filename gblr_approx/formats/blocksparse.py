@@ -35,10 +35,17 @@ SCATTER_MATRIX_MAX = 1 << 16
 #: block rows (which the row form runs as one in-place GEMM). Measured on the MiniLM layers
 #: at 25 % (benchmarks/matmul.py): 1536x384 efficiency 0.34 -> 0.47 at 256 columns and
 #: 0.39 -> 0.60 at 1024, 384x1536 0.38 -> 0.52 at 1024, the others within noise.
-#: Batch-major operands (``StructuredLinear``) stay in row form: their result must come out
-#: batch-major, and the transposing copy cost more than the form saved (sentence-transformers
-#: MiniLM encode: 1.11x -> 1.21x dense).
+#: (Batch-major operands: see COLUMN_FORM_BM_FROM. A first version for them, feature-major
+#: partial sums and one transposing copy for every layout, made the sentence-transformers
+#: MiniLM encode slower: 1.11x -> 1.21x dense.)
 COLUMN_FORM_FROM = 128
+#: Batch-major operands (``StructuredLinear``'s ``x.T``) from this many columns: column form
+#: into a ``(grid, k, p)`` result and one copy to batch-major, for layouts with fewer than half
+#: of the blocks in full block rows and no more block rows than block columns. Measured
+#: interleaved on the MiniLM attention-output and output layers at 50 % (1500 / 3000 rows):
+#: efficiency 0.39-0.50 -> 0.44-0.60; at 300 rows the two forms tie, and on the tall
+#: (1536x384) and full-row (query, value) layers the row form stays ahead or ties.
+COLUMN_FORM_BM_FROM = 1024
 #: Product columns per chunk of the column form (its per-column partial outputs stay in cache).
 COLUMN_FORM_CHUNK = 1024
 
@@ -175,6 +182,7 @@ class BlockSparse(StructuredMatrix):
         self.blocks = blocks
         self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
         self._col_cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
+        self._col_cache_bm: list[tuple | None] = [None, None]
         self._scatter: list[torch.Tensor | None] = [None, None]
 
     def _validate(self, block_rows: torch.Tensor, block_cols: torch.Tensor, nb: int) -> None:
@@ -295,13 +303,17 @@ class BlockSparse(StructuredMatrix):
             ]
         return plan[key]
 
-    def _uses_column_form(self, t: int, k: int) -> bool:
+    def _uses_column_form(self, t: int, k: int, bm: bool = False) -> bool:
         """Column form for ``k >= COLUMN_FORM_FROM`` columns unless more than half of the
-        blocks lie in full block rows (read ``X`` in place in the row form)."""
-        if k < COLUMN_FORM_FROM or self.num_blocks == 0:
+        blocks lie in full block rows (read ``X`` in place in the row form). Batch-major
+        operands: from ``COLUMN_FORM_BM_FROM`` columns, fewer than half of the blocks in full
+        block rows, and not a tall grid (more block rows than block columns)."""
+        if k < (COLUMN_FORM_BM_FROM if bm else COLUMN_FORM_FROM) or self.num_blocks == 0:
             return False
         full = self.grid[1 - t]
         in_full = sum(g * c for _, g, c in self._plans[t]["groups"] if c == full)
+        if bm:
+            return 2 * in_full < self.num_blocks and self.grid[t] <= full
         return 2 * in_full <= self.num_blocks
 
     def _column_form(self, t: int, X: torch.Tensor, pad: int, out_len: int) -> torch.Tensor:
@@ -329,6 +341,30 @@ class BlockSparse(StructuredMatrix):
             for (j, _, rows), P in zip(cplan, cached[1], strict=True):
                 Ya.index_add_(0, rows, P @ Xa[j * q : (j + 1) * q])
         return Y[:out_len]
+
+    def _column_form_bm(self, t: int, X: torch.Tensor, pad: int, out_len: int) -> torch.Tensor:
+        """Column form for a batch-major ``X = x.T``: per block column ``j`` one broadcast
+        GEMM ``x_j (k, q) @ [W_1j^T .. W_cj^T] -> (c, k, p)`` added into a ``(grid, k, p)``
+        result (``index_add_`` of whole ``(k, p)`` slabs), then one copy to batch-major."""
+        p, q = self.block_shape[::-1] if t else self.block_shape
+        cplan = self._column_plan(t)
+        out_idx = self.block_cols if t else self.block_rows
+        cached = self._col_cache_bm[t]
+        if cached is None or cached[0] != self.blocks._version:
+            B = self.blocks.mT if t else self.blocks  # (nb, p, q)
+            cached = (
+                self.blocks._version,
+                [B.index_select(0, ids).mT.contiguous() for _, ids, _ in cplan],  # (c, q, p)
+                [out_idx.index_select(0, ids) for _, ids, _ in cplan],
+            )
+            self._col_cache_bm[t] = cached
+        xr = X.T if pad == 0 else torch.nn.functional.pad(X.T, (0, pad))  # (k, n')
+        k = xr.shape[0]
+        grid = self.grid[t]
+        Y = X.new_zeros(grid, k, p)
+        for (j, _, _), PT, brows in zip(cplan, cached[1], cached[2], strict=True):
+            Y.index_add_(0, brows, torch.matmul(xr[:, j * q : (j + 1) * q], PT))
+        return Y.transpose(0, 1).reshape(k, grid * p)[:, :out_len].T
 
     def _scatter_matrix(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
         """0/1 matrix (grid, nb) summing block outputs into block rows (``None`` if large).
@@ -386,7 +422,9 @@ class BlockSparse(StructuredMatrix):
             return Y.transpose(0, 1).reshape(k, out_grid * p)[:, :out_len].T
         plan = self._plans[t]
         if not (torch.is_grad_enabled() and (X.requires_grad or self.blocks.requires_grad)):
-            if not bm and self._uses_column_form(t, k):
+            if self._uses_column_form(t, k, bm):
+                if bm:
+                    return self._column_form_bm(t, X, pad, out_len)
                 return self._column_form(t, X, pad, out_len)
             return self._grouped_in_place(t, X, plan, self._panels(t), pad, out_len, bm)
         panels = self._panels(t)
