@@ -460,17 +460,19 @@ class GBLR(StructuredMatrix):
         """
         return self.plan_for(ROW_FORM_BELOW)
 
+    def _plan_ref(self, key: tuple, build: Any) -> Any:
+        """``build()``, kept on this matrix under ``key`` (its plans and plan choices)."""
+        plans = self.__dict__.setdefault("_plan_refs", {})
+        plan = plans.get(key, plans)  # (the dict itself marks a missing key)
+        if plan is plans:
+            plan = plans[key] = build()
+        return plan
+
     def plan_for(self, columns: int) -> GBLRPlan:
         """The plan a product with ``columns`` right-hand columns runs."""
         matvec = columns < ROW_FORM_BELOW
         dev = self.device
-        plans = getattr(self, "_plan_refs", None)
-        if plans is None:
-            plans = self._plan_refs = {}
-        key = (dev, matvec)
-        if key not in plans:
-            plans[key] = cached_plan(self, dev, matvec)
-        return plans[key]
+        return self._plan_ref((dev, matvec), lambda: cached_plan(self, dev, matvec))
 
     @property
     def segments(self) -> GBLRSegments | None:
@@ -478,40 +480,37 @@ class GBLR(StructuredMatrix):
         when the layout has too many distinct intervals. Products of at least
         ``ROW_FORM_BELOW`` columns without autograd run it when it exists (aligned, runnable
         layouts: :func:`gblr_approx.fit.gblr.layout.tiled_layout`)."""
-        plans = getattr(self, "_plan_refs", None)
-        if plans is None:
-            plans = self._plan_refs = {}
-        key = (self.device, "segments")
-        if key not in plans:
-            plans[key] = cached_plan(self, self.device, "segments")
-        return plans[key]
+        return self._plan_ref(
+            (self.device, "segments"), lambda: cached_plan(self, self.device, "segments")
+        )
 
     @property
     def sparse_matvec(self) -> GBLRSparseMatvec:
         """The thin-product plan: near-full slots as dense GEMVs, the others as two CSR
         matrices (:mod:`~gblr_approx.formats.gblr_sparse`). Products of fewer than
         ``ROW_FORM_BELOW`` columns without autograd run it where it pays."""
-        plans = getattr(self, "_plan_refs", None)
-        if plans is None:
-            plans = self._plan_refs = {}
-        key = (self.device, "sparse")
-        if key not in plans:
-            plans[key] = cached_plan(self, self.device, "sparse")
-        return plans[key]
+        return self._plan_ref(
+            (self.device, "sparse"), lambda: cached_plan(self, self.device, "sparse")
+        )
+
+    def _thin_sparse(self) -> GBLRSparseMatvec | None:
+        """:attr:`sparse_matvec` when thin products run it (:meth:`_sparse_matvec_pays`),
+        else ``None``: one lookup on the mat-vec path."""
+        return self._plan_ref(
+            (self.device, "thin"),
+            lambda: self.sparse_matvec if self._sparse_matvec_pays() else None,
+        )
 
     def _sparse_matvec_pays(self) -> bool:
         """Whether thin products run the CSR plan: float32 / float64 factors, and
         ``SPARSE_NNZ_COST`` times its narrow non-zeros at most the tiled thin-product plan's
         padded MACs (decided once per matrix)."""
-        plans = getattr(self, "_plan_refs", None)
-        if plans is None:
-            plans = self._plan_refs = {}
-        key = (self.device, "sparse pays")
-        if key not in plans:  # (CPU sparse kernels exist for float32 / float64 only)
-            plans[key] = self.dtype in (torch.float32, torch.float64) and (
-                SPARSE_NNZ_COST * self.sparse_matvec.narrow_nnz <= self.plan_for(1).padded_macs
-            )
-        return plans[key]
+        return self._plan_ref(
+            (self.device, "sparse pays"),
+            # (CPU sparse kernels exist for float32 / float64 only)
+            lambda: self.dtype in (torch.float32, torch.float64)
+            and SPARSE_NNZ_COST * self.sparse_matvec.narrow_nnz <= self.plan_for(1).padded_macs,
+        )
 
     def _panels(self, plan: GBLRPlan | GBLRSegments | GBLRSparseMatvec) -> tuple:
         U, V = self._Uf, self._Vf
@@ -535,8 +534,8 @@ class GBLR(StructuredMatrix):
             torch.is_grad_enabled()
             and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
         ):
-            if X.shape[1] < ROW_FORM_BELOW and self._sparse_matvec_pays():
-                sp = self.sparse_matvec
+            sp = self._thin_sparse() if X.shape[1] < ROW_FORM_BELOW else None
+            if sp is not None:
                 return sp.matmul(self._panels(sp), X)
             seg = self.segments
             # thin products: only when it is a handful of GEMMs (launches dominate there)

@@ -112,36 +112,29 @@ class GBLRSparseMatvec:
         return Vw, Uw, Vn, Un
 
     def matmul(self, packed: tuple, X: torch.Tensor) -> torch.Tensor:
-        """``A @ X`` for ``X`` of shape ``(n, k)`` (thin: ``k`` below ``ROW_FORM_BELOW``);
-        returns ``(m, k)``. One column runs :meth:`matvec` (the 1-D kernels are faster)."""
-        if X.shape[1] == 1:
-            return self.matvec(packed, X.reshape(-1)).view(-1, 1)
+        """``A @ X`` for ``X`` of shape ``(n,)`` or ``(n, k)`` (thin: ``k`` below
+        ``ROW_FORM_BELOW``); returns ``(m,)`` or ``(m, k)``. Four or five kernels, ``flops``
+        multiply-adds plus the wide slots' padding; one column runs the 1-D kernels (faster
+        than the matrix ones)."""
+        column = X.ndim == 2 and X.shape[1] == 1
+        if column:
+            X = X.reshape(-1)
         Vw, Uw, Vn, Un = packed
-        if self.u_col.numel() == 0:
-            Y = X.new_zeros(self.shape[0], X.shape[1])
+        cols = X.shape[1:]
+        if self.u_col.numel() == 0:  # every slot is wide (e.g. a low-rank layout)
+            Y = X.new_zeros(self.shape[0], *cols)
         else:
-            Z = Vn @ X if self.slots else X.new_zeros(0, X.shape[1])
+            Z = Vn @ X if self.slots else X.new_zeros(0, *cols)
             if self.reads_x:
                 Z = torch.cat([Z, X])
             Y = Un @ Z
         if Vw is not None:
-            Y.addmm_(Uw, Vw @ X)
-        return Y
+            (Y.addmv_ if X.ndim == 1 else Y.addmm_)(Uw, Vw @ X)
+        return Y.view(-1, 1) if column else Y
 
     def matvec(self, packed: tuple, x: torch.Tensor) -> torch.Tensor:
-        """``A @ x`` for a vector ``x`` of shape ``(n,)``; returns ``(m,)``. Four or five
-        kernels, ``flops`` multiply-adds plus the wide slots' padding."""
-        Vw, Uw, Vn, Un = packed
-        if self.u_col.numel() == 0:  # every slot is wide (e.g. a low-rank layout)
-            y = x.new_zeros(self.shape[0])
-        else:
-            z = Vn @ x if self.slots else x.new_zeros(0)
-            if self.reads_x:
-                z = torch.cat([z, x])
-            y = Un @ z
-        if Vw is not None:
-            y.addmv_(Uw, Vw @ x)
-        return y
+        """``A @ x`` for a vector ``x`` of shape ``(n,)``: :meth:`matmul`."""
+        return self.matmul(packed, x)
 
 
 def build_sparse_matvec(
