@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .analysis.dask_executor import _distributed, check_scheduler, connect
+from .analysis.dask_executor import _distributed, check_scheduler, connected
 
 __all__ = ["run_layer_jobs", "check_scheduler"]
 
@@ -52,10 +52,9 @@ def run_layer_jobs(jobs: Sequence[Job], scheduler: Any = None, workers: int = 1,
                 bar.update(1)
         return out
     distributed = _distributed()
-    client, owned = connect(scheduler, workers, 1)
     results: list[Any] = [None] * len(jobs)
     futures: dict[Any, int] = {}
-    try:
+    with connected(scheduler, workers, 1, futures) as client:
         tag = uuid.uuid4().hex[:8]
         for i, (fn, *args) in enumerate(jobs):
             fut = client.submit(_run_one_thread, fn, *args, key=f"gblr-compress-{tag}-{i}",
@@ -73,11 +72,4 @@ def run_layer_jobs(jobs: Sequence[Job], scheduler: Any = None, workers: int = 1,
                 results[i] = _run_one_thread(fn, layer, *args)
             if bar is not None:
                 bar.update(1)
-    except BaseException:
-        if futures:
-            client.cancel(list(futures))
-        raise
-    finally:
-        for obj in owned:
-            obj.close()
     return results

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .executors import Executor, OnRow
@@ -85,6 +87,25 @@ def connect(scheduler: Any, workers: int = 1, threads: int | None = None) -> tup
     return client, [client]
 
 
+@contextmanager
+def connected(
+    scheduler: Any, workers: int, threads: int | None, pending: Collection[Any]
+) -> Iterator[Any]:
+    """:func:`connect`'s client for the ``with`` block. If the block raises (an error,
+    Ctrl-C), the futures still in ``pending`` are cancelled; whatever :func:`connect` started
+    (client, local cluster) is closed either way."""
+    client, owned = connect(scheduler, workers, threads)
+    try:
+        yield client
+    except BaseException:
+        if pending:
+            client.cancel(list(pending))
+        raise
+    finally:
+        for obj in owned:
+            obj.close()
+
+
 class DaskExecutor(Executor):
     """Runs each fit as a Dask task; see the module docstring."""
 
@@ -98,9 +119,8 @@ class DaskExecutor(Executor):
         if not tasks:
             return
         distributed = _distributed()
-        client, owned = connect(self.scheduler, self.workers, self.threads)
         futures: dict[Any, Task] = {}
-        try:
+        with connected(self.scheduler, self.workers, self.threads, futures) as client:
             tag = uuid.uuid4().hex[:8]
             for i, t in enumerate(tasks):
                 fut = client.submit(fit_row, t, self.threads, key=f"gblr-fit-{tag}-{i}",
@@ -117,10 +137,3 @@ class DaskExecutor(Executor):
                 except Exception as exc:  # e.g. the task could not be unpickled there
                     row = failed_row(t, f"{type(exc).__name__} on the Dask worker: {exc}")
                 on_row(row)
-        except BaseException:
-            if futures:
-                client.cancel(list(futures))
-            raise
-        finally:
-            for obj in owned:
-                obj.close()
