@@ -208,27 +208,59 @@ def test_blocksparse_chunked_large_k_product_is_exact(gen, monkeypatch):
     _check_products(A, gen)
 
 
-def test_blocksparse_column_form_is_exact_and_chosen_by_layout(gen, monkeypatch):
-    """The column form (one GEMM per block column, added into the block rows) runs for large
-    k unless most blocks lie in full block rows (batch-major operands: also not on tall
-    grids); chunks (forced small here) cover every column once, ragged edges included."""
+def test_block_rectangles_partition_the_stored_blocks(gen):
+    """Every stored block lies in exactly one rectangle, and no rectangle holds an empty one;
+    runs shared by block rows (or columns) become one rectangle."""
+    from gblr_approx.formats.blocksparse import block_rectangles
+
+    for density in (0.2, 0.5, 0.9):
+        occ = torch.rand(9, 13, generator=gen) < density
+        cover = torch.zeros(9, 13, dtype=torch.long)
+        for i0, i1, j0, j1 in block_rectangles(occ):
+            assert occ[i0:i1, j0:j1].all()
+            cover[i0:i1, j0:j1] += 1
+        assert torch.equal(cover, occ.long())
+    occ = torch.zeros(6, 8, dtype=torch.bool)
+    occ[1:4, 2:7] = True  # one 3 x 5 rectangle
+    occ[5, :] = True  # a full block row
+    assert sorted(block_rectangles(occ)) == [(1, 4, 2, 7), (5, 6, 0, 8)]
+    occ = torch.zeros(6, 8, dtype=torch.bool)
+    occ[:, 3] = True  # a full block column: the column cut needs one rectangle, not six
+    occ[0, 5] = True
+    assert sorted(block_rectangles(occ)) == [(0, 1, 5, 6), (0, 6, 3, 4)]
+    assert block_rectangles(torch.zeros(3, 4, dtype=torch.bool)) == []
+
+
+def test_blocksparse_rectangle_form_is_exact_and_chosen_by_size(gen, monkeypatch):
+    """The rectangle form (one in-place GEMM per rectangle of adjacent blocks) runs without
+    autograd from RECT_FORM_FROM columns, and below it only where it needs few GEMMs; it is
+    exact for A, A.T, feature- and batch-major operands and ragged edge blocks."""
     from gblr_approx.formats import blocksparse
 
-    scattered = _blocksparse((23, 17), (6, 5), [(0, 0), (1, 1), (2, 0), (2, 3), (3, 3)], gen)
-    full_rows = _blocksparse((12, 20), (4, 5), [(0, 0), (0, 1), (0, 2), (0, 3), (2, 1)], gen)
-    assert scattered._uses_column_form(0, 128) and scattered._uses_column_form(1, 128)
-    assert not scattered._uses_column_form(0, 127)
-    assert not full_rows._uses_column_form(0, 128)  # 4 of 5 blocks in a full block row
-    # batch-major: fewer than half in full rows and not tall (the 23x17 grid is 4 x 4)
-    assert scattered._uses_column_form(0, 1024, bm=True)
-    assert not scattered._uses_column_form(0, 1023, bm=True)
-    tall = _blocksparse((40, 10), (5, 5), [(0, 0), (3, 1), (6, 0)], gen)  # 8 x 2 grid
-    assert tall._uses_column_form(0, 1024) and not tall._uses_column_form(0, 1024, bm=True)
-    monkeypatch.setattr(blocksparse, "COLUMN_FORM_FROM", ROW_FORM_BELOW)
-    monkeypatch.setattr(blocksparse, "COLUMN_FORM_BM_FROM", ROW_FORM_BELOW)
-    monkeypatch.setattr(blocksparse, "COLUMN_FORM_CHUNK", 16)
-    _check_products(scattered, gen)  # feature- and batch-major operands
-    _check_products(scattered.T, gen)
+    cells = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 3), (3, 0), (3, 1), (3, 2), (3, 3)]
+    A = _blocksparse((23, 17), (6, 5), cells, gen)  # 4 x 4 grid, ragged last row and column
+    assert len(A._rects()) == 3  # a 2 x 2 square, a column pair and a row triple
+    for t in (0, 1):
+        assert A._uses_rect_form(t, blocksparse.RECT_FORM_FROM)
+    scattered = _blocksparse((23, 17), (6, 5), [(0, 0), (1, 2), (3, 3), (3, 1)], gen)
+    assert not scattered._uses_rect_form(0, blocksparse.RECT_FORM_FROM)  # 1 block each
+    monkeypatch.setattr(blocksparse, "RECT_PER_GROUP_CALL", 0.0)
+    assert not A._uses_rect_form(0, blocksparse.RECT_FORM_FROM - 1)
+    monkeypatch.setattr(blocksparse, "RECT_PER_GROUP_CALL", 100.0)
+    assert A._uses_rect_form(0, ROW_FORM_BELOW)
+    calls = []
+    real = blocksparse.BlockSparse._rect_form
+    monkeypatch.setattr(blocksparse.BlockSparse, "_rect_form",
+                        lambda self, t, X: calls.append(t) or real(self, t, X))
+    _check_products(A, gen)  # KS reach ROW_FORM_BELOW and beyond: the rectangle form runs
+    _check_products(A.T, gen)
+    assert 0 in calls and 1 in calls
+    with torch.inference_mode():  # the cached panels follow in-place updates of the blocks
+        X = torch.randn(17, 40, dtype=torch.float64, generator=gen)
+        torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        A.blocks.mul_(-3.0)
+    torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
 
 
 def test_blocksparse_rebuild_reuses_plan_and_sees_block_updates(gen):

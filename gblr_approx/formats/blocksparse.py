@@ -11,9 +11,16 @@ import torch
 
 from ..budget import InfeasibleBudgetError
 from ..validation import check_pair
-from .base import ROW_FORM_BELOW, StructuredMatrix, balanced_step, batch_major, register_format
+from .base import (
+    ROW_FORM_BELOW,
+    StructuredMatrix,
+    balanced_step,
+    batch_major,
+    cached_layout,
+    register_format,
+)
 
-__all__ = ["BlockSparse", "grid_sizes"]
+__all__ = ["BlockSparse", "block_rectangles", "grid_sizes"]
 
 DEFAULT_BLOCK_SHAPE = (32, 32)
 
@@ -30,30 +37,65 @@ GATHER_CHUNK = 1 << 16
 #: Largest ``grid * nb`` for which a mat-vec sums block outputs with a 0/1 matrix product.
 SCATTER_MATRIX_MAX = 1 << 16
 
-#: Feature-major products of at least this many columns (no autograd) run in *column form*
-#: (one GEMM per block column, added into the block rows), unless most blocks lie in full
-#: block rows (which the row form runs as one in-place GEMM). Measured on the MiniLM layers
-#: at 25 % (benchmarks/matmul.py): 1536x384 efficiency 0.34 -> 0.47 at 256 columns and
-#: 0.39 -> 0.60 at 1024, 384x1536 0.38 -> 0.52 at 1024, the others within noise.
-#: (Batch-major operands: see COLUMN_FORM_BM_FROM. A first version for them, feature-major
-#: partial sums and one transposing copy for every layout, made the sentence-transformers
-#: MiniLM encode slower: 1.11x -> 1.21x dense.)
-COLUMN_FORM_FROM = 128
-#: Batch-major operands (``StructuredLinear``'s ``x.T``) from this many columns: column form
-#: into a ``(grid, k, p)`` result and one copy to batch-major, for layouts with fewer than half
-#: of the blocks in full block rows and no more block rows than block columns. Measured
-#: interleaved on the MiniLM attention-output and output layers at 50 % (1500 / 3000 rows):
-#: efficiency 0.39-0.50 -> 0.44-0.60; at 300 rows the two forms tie, and on the tall
-#: (1536x384) and full-row (query, value) layers the row form stays ahead or ties.
-COLUMN_FORM_BM_FROM = 1024
-#: Product columns per chunk of the column form (its per-column partial outputs stay in cache).
-COLUMN_FORM_CHUNK = 1024
+#: Products of at least this many columns (no autograd) run in *rectangle form*: the stored
+#: blocks cut into rectangles of adjacent blocks, one in-place GEMM per rectangle on slices of
+#: ``X`` and of the result (no gather, no scatter, no copy). Below it the rectangle form runs
+#: only when it needs few GEMMs (:data:`RECT_PER_GROUP_CALL`). Measured interleaved on the
+#: MiniLM layers at 25 % / 50 % (one thread, benchmarks/matmul.py): efficiency at 256 columns
+#: 0.43-0.66 -> 0.71-0.96 feature-major and 0.35-0.72 -> 0.54-0.82 batch-major; at 96-128
+#: columns rectangle and row form tie on layers with 50-95 rectangles.
+RECT_FORM_FROM = 128
+#: Below :data:`RECT_FORM_FROM` columns the rectangle form runs when its GEMM count is at most
+#: this many times the row form's kernel count (3 per group of block rows, 1 per full group):
+#: 384x384 MiniLM layouts (9-13 rectangles) ran 1.1-1.45x faster in it from 32 columns on.
+RECT_PER_GROUP_CALL = 1.5
+#: The rectangle form needs at least this many blocks per rectangle on average. Scattered
+#: layouts (random 4096x4096 at 25 %: 1.5 blocks per rectangle) ran slower in it than in the
+#: gathered row form (efficiency at 256 columns 0.71 -> 0.62 feature-major, 0.54 -> 0.40
+#: batch-major); MiniLM layouts have 2.25-6.
+RECT_MIN_BLOCKS = 2.0
 
 
 def grid_sizes(length: int, block: int) -> list[int]:
     """Sizes of the blocks cutting ``length`` into pieces of ``block`` (the last may be shorter)."""
     nb = math.ceil(length / block)
     return [min(block, length - i * block) for i in range(nb)]
+
+
+def block_rectangles(occupied: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Cut the stored blocks of a grid into few rectangles of adjacent blocks.
+
+    Greedy: every maximal run of stored blocks in a block row is extended down over the next
+    block rows that store all of it; the same is done on the transposed grid, and the cut with
+    fewer rectangles is returned. Parameters: ``occupied`` BoolTensor (gr, gc). Returns
+    ``(i0, i1, j0, j1)`` block ranges (end exclusive) that partition the stored blocks.
+    ``O(gr gc)`` host work.
+    """
+
+    def cut(occ: list[list[bool]]) -> list[tuple[int, int, int, int]]:
+        gr, gc = len(occ), len(occ[0]) if occ else 0
+        out = []
+        for i in range(gr):
+            j = 0
+            while j < gc:
+                if not occ[i][j]:
+                    j += 1
+                    continue
+                j1 = j
+                while j1 < gc and occ[i][j1]:
+                    j1 += 1
+                i1 = i + 1
+                while i1 < gr and all(occ[i1][j:j1]):
+                    i1 += 1
+                for r in range(i, i1):
+                    occ[r][j:j1] = [False] * (j1 - j)
+                out.append((i, i1, j, j1))
+                j = j1
+        return out
+
+    rows = cut(occupied.tolist())
+    cols = [(i0, i1, j0, j1) for j0, j1, i0, i1 in cut(occupied.T.tolist())]
+    return cols if len(cols) < len(rows) else rows
 
 
 def _panel_plan(out_idx: torch.Tensor, in_idx: torch.Tensor, out_grid: int) -> dict[str, Any]:
@@ -128,9 +170,13 @@ class BlockSparse(StructuredMatrix):
 
     Notes
     -----
-    ``A @ X`` is one gather of the ``nb`` input slabs, one batched GEMM over all stored blocks
-    (every block has the same padded shape) and one ``index_add_`` onto the block rows;
-    ``X @ A`` is the same with the roles of block rows and columns swapped. Raises
+    ``A @ X`` with few columns is one gather of the ``nb`` input slabs, one batched GEMM over
+    all stored blocks (every block has the same padded shape) and one ``index_add_`` onto the
+    block rows. With many columns and no autograd it runs in *rectangle form*: the stored
+    blocks are cut into rectangles of adjacent blocks (:func:`block_rectangles`) and each is
+    one GEMM on slices of ``X`` and of the result, in place. With autograd: per group of block
+    rows of equal block count, one gather and one batched GEMM. ``X @ A`` is the same with the
+    roles of block rows and columns swapped. Raises
     ``ValueError`` when a block position is repeated (the product would add both blocks while
     ``to_dense`` keeps one).
     """
@@ -181,8 +227,6 @@ class BlockSparse(StructuredMatrix):
         self.block_cols = block_cols
         self.blocks = blocks
         self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
-        self._col_cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
-        self._col_cache_bm: list[tuple | None] = [None, None]
         self._scatter: list[torch.Tensor | None] = [None, None]
 
     def _validate(self, block_rows: torch.Tensor, block_cols: torch.Tensor, nb: int) -> None:
@@ -274,97 +318,72 @@ class BlockSparse(StructuredMatrix):
             self._cache[t] = (self.blocks._version, panels)
         return panels
 
-    def _column_plan(self, t: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Column form of ``A @ X`` (``t=1``: of ``A^T``): per non-empty block column ``j``
-        its blocks and the output rows they add into, ``(j, block ids (c,), rows (c p,))``;
-        built once per index tensors (kept in the shared plan)."""
-        plan = self._plans[t]
-        p = self.block_shape[t]  # output rows per block of this product
-        key = ("column_form", p)
-        if key not in plan:
-            out_idx, in_idx = (self.block_cols, self.block_rows) if t else (
-                self.block_rows, self.block_cols)
-            per: dict[int, list[int]] = {}
-            for b, j in enumerate(in_idx.tolist()):
-                per.setdefault(j, []).append(b)
-            out_l = out_idx.tolist()
-            dev = out_idx.device
-
-            def longs(values: list[int]) -> torch.Tensor:
-                return torch.tensor(values, dtype=torch.long, device=dev)
-
-            plan[key] = [
-                (
-                    j,
-                    longs(ids),
-                    longs([out_l[b] * p + r for b in ids for r in range(p)]),
-                )
-                for j, ids in sorted(per.items())
+    def _rects(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
+        """Rectangles of adjacent stored blocks covering every block once (kept in the shared
+        plan): ``(r0, r1, c0, c1, block ids)`` with in-matrix row and column ranges and the
+        ids (LongTensor, row-major over the rectangle); see :func:`block_rectangles`."""
+        plan = self._plans[0]
+        if "rects" not in plan:
+            m, n = self.shape
+            br, bc = self.block_shape
+            ids = torch.full(self.grid, -1, dtype=torch.long)
+            ids[self.block_rows.cpu(), self.block_cols.cpu()] = torch.arange(self.num_blocks)
+            dev = self.block_rows.device
+            plan["rects"] = [
+                (i0 * br, min(i1 * br, m), j0 * bc, min(j1 * bc, n),
+                 ids[i0:i1, j0:j1].reshape(-1).to(dev))
+                for i0, i1, j0, j1 in block_rectangles(ids >= 0)
             ]
-        return plan[key]
+        return plan["rects"]
 
-    def _uses_column_form(self, t: int, k: int, bm: bool = False) -> bool:
-        """Column form for ``k >= COLUMN_FORM_FROM`` columns unless more than half of the
-        blocks lie in full block rows (read ``X`` in place in the row form). Batch-major
-        operands: from ``COLUMN_FORM_BM_FROM`` columns, fewer than half of the blocks in full
-        block rows, and not a tall grid (more block rows than block columns)."""
-        if k < (COLUMN_FORM_BM_FROM if bm else COLUMN_FORM_FROM) or self.num_blocks == 0:
+    def _uses_rect_form(self, t: int, k: int) -> bool:
+        """Rectangle form for layouts of :data:`RECT_MIN_BLOCKS` or more blocks per rectangle:
+        from :data:`RECT_FORM_FROM` columns, and from ``ROW_FORM_BELOW`` columns where it needs
+        at most :data:`RECT_PER_GROUP_CALL` times the row form's kernels (3 per group of block
+        rows, 1 per group of full block rows)."""
+        if self.num_blocks == 0 or self.num_blocks < RECT_MIN_BLOCKS * len(self._rects()):
             return False
+        if k >= RECT_FORM_FROM:
+            return True
         full = self.grid[1 - t]
-        in_full = sum(g * c for _, g, c in self._plans[t]["groups"] if c == full)
-        if bm:
-            return 2 * in_full < self.num_blocks and self.grid[t] <= full
-        return 2 * in_full <= self.num_blocks
+        calls = sum(1 if c == full else 3 for _, _, c in self._plans[t]["groups"])
+        return len(self._rects()) <= RECT_PER_GROUP_CALL * calls
 
-    def _column_form(self, t: int, X: torch.Tensor, pad: int, out_len: int) -> torch.Tensor:
-        """No-autograd product in column form: per block column ``j`` one GEMM of its stacked
-        blocks ``(c p, q)`` with the ``q`` rows of ``X`` it reads (in place, no gather), added
-        into its blocks' output rows (``index_add_``), in chunks of :data:`COLUMN_FORM_CHUNK`
-        columns. ``flops * k`` MACs."""
-        p, q = self.block_shape[::-1] if t else self.block_shape
-        cplan = self._column_plan(t)
-        cached = self._col_cache[t]
-        if cached is None or cached[0] != self.blocks._version:
-            B = self.blocks.mT if t else self.blocks  # (nb, p, q)
-            stacked = [B.index_select(0, ids).reshape(-1, q) for _, ids, _ in cplan]
-            cached = (self.blocks._version, stacked)
-            self._col_cache[t] = cached
+    def _rect_form(self, t: int, X: torch.Tensor) -> torch.Tensor:
+        """No-autograd ``A @ X`` (``t=1``: ``A^T @ X``) in rectangle form: per rectangle of
+        adjacent blocks one GEMM of its panel ``(h, w)`` with ``w`` rows of ``X`` sliced in
+        place, added in place into ``h`` rows of the result (``addmm_``; a batch-major ``X``
+        keeps the result batch-major). ``flops * k`` MACs, one kernel per rectangle."""
+        rects = self._rects()
+        br, bc = self.block_shape
+
+        def build() -> list[torch.Tensor]:
+            panels = []
+            for r0, r1, c0, c1, ids in rects:
+                h, w = -(-(r1 - r0) // br), -(-(c1 - c0) // bc)
+                P = self.blocks.index_select(0, ids).view(h, w, br, bc)
+                panels.append(P.permute(0, 2, 1, 3).reshape(h * br, w * bc)[: r1 - r0, : c1 - c0])
+            return [P.contiguous() for P in panels]
+
+        panels = cached_layout(self, "rect_panels", build, self.blocks)
         k = X.shape[1]
-        F = torch.nn.functional
-        grid = self.grid[t]
-        step = balanced_step(k, COLUMN_FORM_CHUNK)
-        Xp = X if pad == 0 else F.pad(X, (0, 0, 0, pad))
-        Y = X.new_zeros(grid * p, k)
-        for a in range(0, k, step):
-            Xa = Xp if step >= k else Xp[:, a : a + step]
-            Ya = Y if step >= k else Y[:, a : a + step]
-            for (j, _, rows), P in zip(cplan, cached[1], strict=True):
-                Ya.index_add_(0, rows, P @ Xa[j * q : (j + 1) * q])
-        return Y[:out_len]
-
-    def _column_form_bm(self, t: int, X: torch.Tensor, pad: int, out_len: int) -> torch.Tensor:
-        """Column form for a batch-major ``X = x.T``: per block column ``j`` one broadcast
-        GEMM ``x_j (k, q) @ [W_1j^T .. W_cj^T] -> (c, k, p)`` added into a ``(grid, k, p)``
-        result (``index_add_`` of whole ``(k, p)`` slabs), then one copy to batch-major."""
-        p, q = self.block_shape[::-1] if t else self.block_shape
-        cplan = self._column_plan(t)
-        out_idx = self.block_cols if t else self.block_rows
-        cached = self._col_cache_bm[t]
-        if cached is None or cached[0] != self.blocks._version:
-            B = self.blocks.mT if t else self.blocks  # (nb, p, q)
-            cached = (
-                self.blocks._version,
-                [B.index_select(0, ids).mT.contiguous() for _, ids, _ in cplan],  # (c, q, p)
-                [out_idx.index_select(0, ids) for _, ids, _ in cplan],
-            )
-            self._col_cache_bm[t] = cached
-        xr = X.T if pad == 0 else torch.nn.functional.pad(X.T, (0, pad))  # (k, n')
-        k = xr.shape[0]
-        grid = self.grid[t]
-        Y = X.new_zeros(grid, k, p)
-        for (j, _, _), PT, brows in zip(cplan, cached[1], cached[2], strict=True):
-            Y.index_add_(0, brows, torch.matmul(xr[:, j * q : (j + 1) * q], PT))
-        return Y.transpose(0, 1).reshape(k, grid * p)[:, :out_len].T
+        out_len = self.shape[1] if t else self.shape[0]
+        if batch_major(X):  # X = x.T for a row-major batch x (k, n): y = x @ A^T in place
+            x = X.T
+            y = X.new_zeros(k, out_len)
+            for (r0, r1, c0, c1, _), P in zip(rects, panels, strict=True):
+                if t:
+                    y[:, c0:c1].addmm_(x[:, r0:r1], P)
+                else:
+                    y[:, r0:r1].addmm_(x[:, c0:c1], P.T)
+            return y.T
+        Y = X.new_zeros(out_len, k)
+        for (r0, r1, c0, c1, _), P in zip(rects, panels, strict=True):
+            if t:
+                Y[c0:c1].addmm_(P.T, X[r0:r1])
+            else:
+                Y[r0:r1].addmm_(P, X[c0:c1])
+        return Y
 
     def _scatter_matrix(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
         """0/1 matrix (grid, nb) summing block outputs into block rows (``None`` if large).
@@ -387,9 +406,11 @@ class BlockSparse(StructuredMatrix):
         """``A @ X`` (``t=0``) or ``A^T @ X`` (``t=1``) for ``X`` (n, k) with any strides.
 
         Small ``k``: one gather of the input slabs, one batched GEMM over all stored blocks
-        and one ``index_add_``. Larger ``k``: per group of block rows with ``c`` blocks, one
-        gather and one batched GEMM with inner dimension ``c q`` (the block-row panels), then
-        one gather that puts the block rows in order. ``flops * k`` MACs either way.
+        and one ``index_add_``. Larger ``k`` without autograd: the rectangle form
+        (:meth:`_rect_form`) where it pays, else the grouped row form written in place
+        (:meth:`_grouped_in_place`). With autograd: per group of block rows with ``c`` blocks,
+        one gather and one batched GEMM with inner dimension ``c q`` (the block-row panels),
+        then one gather that puts the block rows in order. ``flops * k`` MACs either way.
         """
         out_idx, in_idx = (self.block_cols, self.block_rows) if t else (
             self.block_rows, self.block_cols)
@@ -422,10 +443,8 @@ class BlockSparse(StructuredMatrix):
             return Y.transpose(0, 1).reshape(k, out_grid * p)[:, :out_len].T
         plan = self._plans[t]
         if not (torch.is_grad_enabled() and (X.requires_grad or self.blocks.requires_grad)):
-            if self._uses_column_form(t, k, bm):
-                if bm:
-                    return self._column_form_bm(t, X, pad, out_len)
-                return self._column_form(t, X, pad, out_len)
+            if self._uses_rect_form(t, k):
+                return self._rect_form(t, X)
             return self._grouped_in_place(t, X, plan, self._panels(t), pad, out_len, bm)
         panels = self._panels(t)
         outs = []
