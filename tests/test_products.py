@@ -263,6 +263,23 @@ def test_blocksparse_rectangle_form_is_exact_and_chosen_by_size(gen, monkeypatch
     torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
 
 
+def test_blast_chunked_product_is_exact(gen, monkeypatch):
+    """Column chunks of BLAST's no-autograd batch-major product (forced small here) cover
+    every column once; feature-major operands and left products stay exact beside it."""
+    from gblr_approx.formats import blast
+
+    U, V = (torch.randn(d, 3, dtype=torch.float64, generator=gen) for d in (12, 10))
+    A = ga.BLAST(U, V, torch.randn(3, 2, 3, dtype=torch.float64, generator=gen))
+    assert A._rmaps[0] is None and A._cmaps[0] is None  # equal blocks: the chunked path
+    calls = []
+    real = blast.BLAST._apply_chunked
+    monkeypatch.setattr(blast.BLAST, "_apply_chunked",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(blast, "CHUNK_FLOATS", 8)  # chunks of ROW_FORM_BELOW columns
+    _check_products(A, gen)
+    assert calls
+
+
 def test_blocksparse_rebuild_reuses_plan_and_sees_block_updates(gen):
     A = _blocksparse((23, 17), (5, 4), [(0, 0), (1, 1), (2, 0), (2, 3)], gen)
     B = ga.BlockSparse(A.shape, A.block_shape, A.block_rows, A.block_cols, A.blocks)
