@@ -134,6 +134,28 @@ def _parse_kv(text: str, param: str) -> tuple[str, Any]:
     return k.strip(), _parse_value(v.strip())
 
 
+def _format_options(
+    options: tuple[str, ...], fmts: list[str], verb: str
+) -> dict[str, dict[str, Any]]:
+    """``--option FORMAT.KEY=VALUE`` values as ``{format: {key: value}}``.
+
+    Raises ``click.BadParameter`` for a missing ``FORMAT.``, an unknown format, or a format
+    not among ``fmts`` (the formats the command runs, ``verb`` e.g. "swept")."""
+    opts: dict[str, dict[str, Any]] = {}
+    for o in options:
+        k, v = _parse_kv(o, "--option")
+        if "." not in k:
+            raise click.BadParameter(f"{o!r}: write FORMAT.KEY=VALUE, e.g. "
+                                     "blocksparse.block_shape=16,16", param_hint="--option")
+        f, key = k.split(".", 1)
+        f = _check_format(f, "--option")
+        if f not in fmts:
+            raise click.BadParameter(f"{o!r} is for format {f!r}, which is not {verb} ({fmts})",
+                                     param_hint="--option")
+        opts.setdefault(f, {})[key] = v
+    return opts
+
+
 def _check_format(name: str, param: str = "--format") -> str:
     from .formats.base import get_format
 
@@ -396,18 +418,7 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
                                "give --out DIR")
     fmts = [_check_format(f, "--formats") for f in _split(formats)] or default_formats()
     blist = [_parse_budget(b, "--budgets") for b in _split(budgets)] or list(DEFAULT_BUDGETS)
-    opts: dict[str, dict[str, Any]] = {}
-    for o in options:
-        k, v = _parse_kv(o, "--option")
-        if "." not in k:
-            raise click.BadParameter(f"{o!r}: write FORMAT.KEY=VALUE, e.g. "
-                                     "blocksparse.block_shape=16,16", param_hint="--option")
-        f, key = k.split(".", 1)
-        f = _check_format(f, "--option")
-        if f not in fmts:
-            raise click.BadParameter(f"{o!r} is for format {f!r}, which is not swept ({fmts})",
-                                     param_hint="--option")
-        opts.setdefault(f, {})[key] = v
+    opts = _format_options(options, fmts, "swept")
     if path is None:
         from .datasets import minilm_sample
 

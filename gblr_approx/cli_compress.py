@@ -126,6 +126,8 @@ def _say(msg: str, quiet: bool) -> None:
 @click.option("--include", multiple=True, help="Glob(s) on module names (default: the "
               "encoder layers when there are any, else every nn.Linear).")
 @click.option("--exclude", multiple=True, help="Glob(s) on module names to skip.")
+@click.option("--option", "options", multiple=True, metavar="FORMAT.KEY=VALUE",
+              help="Format option, e.g. gblr.layout=tiled (runnable GBLR layers). Repeatable.")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="Weight each layer's output error by its estimated effect on the output.")
 @click.option("--max-texts", type=int, default=None, help="Use only the first N texts.")
@@ -137,11 +139,12 @@ def _say(msg: str, quiet: bool) -> None:
               help="LocalCluster size with --scheduler local (1: one per core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compress(model_dir, budget, formats, calibration, out, allocation, include, exclude,
-             sensitivity, max_texts, threads, scheduler, workers, as_json) -> None:
+             options, sensitivity, max_texts, threads, scheduler, workers, as_json) -> None:
     """Compress the linear layers of a local Hugging Face model folder."""
     import torch
 
     from . import cli
+    from .compress import AUTO_FORMATS
     from .nn import collect_grams, compress_model, layer_sensitivity, save_compressed
 
     if threads:
@@ -149,6 +152,8 @@ def compress(model_dir, budget, formats, calibration, out, allocation, include, 
     b = cli._parse_budget(budget)
     fmts: Any = "auto" if formats == "auto" else [
         cli._check_format(f, "--formats") for f in cli._split([formats])]
+    fmt_options = cli._format_options(
+        options, list(AUTO_FORMATS) if fmts == "auto" else fmts, "compressed to")
     texts = _texts(calibration, "--calibration")
     if max_texts:
         texts = texts[:max_texts]
@@ -169,6 +174,7 @@ def compress(model_dir, budget, formats, calibration, out, allocation, include, 
     _say(f"compressing {len(grams)} layers ({allocation}, formats={formats}) ...", quiet)
     report = compress_model(model, fmts, b, include=list(grams), calibration=grams,
                             allocation=allocation, sensitivity=sens,
+                            format_options=fmt_options,
                             progress=None if not quiet else False, scheduler=scheduler,
                             workers=workers)
     save_compressed(model, out)

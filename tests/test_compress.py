@@ -217,6 +217,33 @@ def test_cli_compress_and_evaluate(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output
 
 
+def test_cli_compress_format_options(tmp_path):
+    """``--option FORMAT.KEY=VALUE`` reaches the projection; an option for a format the run
+    does not use is a usage error."""
+    st = pytest.importorskip("sentence_transformers")
+    from click.testing import CliRunner
+
+    from gblr_approx.calibration import stdlib_docstrings
+    from gblr_approx.cli import main
+
+    model_dir = _minilm_dir()
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(stdlib_docstrings(limit=8)), encoding="utf-8")
+    out = tmp_path / "bs16.safetensors"
+    args = ["compress", model_dir, "--formats", "blocksparse", "--allocation", "uniform",
+            "--calibration", str(calib), "--out", str(out), "--include",
+            "*encoder.layer.0.attention.self.query", "--json"]
+    r = CliRunner().invoke(main, [*args, "--option", "blocksparse.block_shape=16,16"])
+    assert r.exit_code == 0, r.output
+    model = load_compressed(st.SentenceTransformer(model_dir, device="cpu"), out)
+    (layer,) = [m for m in model.modules() if isinstance(m, StructuredLinear)]
+    assert layer.matrix.block_shape == (16, 16)
+    r = CliRunner().invoke(main, [*args, "--option", "gblr.layout=tiled"])
+    assert r.exit_code == 2 and "not compressed to" in r.output
+    r = CliRunner().invoke(main, [*args[:3], "auto", *args[4:], "--option", "blast.rank=4"])
+    assert r.exit_code == 2 and "not compressed to" in r.output  # auto: no BLAST
+
+
 def test_distill_recovers_outputs_and_trains_only_structured_layers():
     import copy
 
