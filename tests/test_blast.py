@@ -160,6 +160,24 @@ def test_auto_blocks_keeps_best_candidate():
     assert B.blocks == (4, 4) and "candidates" not in B.info
 
 
+def test_shared_svd_start_equals_the_fit_own_start():
+    """``svd=`` (triplets of the matrix itself, computed once for all grids of
+    ``blocks="auto"``) gives the fit its own SVD start: the same iterates; too few triplets
+    are refused."""
+    from gblr_approx.linalg import top_svd
+
+    W = 3.0 * torch.randn(40, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    rs, cs = balanced_splits(40, 4), balanced_splits(36, 4)
+    own = fit_blast_factors(W, 5, rs, cs, steps=6)
+    shared = fit_blast_factors(W, 5, rs, cs, steps=6, svd=top_svd(W, 9))  # more than needed
+    torch.testing.assert_close(shared.U @ shared.V.T, own.U @ own.V.T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(shared.S, own.S, rtol=1e-9, atol=1e-9)
+    assert [h["rel_error"] for h in shared.history] == pytest.approx(
+        [h["rel_error"] for h in own.history], rel=1e-9)
+    with pytest.raises(ValueError, match="singular triplets"):
+        fit_blast_factors(W, 5, rs, cs, steps=1, svd=top_svd(W, 3))
+
+
 def test_budget_and_option_errors():
     W = torch.randn(20, 30)
     with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget is 66"):

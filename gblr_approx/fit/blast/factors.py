@@ -274,6 +274,7 @@ def _fit(
     seed: int = 0,
     progress: bool | None = None,
     callback: Callable[[int, float], Any] | None = None,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict] | None = None,
 ) -> BlastFitResult:
     """Fit ``A`` by a BLAST matrix of rank ``rank`` on the given block grid.
 
@@ -317,6 +318,10 @@ def _fit(
         tqdm progress bar; ``None``: shown only when stderr is a terminal.
     callback : callable(step, rel_error), optional
         Called after every iteration; returning ``True`` stops the fit.
+    svd : (U, S, Vh, info), optional
+        With ``init="svd"``: the leading singular triplets of ``A`` itself (at least
+        ``min(rank, m, n)`` of them, as :func:`gblr_approx.linalg.top_svd` returns them),
+        computed once by a caller that fits several grids of the same matrix.
 
     Returns
     -------
@@ -366,10 +371,16 @@ def _fit(
         U0, V0, S0 = U0 / math.sqrt(scale), V0 / math.sqrt(scale), S0.clone()
     elif init == "svd":
         k = min(r, m, n)
-        Us, sv, Vh, svd_info = top_svd(An, k, seed=seed)
-        info["init_svd"] = svd_info["svd"]
-        if frugal:
+        if svd is None:
+            Us, sv, Vh, svd_info = top_svd(An, k, seed=seed)
+            if frugal:
+                sv = sv * inv
+        else:  # triplets of A (not of A / scale): the same vectors, values times 1 / scale
+            Us, sv, Vh, svd_info = svd
+            if sv.shape[-1] < k:
+                raise ValueError(f"svd= holds {sv.shape[-1]} singular triplets; need {k}")
             sv = sv * inv
+        info["init_svd"] = svd_info["svd"]
         sq = sv[:k].clamp_min(0).sqrt()
         U0 = An.new_zeros(m, r)
         V0 = An.new_zeros(n, r)

@@ -17,6 +17,7 @@ import torch
 from ...budget import InfeasibleBudgetError
 from ...formats.blast import AUTO_BLOCKS, BLAST
 from ...formats.blocklowrank import balanced_splits
+from ...linalg import top_svd
 from ...validation import check_pair, check_positive_int
 from ..result import FitResult
 from .factors import fit_blast_factors
@@ -162,6 +163,10 @@ def fit_blast(
     if auto:
         steps = auto_steps(m, n, [(b1, b2, r) for (b1, b2), r in zip(cands, ranks, strict=True)])
         budgeted = steps < AUTO_STEPS
+    # one truncated SVD for every grid's start (the largest rank; each takes its leading part)
+    svd = None
+    if init == "svd" and len(cands) > 1:
+        svd = top_svd(W, min(max(ranks), m, n), seed=seed)
     results = []
     for (b1, b2), r in zip(cands, ranks, strict=True):
         cb = callback
@@ -181,7 +186,7 @@ def fit_blast(
         res = fit_blast_factors(
             W, r, balanced_splits(m, b1), balanced_splits(n, b2), steps=steps, lr=lr,
             end_factor=end_factor, damping=damping, prune=prune, init=init, seed=seed,
-            progress=progress, callback=cb,
+            progress=progress, callback=cb, svd=svd,
         )
         results.append(((b1, b2), r, res))
     (b1, b2), r, res = min(results, key=lambda t: t[2].rel_error)
