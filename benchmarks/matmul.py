@@ -26,6 +26,11 @@ default ("free") and runnable ones (``fit_gblr(..., layout="tiled", tile=T)`` st
 free fit); GBLR rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``.
 In the model row (``--model DIR``) the format ``gblr-tiled64`` fits every layer with the
 runnable layout of tile 64.
+
+``--train`` times one training step instead of the product: ``layer(x).backward(g)`` for a
+batch of ``B`` rows through ``ga.nn.StructuredLinear(A, bias)`` against ``nn.Linear`` with the
+dense weight (forward and backward, gradients of the input and of every parameter); the
+columns keep their names, ``mode`` says ``train``.
 """
 
 from __future__ import annotations
@@ -158,6 +163,8 @@ def main() -> None:
     p.add_argument("--model-only", action="store_true", help="only the model row, no layer table")
     p.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     p.add_argument("--clock", choices=["wall", "thread"], default="wall")
+    p.add_argument("--train", action="store_true",
+                   help="time a StructuredLinear training step (forward + backward) vs nn.Linear")
     args = p.parse_args()
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
 
@@ -194,14 +201,13 @@ def main() -> None:
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     for B in args.batches:
-                        X = torch.randn(n, B)
                         reps = max(5, args.reps if m * n * B < 5e8 else args.reps // 5)
-                        t_dense, t_fmt = timed(
-                            [lambda W=W, X=X: W @ X, lambda A=A, X=X: A @ X], reps, clock
-                        )
+                        fns = train_steps(W, A, B) if args.train else product_calls(W, A, B)
+                        t_dense, t_fmt = timed(fns, reps, clock)
                         frac = A.flops / (m * n)
                         rows.append(
                             {
+                                "mode": "train" if args.train else "product",
                                 "shape": f"{m}x{n}",
                                 "budget": budget,
                                 "format": fmt,
@@ -233,6 +239,26 @@ def main() -> None:
         print(markdown_table(df))
     if args.csv:
         df.to_csv(args.csv, index=False)
+
+
+def product_calls(W: torch.Tensor, A, batch: int) -> list:
+    """``W @ X`` and ``A @ X`` for one random ``X`` of ``batch`` columns."""
+    X = torch.randn(W.shape[1], batch)
+    return [lambda: W @ X, lambda: A @ X]
+
+
+def train_steps(W: torch.Tensor, A, batch: int) -> list:
+    """One training step (forward + backward, gradients of input and parameters) through
+    ``nn.Linear`` with weight ``W`` and through ``ga.nn.StructuredLinear(A, bias)``, on a
+    batch of ``batch`` rows."""
+    m, n = W.shape
+    dense = torch.nn.Linear(n, m)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+    structured = ga.nn.StructuredLinear(A, dense.bias.detach().clone())
+    x = torch.randn(batch, n, requires_grad=True)
+    g = torch.randn(batch, m)
+    return [lambda: dense(x).backward(g), lambda: structured(x).backward(g)]
 
 
 def cached_fit(cache: Path | None, key: str, fit, *args):

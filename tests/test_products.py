@@ -255,6 +255,10 @@ def test_blocksparse_rectangle_form_is_exact_and_chosen_by_size(gen, monkeypatch
     _check_products(A, gen)  # KS reach ROW_FORM_BELOW and beyond: the rectangle form runs
     _check_products(A.T, gen)
     assert 0 in calls and 1 in calls
+    calls.clear()  # with autograd: forward and backward (dX, d blocks) in rectangle form
+    _check_grads(A, gen)
+    _check_grads(A.T, gen)
+    assert 0 in calls and 1 in calls
     with torch.inference_mode():  # the cached panels follow in-place updates of the blocks
         X = torch.randn(17, 40, dtype=torch.float64, generator=gen)
         torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)

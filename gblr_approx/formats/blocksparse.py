@@ -148,6 +148,28 @@ def _panel_plan(out_idx: torch.Tensor, in_idx: torch.Tensor, out_grid: int) -> d
     }
 
 
+class _RectProduct(torch.autograd.Function):
+    """``A @ X`` (``t=1``: ``A^T @ X``) in rectangle form with its backward in rectangle form
+    too: ``dX = A^T G`` (the transposed rectangle product) and one GEMM per rectangle for the
+    blocks' gradient. Training through ``StructuredLinear`` gets the in-place kernels of
+    inference instead of the gathered row form. First-order only (``once_differentiable``)."""
+
+    @staticmethod
+    def forward(ctx: Any, blocks: torch.Tensor, X: torch.Tensor, A: BlockSparse, t: int):
+        ctx.save_for_backward(blocks, X)
+        ctx.A, ctx.t = A, t
+        return A._rect_form(t, X)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, G: torch.Tensor):
+        _, X = ctx.saved_tensors  # (saving the blocks checks they are unchanged since)
+        A, t = ctx.A, ctx.t
+        d_blocks = A._rect_block_grad(t, X, G) if ctx.needs_input_grad[0] else None
+        d_X = A._rect_form(1 - t, G) if ctx.needs_input_grad[1] else None
+        return d_blocks, d_X, None, None
+
+
 @register_format
 class BlockSparse(StructuredMatrix):
     """Block-sparse ``m x n`` matrix on a regular grid of ``br x bc`` blocks.
@@ -174,9 +196,10 @@ class BlockSparse(StructuredMatrix):
     all stored blocks (every block has the same padded shape) and one ``index_add_`` onto the
     block rows. With many columns and no autograd it runs in *rectangle form*: the stored
     blocks are cut into rectangles of adjacent blocks (:func:`block_rectangles`) and each is
-    one GEMM on slices of ``X`` and of the result, in place. With autograd: per group of block
-    rows of equal block count, one gather and one batched GEMM. ``X @ A`` is the same with the
-    roles of block rows and columns swapped. Raises
+    one GEMM on slices of ``X`` and of the result, in place; with autograd the same form runs
+    forward and backward (:class:`_RectProduct`). Layouts it does not pay on (scattered
+    blocks): per group of block rows of equal block count, one gather and one batched GEMM.
+    ``X @ A`` is the same with the roles of block rows and columns swapped. Raises
     ``ValueError`` when a block position is repeated (the product would add both blocks while
     ``to_dense`` keeps one).
     """
@@ -350,10 +373,11 @@ class BlockSparse(StructuredMatrix):
         return len(self._rects()) <= RECT_PER_GROUP_CALL * calls
 
     def _rect_form(self, t: int, X: torch.Tensor) -> torch.Tensor:
-        """No-autograd ``A @ X`` (``t=1``: ``A^T @ X``) in rectangle form: per rectangle of
-        adjacent blocks one GEMM of its panel ``(h, w)`` with ``w`` rows of ``X`` sliced in
-        place, added in place into ``h`` rows of the result (``addmm_``; a batch-major ``X``
-        keeps the result batch-major). ``flops * k`` MACs, one kernel per rectangle."""
+        """``A @ X`` (``t=1``: ``A^T @ X``) in rectangle form, not recorded by autograd
+        (:class:`_RectProduct` differentiates it): per rectangle of adjacent blocks one GEMM
+        of its panel ``(h, w)`` with ``w`` rows of ``X`` sliced in place, added in place into
+        ``h`` rows of the result (``addmm_``; a batch-major ``X`` keeps the result
+        batch-major). ``flops * k`` MACs, one kernel per rectangle."""
         rects = self._rects()
         br, bc = self.block_shape
 
@@ -385,6 +409,21 @@ class BlockSparse(StructuredMatrix):
                 Y[r0:r1].addmm_(P, X[c0:c1])
         return Y
 
+    def _rect_block_grad(self, t: int, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``<G, A @ X>`` (``t=1``: ``<G, A^T @ X>``) w.r.t. the stored blocks
+        ``(nb, br, bc)``: per rectangle one GEMM ``G[rows] @ X[cols]^T`` (``t=1``:
+        ``X[rows] @ G[cols]^T``) on slices, cut back into its blocks; entries of edge blocks
+        outside the matrix get zero. ``flops * k`` MACs."""
+        br, bc = self.block_shape
+        grad = self.blocks.new_zeros(self.blocks.shape)
+        for r0, r1, c0, c1, ids in self._rects():
+            gP = G[r0:r1] @ X[c0:c1].T if t == 0 else X[r0:r1] @ G[c0:c1].T
+            h, w = -(-(r1 - r0) // br), -(-(c1 - c0) // bc)
+            if gP.shape != (h * br, w * bc):  # ragged edge blocks: zero padding
+                gP = torch.nn.functional.pad(gP, (0, w * bc - gP.shape[1], 0, h * br - gP.shape[0]))
+            grad.index_copy_(0, ids, gP.view(h, br, w, bc).transpose(1, 2).reshape(-1, br, bc))
+        return grad
+
     def _scatter_matrix(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
         """0/1 matrix (grid, nb) summing block outputs into block rows (``None`` if large).
 
@@ -408,9 +447,10 @@ class BlockSparse(StructuredMatrix):
         Small ``k``: one gather of the input slabs, one batched GEMM over all stored blocks
         and one ``index_add_``. Larger ``k`` without autograd: the rectangle form
         (:meth:`_rect_form`) where it pays, else the grouped row form written in place
-        (:meth:`_grouped_in_place`). With autograd: per group of block rows with ``c`` blocks,
-        one gather and one batched GEMM with inner dimension ``c q`` (the block-row panels),
-        then one gather that puts the block rows in order. ``flops * k`` MACs either way.
+        (:meth:`_grouped_in_place`). With autograd: the rectangle form forward and backward
+        where it pays, else per group of block rows with ``c`` blocks one gather and one
+        batched GEMM with inner dimension ``c q`` (the block-row panels), then one gather
+        that puts the block rows in order. ``flops * k`` MACs either way.
         """
         out_idx, in_idx = (self.block_cols, self.block_rows) if t else (
             self.block_rows, self.block_cols)
@@ -446,6 +486,8 @@ class BlockSparse(StructuredMatrix):
             if self._uses_rect_form(t, k):
                 return self._rect_form(t, X)
             return self._grouped_in_place(t, X, plan, self._panels(t), pad, out_len, bm)
+        if self._uses_rect_form(t, k):  # training: rectangle form forward and backward
+            return _RectProduct.apply(self.blocks, X, self, t)
         panels = self._panels(t)
         outs = []
         if bm:  # X = x.T for a row-major batch x (k, n): gather columns of x
