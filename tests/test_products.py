@@ -259,6 +259,10 @@ def test_blocksparse_rectangle_form_is_exact_and_chosen_by_size(gen, monkeypatch
     _check_grads(A, gen)
     _check_grads(A.T, gen)
     assert 0 in calls and 1 in calls
+    # another matrix on the same index tensors and grid but another shape: its own rectangles
+    B = ga.BlockSparse((24, 20), (6, 5), A.block_rows, A.block_cols, A.blocks.clone())
+    assert B._plans is A._plans and B._rects()[-1][:4] != A._rects()[-1][:4]
+    _check_products(B, gen)
     with torch.inference_mode():  # the cached panels follow in-place updates of the blocks
         X = torch.randn(17, 40, dtype=torch.float64, generator=gen)
         torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)

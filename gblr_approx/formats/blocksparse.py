@@ -346,18 +346,19 @@ class BlockSparse(StructuredMatrix):
         plan): ``(r0, r1, c0, c1, block ids)`` with in-matrix row and column ranges and the
         ids (LongTensor, row-major over the rectangle); see :func:`block_rectangles`."""
         plan = self._plans[0]
-        if "rects" not in plan:
+        key = ("rects", self.shape, self.block_shape)  # (the plans are shared by index tensors)
+        if key not in plan:
             m, n = self.shape
             br, bc = self.block_shape
             ids = torch.full(self.grid, -1, dtype=torch.long)
             ids[self.block_rows.cpu(), self.block_cols.cpu()] = torch.arange(self.num_blocks)
             dev = self.block_rows.device
-            plan["rects"] = [
+            plan[key] = [
                 (i0 * br, min(i1 * br, m), j0 * bc, min(j1 * bc, n),
                  ids[i0:i1, j0:j1].reshape(-1).to(dev))
                 for i0, i1, j0, j1 in block_rectangles(ids >= 0)
             ]
-        return plan["rects"]
+        return plan[key]
 
     def _uses_rect_form(self, t: int, k: int) -> bool:
         """Rectangle form for layouts of :data:`RECT_MIN_BLOCKS` or more blocks per rectangle:
