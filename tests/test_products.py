@@ -318,6 +318,32 @@ def test_products_never_read_tensors_back_to_the_host(name, shape, A, gen, monke
     A @ X[:, 0], A @ X, A @ X[:, :3], Y @ A, A._matmul(X.T.contiguous().T)
 
 
+def test_blocksparse_rectangle_form_never_reads_back_to_the_host(gen, monkeypatch):
+    """After the first call (which plans the rectangles), the rectangle form and its
+    backward run without host read-backs (device synchronisations on CUDA)."""
+    cells = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 3), (3, 0), (3, 1), (3, 2), (3, 3)]
+    A = _blocksparse((23, 17), (6, 5), cells, gen)
+    blocks = A.blocks.clone().requires_grad_(True)
+    B = ga.BlockSparse(A.shape, A.block_shape, A.block_rows, A.block_cols, blocks)
+    X = torch.randn(17, 160, dtype=torch.float64, generator=gen, requires_grad=True)
+    Y = torch.randn(160, 23, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def run():
+        with torch.no_grad():
+            A @ X, Y @ A  # the rectangle form of A and of A^T
+        (B @ X).sum().backward()
+        (Y @ B).sum().backward()
+
+    run()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host read-back inside a product")
+
+    for attr in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, attr, boom)
+    run()
+
+
 # ------------------------------------------------------------------ issue 10
 def test_blocksparse_refuses_repeated_block_position():
     blocks = torch.ones(3, 2, 2)
