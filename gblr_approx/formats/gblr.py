@@ -504,12 +504,10 @@ class GBLR(StructuredMatrix):
     def _sparse_matvec_pays(self) -> bool:
         """Whether thin products run the CSR plan: float32 / float64 factors, and
         ``SPARSE_NNZ_COST`` times its narrow non-zeros at most the tiled thin-product plan's
-        padded MACs (decided once per matrix)."""
-        return self._plan_ref(
-            (self.device, "sparse pays"),
-            # (CPU sparse kernels exist for float32 / float64 only)
-            lambda: self.dtype in (torch.float32, torch.float64)
-            and SPARSE_NNZ_COST * self.sparse_matvec.narrow_nnz <= self.plan_for(1).padded_macs,
+        padded MACs (decided once per matrix: :meth:`_thin_sparse` keeps the answer)."""
+        # (CPU sparse kernels exist for float32 / float64 only)
+        return self.dtype in (torch.float32, torch.float64) and (
+            SPARSE_NNZ_COST * self.sparse_matvec.narrow_nnz <= self.plan_for(1).padded_macs
         )
 
     def _panels(self, plan: GBLRPlan | GBLRSegments | GBLRSparseMatvec) -> tuple:

@@ -489,6 +489,19 @@ def _best_tile(starts, widths, side, tiles, bucket_cost) -> int:
     return min(cands, key=padded)
 
 
+def factor_offsets(
+    row_width: list[int], col_width: list[int], ranks: list[int], is_dense: list[bool]
+) -> list[tuple[int, int]]:
+    """Start ``(u, v)`` of each component's entries in the flat factor buffers ``U`` and ``V``
+    (a dense block: ``h w`` entries of ``U``; a factor pair: ``h r`` of ``U``, ``w r`` of
+    ``V``), plus one last pair: the buffers' lengths. ``K + 1`` pairs."""
+    out = [(0, 0)]
+    for h, w, r, d in zip(row_width, col_width, ranks, is_dense, strict=True):
+        u, v = out[-1]
+        out.append((u + h * w, v) if d else (u + h * r, v + w * r))
+    return out
+
+
 def build_plan(
     shape: tuple[int, int],
     row_start: list[int],
@@ -520,10 +533,11 @@ def build_plan(
     c_start, c_width, c_val = [], [], []
     # stage-2 slots: row interval, u entries, source row of [Z; 0; X]
     r_start, r_width, r_val, r_src = [], [], [], []
-    uo = vo = 0
+    offs = factor_offsets(row_width, col_width, ranks, is_dense)
     flops = 0
     for k in range(len(ranks)):
         h, w, r = row_width[k], col_width[k], ranks[k]
+        uo, vo = offs[k]
         if is_dense[k]:
             if h and w:  # column j of the block: a stage-2 slot reading X row cs + j
                 for j in range(w):
@@ -532,7 +546,6 @@ def build_plan(
                     r_val.append((uo, j, w))
                     r_src.append(-1 - (col_start[k] + j) % n)
                 flops += h * w
-            uo += h * w
             continue
         if h and w:
             for j in range(r):
@@ -544,8 +557,7 @@ def build_plan(
                 r_width.append(h)
                 r_val.append((uo, j, r))
             flops += r * (h + w)
-        uo += h * r
-        vo += w * r
+    uo, vo = offs[-1]  # the buffers' lengths: the index of the zero appended to each
     S = len(c_start)
     # ---- wide slots leave the tiles of the stage they span (WIDE_SHARE); renumber the slots
     # as [wide in stage 1 only, wide in both, wide in stage 2 only, narrow] so that each
@@ -554,10 +566,10 @@ def build_plan(
     w1 = [c_width[i] >= wide_share * n for i in range(S)]
     w2 = [r_width[r_of[i]] >= wide_share * m for i in range(S)]
     group = [(1 if w2[i] else 0) if w1[i] else (2 if w2[i] else 3) for i in range(S)]
+    old_of = sorted(range(S), key=group.__getitem__)  # (stable: slot order within a group)
     new_id = [0] * S
-    for rank_, i in enumerate(sorted(range(S), key=lambda i: group[i])):
-        new_id[i] = rank_
-    old_of = sorted(range(S), key=lambda i: new_id[i])
+    for new, old in enumerate(old_of):
+        new_id[old] = new
     c_start, c_width, c_val = ([lst[i] for i in old_of] for lst in (c_start, c_width, c_val))
     r_src = [new_id[src] if src >= 0 else src for src in r_src]
     wide1 = group.count(0) + group.count(1)
@@ -791,16 +803,7 @@ def build_segments(
     """
     m, n = shape
     K = len(ranks)
-    uo = vo = 0
-    offs = []
-    for k in range(K):
-        h, w, r = row_width[k], col_width[k], ranks[k]
-        offs.append((uo, vo))
-        if is_dense[k]:
-            uo += h * w
-        else:
-            uo += h * r
-            vo += w * r
+    offs = factor_offsets(row_width, col_width, ranks, is_dense)
     live = [k for k in range(K) if row_width[k] and col_width[k] and (is_dense[k] or ranks[k])]
     by_col: dict[tuple[int, int], list[int]] = {}
     by_row: dict[tuple[int, int], list[int]] = {}

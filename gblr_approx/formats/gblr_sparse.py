@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gblr_plan import WIDE_SHARE
+from .gblr_plan import WIDE_SHARE, factor_offsets
 
 __all__ = ["GBLRSparseMatvec", "build_sparse_matvec"]
 
@@ -158,9 +158,10 @@ def build_sparse_matvec(
     wide_u: list[torch.Tensor] = []
     v_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per narrow slot: (cols, V index)
     u_r, u_c, u_i = [], [], []  # U_n contributions: row, column, U index
-    uo = vo = 0
+    offs = factor_offsets(row_width, col_width, ranks, is_dense)
     for k in range(len(ranks)):
         h, w, r = row_width[k], col_width[k], ranks[k]
+        uo, vo = offs[k]
         rows = (row_start[k] + torch.arange(h)) % m
         cols = (col_start[k] + torch.arange(w)) % n
         if is_dense[k]:
@@ -168,7 +169,6 @@ def build_sparse_matvec(
                 u_r.append(rows.repeat_interleave(w))
                 u_c.append(-1 - cols.repeat(h))  # negative: an x column, shifted by R below
                 u_i.append(uo + torch.arange(h * w))
-            uo += h * w
             continue
         if h and w and r:
             wide = h >= wide_share * m and w >= wide_share * n
@@ -185,8 +185,7 @@ def build_sparse_matvec(
                     u_r.append(rows)
                     u_c.append(torch.full((h,), s, dtype=torch.long))
                     u_i.append(ui)
-        uo += h * r
-        vo += w * r
+    uo, vo = offs[-1]  # the buffers' lengths: the index of the zero appended to each
     R = len(v_rows)
     empty = torch.zeros(0, dtype=torch.long)
     # V_n^T: one CSR row per narrow slot, columns sorted
