@@ -387,8 +387,9 @@ class BlockSparse(StructuredMatrix):
             for r0, r1, c0, c1, ids in rects:
                 h, w = -(-(r1 - r0) // br), -(-(c1 - c0) // bc)
                 P = self.blocks.index_select(0, ids).view(h, w, br, bc)
-                panels.append(P.permute(0, 2, 1, 3).reshape(h * br, w * bc)[: r1 - r0, : c1 - c0])
-            return [P.contiguous() for P in panels]
+                P = P.permute(0, 2, 1, 3).reshape(h * br, w * bc)[: r1 - r0, : c1 - c0]
+                panels.append(P.contiguous())  # (a copy only for ragged edge rectangles)
+            return panels
 
         panels = cached_layout(self, "rect_panels", build, self.blocks)
         k = X.shape[1]
