@@ -39,6 +39,7 @@ from .formats.dense import Dense
 from .formats.lowrank import LowRank
 from .formats.monarch import Monarch
 from .formats.permuted import Permuted
+from .linalg import svd
 from .validation import as_matrix, check_positive_int
 
 __all__ = ["convert", "conversion_kind", "FORMAT_ORDER", "EXACT", "EXACT_UP_TO_PERMUTATION",
@@ -112,7 +113,7 @@ def _blocklowrank_from_blocksparse(S: BlockSparse) -> BlockLowRank:
                 row.append((torch.zeros(h, 0, dtype=dt, device=dev),
                             torch.zeros(w, 0, dtype=dt, device=dev)))
                 continue
-            U, sv, Vh = torch.linalg.svd(blk, full_matrices=False)
+            U, sv, Vh = svd(blk)
             tol = max(h, w) * torch.finfo(dt).eps * (float(sv[0]) if sv.numel() else 0.0)
             k = int((sv > tol).sum())
             sq = sv[:k].sqrt()
@@ -207,7 +208,7 @@ def _lowrank_by_products(
         Z, _ = torch.linalg.qr(At @ Qm)
         Qm, _ = torch.linalg.qr(A @ Z)
     Bt = At @ Qm  # (n, k) = (Q^T A)^T
-    Ub, sv, Vh = torch.linalg.svd(Bt.T, full_matrices=False)
+    Ub, sv, Vh = svd(Bt.T)
     r = min(rank, sv.numel())
     sq = sv[:r].sqrt()
     return LowRank((Qm @ Ub[:, :r] * sq).contiguous(), (Vh[:r].T * sq).contiguous())

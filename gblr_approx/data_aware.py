@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from .formats.base import StructuredMatrix, get_format
+from .linalg import svd
 
 __all__ = [
     "project_data_aware",
@@ -153,7 +154,7 @@ def _weighted_truncation(
     r = min(r, h, w)
     if r <= 0:
         return T.new_zeros(h, 0), T.new_zeros(w, 0)
-    P, S, Qh = torch.linalg.svd(T @ L, full_matrices=False)
+    P, S, Qh = svd(T @ L)
     s = S[:r].sqrt()
     U = P[:, :r] * s
     V = torch.linalg.solve_triangular(L.T, Qh[:r].T * s, upper=True)
@@ -169,7 +170,7 @@ def whitened_lowrank(
     Cholesky ``n^3 / 3``, ``W L`` ``m n^2``, SVD ``O(m n min(m, n))``.
     """
     L = _chol(G)
-    P, S, Qh = torch.linalg.svd(W @ L, full_matrices=False)
+    P, S, Qh = svd(W @ L)
     s = S[:r].sqrt()
     U = P[:, :r] * s
     V = torch.linalg.solve_triangular(L.T, Qh[:r].T * s, upper=True)

@@ -114,9 +114,26 @@ def test_tiled_layout_iterates_respect_the_budget():
         seen += 1
         assert G.flops <= budget and is_aligned(G, 16), name
         assert err == pytest.approx(float((W - G.to_dense()).norm() / W.norm()), rel=1e-6)
-        if name == "tiled":
-            assert G.num_components <= 4
+        if name in ("tiled", "tiled:lowrank+blocks", "tiled:lowrank+blocks+snapped"):
+            assert G.num_components <= 4, name
     assert seen >= 2
+
+
+def test_tiled_fit_no_worse_than_low_rank_plus_tile_blocks():
+    # a free layout of narrow pieces loses most of them when snapped to a coarse grid: the
+    # tile-grid low-rank + blocks split of the budget is a candidate of the tiled fit
+    from gblr_approx.fit.gblr.mixed import lowrank_plus_blocks
+
+    W = target(64, 64, seed=7)
+    W[40:56, 8:24] += 2 * torch.randn(16, 16, generator=torch.Generator().manual_seed(2),
+                                      dtype=torch.float64)
+    budget = int(0.25 * 64 * 64)
+    res = ga.fit_gblr(W, budget, steps=3, layout="tiled", tile=16, progress=False)
+    _, mixed_err = lowrank_plus_blocks(W, budget, (4, 4))
+    assert res.matrix.flops <= budget and is_aligned(res.matrix, 16)
+    assert res.rel_error <= mixed_err + 1e-9
+    names = {h["stage"] for h in res.history}
+    assert {"tiled:lowrank+blocks", "tiled:lowrank+blocks+snapped"} <= names
 
 
 def test_aligned_plan_reads_x_in_place_and_fills_tiles():

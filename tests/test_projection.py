@@ -194,3 +194,37 @@ def test_blocklowrank_buys_no_rank_beyond_the_numerical_rank():
     P = ga.project(A.to_dense(), "blocklowrank", 2 * A.flops, grid=A.grid)
     assert P.flops == A.flops
     assert torch.equal(P.ranks, A.ranks)
+
+
+def test_svd_retries_when_lapack_does_not_converge(monkeypatch):
+    # gesdd sometimes reports non-convergence on finite input (MKL, one thread): the helper
+    # retries in float64, then with gesvd, and returns W's dtype
+    from gblr_approx import linalg
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(2, 30, 12, generator=gen)
+    real = torch.linalg.svd
+    for failures in (1, 2):
+        calls = []
+
+        def flaky(A, *args, _left=[failures], _calls=calls, **kwargs):  # noqa: B006
+            _calls.append(A.dtype)
+            if _left[0] > 0:
+                _left[0] -= 1
+                raise torch.linalg.LinAlgError("did not converge")
+            return real(A, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, "svd", flaky)
+        U, S, Vh = linalg.svd(W)
+        monkeypatch.setattr(torch.linalg, "svd", real)
+        assert U.dtype == S.dtype == Vh.dtype == torch.float32
+        assert (U.shape, S.shape, Vh.shape) == ((2, 30, 12), (2, 12), (2, 12, 12))
+        assert torch.allclose(U @ torch.diag_embed(S) @ Vh, W, atol=1e-5)
+        assert torch.allclose(S, torch.linalg.svdvals(W), atol=1e-5)
+        assert calls[1] == torch.float64  # the first retry is in float64
+        assert len(calls) == min(failures, 2) + (failures < 2)
+    monkeypatch.setattr(
+        torch.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(torch.linalg.LinAlgError("x"))
+    )
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        linalg.svd(torch.full((3, 3), float("nan")))

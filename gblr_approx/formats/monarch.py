@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..budget import InfeasibleBudgetError
+from ..linalg import svd
 from ..validation import check_pair, check_positive_int
 from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, bmm_nk, register_format
 
@@ -282,7 +283,7 @@ class Monarch(StructuredMatrix):
         if (J, K) in kept:
             U, S, Vh, _ = kept[J, K]
         else:
-            U, S, Vh = torch.linalg.svd(cls._slices(W, J, K), full_matrices=False)
+            U, S, Vh = svd(cls._slices(W, J, K))
         s = S[..., :R].sqrt()
         P = U[..., :R] * s.unsqueeze(-2)  # (K, J, Lr, R)
         Q = Vh[..., :R, :] * s.unsqueeze(-1)  # (K, J, R, I)

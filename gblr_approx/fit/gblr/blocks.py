@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...formats.gblr import GBLR
-from ...linalg import frob2
+from ...linalg import frob2, svd
 
 __all__ = ["Rect", "BlockModel"]
 
@@ -140,7 +140,7 @@ class BlockModel:
             if keep_spectrum:
                 c.S = torch.linalg.svdvals(blk)
             return
-        U, S, Vh = torch.linalg.svd(blk, full_matrices=False)
+        U, S, Vh = svd(blk)
         c.S = S
         if c.rank == 0:
             c.P, c.U, c.Vh = None, None, None

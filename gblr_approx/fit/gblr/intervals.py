@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ...formats.gblr import GBLR
-from ...linalg import choose_svd_method, frob2, top_svd
+from ...linalg import choose_svd_method, frob2, svd, top_svd
 
 __all__ = ["IntervalComponent", "IntervalModel", "best_cyclic_interval", "interval_stage"]
 
@@ -369,7 +369,7 @@ def components_from_gblr(G: GBLR) -> list[IntervalComponent]:
         if h == 0 or w == 0:
             continue
         if bool(G.is_dense[k]):
-            U0, S, Vh = torch.linalg.svd(G.block(k), full_matrices=False)
+            U0, S, Vh = svd(G.block(k))
             s = S.sqrt()
             U, V = U0 * s, Vh.T * s
         else:

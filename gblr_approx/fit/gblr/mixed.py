@@ -18,7 +18,7 @@ import math
 import torch
 
 from ...formats.blocklowrank import balanced_splits
-from ...linalg import choose_svd_method, frob2, top_svd
+from ...linalg import choose_svd_method, frob2, svd, top_svd
 from .blocks import BlockModel, Rect
 
 __all__ = ["lowrank_plus_blocks"]
@@ -177,7 +177,7 @@ def lowrank_plus_blocks(
     maxb = None if max_components is None else max(max_components - 1, 0)
     for _it in range(iters):
         if global_svd == "exact":
-            U1, S1, Vh1 = torch.linalg.svd(W - Bm, full_matrices=False)
+            U1, S1, Vh1 = svd(W - Bm)
         else:
             U1, S1, Vh1, _ = top_svd(W - Bm, kmax, seed=_it)
         Rb = _grid_batch(W - L_cur, rs, cs)
@@ -185,7 +185,7 @@ def lowrank_plus_blocks(
         k1, ranks = _allocate(S1, S2, m + n, c2, budget, maxb)
         L_cur = (U1[:, :k1] * S1[:k1]) @ Vh1[:k1]
         Rb = _grid_batch(W - L_cur, rs, cs)
-        U2, S2, Vh2 = torch.linalg.svd(Rb, full_matrices=False)
+        U2, S2, Vh2 = svd(Rb)
         t = S2.shape[1]
         keep = (torch.arange(t)[None, :] < ranks[:, None]).to(device=S2.device, dtype=S2.dtype)
         Bb = (U2 * (S2 * keep).unsqueeze(-2)) @ Vh2

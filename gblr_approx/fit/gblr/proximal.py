@@ -46,6 +46,7 @@ import torch
 
 from ...formats.gblr import GBLR
 from ...gaudi import boxcar, gaudi_mask, round_ste
+from ...linalg import svd
 
 __all__ = ["proximal_gradient", "GaudiParams", "hard_cost", "project_budget"]
 
@@ -116,7 +117,7 @@ class GaudiParams:
             if h == 0 or w == 0:
                 continue
             if bool(G.is_dense[k]):
-                U0, S, Vh = torch.linalg.svd(G.block(k), full_matrices=False)
+                U0, S, Vh = svd(G.block(k))
                 keep = int((S > S[0] * 1e-12).sum()) if S.numel() else 0
                 s = S[: max(keep, 1)].sqrt()
                 Uk, Vk = U0[:, : s.numel()] * s, Vh[: s.numel()].T * s

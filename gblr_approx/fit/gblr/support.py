@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ...formats.gblr import GBLR
+from ...linalg import svd
 
 __all__ = ["support_candidates"]
 
@@ -74,7 +75,7 @@ def _bcd(
         for k, ((ri, ci), r) in enumerate(zip(idx, ranks, strict=True)):
             block = (ri.unsqueeze(1), ci.unsqueeze(0))
             sub = W[block] - approx[block] + parts[k]
-            U, S, Vh = torch.linalg.svd(sub, full_matrices=False)
+            U, S, Vh = svd(sub)
             s = S[:r].sqrt()
             Uk, Vk = U[:, :r] * s, Vh[:r].T * s
             new = Uk @ Vk.T
@@ -101,7 +102,7 @@ def _span_boundaries(W: torch.Tensor, window: int) -> list[int]:
     nxt = (idx[:, None] + torch.arange(L)[None, :]) % n
     found = set()
     for win, col in ((prev, idx), (nxt, (idx - 1) % n)):
-        U, S, _ = torch.linalg.svd(W[:, win].permute(1, 0, 2), full_matrices=False)  # (n, m, L)
+        U, S, _ = svd(W[:, win].permute(1, 0, 2))  # (n, m, L)
         keep = S > 1e-9 * S[:, :1].clamp_min(1e-300)
         U = U * keep[:, None, :]
         v = W[:, col].T  # (n, m)
