@@ -79,6 +79,28 @@ def test_gradients_match_autograd_through_to_dense(name, shape, A, gen):
     _check_grads(A, gen)
 
 
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_products_after_inference_mode_still_train(name, shape, A, gen):
+    # plans, panels and transposes cached during torch.inference_mode() (an evaluation pass)
+    # must not be inference tensors: autograd cannot save those for a later training step
+    m, n = A.shape
+    D = A.to_dense()
+    ks = (1, 5, ROW_FORM_BELOW + 8, 160)
+    with torch.inference_mode():
+        for k in ks:
+            for bm in (False, True):
+                X, Y = _operand(n, k, bm, gen), _operand(m, k, bm, gen).T
+                torch.testing.assert_close(A @ X, D @ X, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(Y @ A, Y @ D, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(A.T @ Y.T, D.T @ Y.T, rtol=1e-12, atol=1e-12)
+    for k in ks:
+        X = torch.randn(n, k, dtype=torch.float64, generator=gen, requires_grad=True)
+        Y = torch.randn(k, m, dtype=torch.float64, generator=gen, requires_grad=True)
+        ((A @ X).sum() + (Y @ A).sum() + (A.T @ Y.T).sum()).backward()
+        torch.testing.assert_close(X.grad, D.sum(0)[:, None].expand(n, k))
+        torch.testing.assert_close(Y.grad, 2 * D.sum(1)[None, :].expand(k, m))
+
+
 # --------------------------------------------------- grouped-shape structures
 def _blocksparse(shape, block_shape, cells, gen):
     """Block-sparse matrix with blocks at ``cells`` (zero padding outside the matrix)."""

@@ -30,8 +30,10 @@ product that picks the fast memory layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -202,6 +204,20 @@ def balanced_step(k: int, step: int) -> int:
     return -(-k // chunks)
 
 
+@contextlib.contextmanager
+def plan_building() -> Iterator[None]:
+    """Context for building what a product caches (index plans, packed panels): no graph,
+    and never inference tensors, even inside ``torch.inference_mode()``.
+
+    An inference tensor cannot be saved for backward, so a plan or panel first built during
+    inference (e.g. an evaluation pass) and reused by a training step would make autograd
+    raise "Inference tensors cannot be saved for backward". Built here, the cached tensors
+    are ordinary ones, usable in both modes.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def cached_layout(owner: Any, name: str, build: Any, *sources: torch.Tensor) -> Any:
     """``build()``, kept on ``owner`` while ``sources`` are unchanged and need no gradient.
 
@@ -215,6 +231,9 @@ def cached_layout(owner: Any, name: str, build: Any, *sources: torch.Tensor) -> 
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return build()
+    if any(t.is_inference() for t in sources):  # (made in inference mode: no version counter,
+        with torch.no_grad():  # so a change could not be seen; built every call)
+            return build()
     inference = torch.is_inference_mode_enabled()
     store = owner.__dict__.get("_layouts")
     if store is None:
@@ -226,7 +245,7 @@ def cached_layout(owner: Any, name: str, build: Any, *sources: torch.Tensor) -> 
                 break
         else:
             return hit[2]
-    with torch.no_grad():
+    with plan_building():
         value = build()
     store[name] = (inference, [(t, t._version) for t in sources], value)
     return value

@@ -18,6 +18,7 @@ from .base import (
     cached_layout,
     gather,
     gather_slabs,
+    plan_building,
     register_format,
     scatter_slabs,
     slab_maps,
@@ -172,8 +173,9 @@ class BlockLowRank(StructuredMatrix):
         key = (tuple(rs), tuple(cs), ranks, str(dev))
         maps = _MAPS.get(key)
         if maps is None:
-            maps = tuple(t.to(dev) for t in _padded_maps(rs, cs, ranks))
-            maps += (slab_maps(rs, dev), slab_maps(cs, dev))
+            with plan_building():  # (shared across modes: never inference tensors)
+                maps = tuple(t.to(dev) for t in _padded_maps(rs, cs, ranks))
+                maps += (slab_maps(rs, dev), slab_maps(cs, dev))
             if len(_MAPS) >= _MAPS_MAX:
                 _MAPS.pop(next(iter(_MAPS)))
             _MAPS[key] = maps
@@ -208,9 +210,12 @@ class BlockLowRank(StructuredMatrix):
         srcs = self._sources()
         if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):
             return self._pack()
+        if any(t.is_inference() for t in srcs):  # (no version counter: not cached)
+            with torch.no_grad():
+                return self._pack()
         key = tuple(t._version for t in srcs)
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            with plan_building():
                 self._cache = (key, *self._pack())
         return self._cache[1], self._cache[2]
 

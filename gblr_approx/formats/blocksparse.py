@@ -17,6 +17,7 @@ from .base import (
     balanced_step,
     batch_major,
     cached_layout,
+    plan_building,
     register_format,
 )
 
@@ -227,8 +228,10 @@ class BlockSparse(StructuredMatrix):
                 f"blocks must be (nb, {br}, {bc}) with block_rows/block_cols (nb,); got "
                 f"{tuple(blocks.shape)}, {tuple(block_rows.shape)}, {tuple(block_cols.shape)}"
             )
+        # index tensors made in inference mode have no version counter: planned, not shared
+        shared = not (block_rows.is_inference() or block_cols.is_inference())
         key = (id(block_rows), id(block_cols), self.grid)
-        plans = _PLANS.get(key)
+        plans = _PLANS.get(key) if shared else None
         if plans is not None:  # the same index tensors, unchanged: validated and planned before
             rref, cref, rv, cv, plans = plans
             if not (rref() is block_rows and cref() is block_cols
@@ -237,14 +240,16 @@ class BlockSparse(StructuredMatrix):
         if plans is None:
             self._validate(block_rows, block_cols, nb)
             # product plans (host work done once): A @ X groups block rows, X @ A block columns
-            plans = (
-                _panel_plan(block_rows, block_cols, self.grid[0]),
-                _panel_plan(block_cols, block_rows, self.grid[1]),
-            )
-            if len(_PLANS) >= _PLANS_MAX:
-                _PLANS.pop(next(iter(_PLANS)))
-            _PLANS[key] = (weakref.ref(block_rows), weakref.ref(block_cols),
-                           block_rows._version, block_cols._version, plans)
+            with plan_building():  # (shared across modes: never inference tensors)
+                plans = (
+                    _panel_plan(block_rows, block_cols, self.grid[0]),
+                    _panel_plan(block_cols, block_rows, self.grid[1]),
+                )
+            if shared:
+                if len(_PLANS) >= _PLANS_MAX:
+                    _PLANS.pop(next(iter(_PLANS)))
+                _PLANS[key] = (weakref.ref(block_rows), weakref.ref(block_cols),
+                               block_rows._version, block_cols._version, plans)
         self._plans = plans
         self.block_rows = block_rows
         self.block_cols = block_cols
@@ -327,17 +332,18 @@ class BlockSparse(StructuredMatrix):
         plan = self._plans[t]
         B = self.blocks.mT if t else self.blocks
         grad = torch.is_grad_enabled() and self.blocks.requires_grad
+        keep = not grad and not self.blocks.is_inference()  # (inference: no version counter)
         cached = self._cache[t]
-        if not grad and cached is not None and cached[0] == self.blocks._version:
+        if keep and cached is not None and cached[0] == self.blocks._version:
             return cached[1]
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad) if grad else plan_building():
             # torch.split (not slicing): its backward is one cat, not a zero-filled copy per piece
             segs = B.index_select(0, plan["perm"]).split(plan["sizes"])
             panels = []
             for seg, (_, g, c) in zip(segs, plan["groups"], strict=True):
                 seg = seg.unflatten(0, (g, c))  # (g, c, p, q)
                 panels.append(seg.permute(0, 2, 1, 3).reshape(g, B.shape[1], c * B.shape[2]))
-        if not grad:
+        if keep:
             self._cache[t] = (self.blocks._version, panels)
         return panels
 
@@ -348,17 +354,22 @@ class BlockSparse(StructuredMatrix):
         plan = self._plans[0]
         key = ("rects", self.shape, self.block_shape)  # (the plans are shared by index tensors)
         if key not in plan:
-            m, n = self.shape
-            br, bc = self.block_shape
-            ids = torch.full(self.grid, -1, dtype=torch.long)
-            ids[self.block_rows.cpu(), self.block_cols.cpu()] = torch.arange(self.num_blocks)
-            dev = self.block_rows.device
-            plan[key] = [
-                (i0 * br, min(i1 * br, m), j0 * bc, min(j1 * bc, n),
-                 ids[i0:i1, j0:j1].reshape(-1).to(dev))
-                for i0, i1, j0, j1 in block_rectangles(ids >= 0)
-            ]
+            with plan_building():
+                plan[key] = self._build_rects()
         return plan[key]
+
+    def _build_rects(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
+        """:meth:`_rects` from the index tensors (host work, once per structure)."""
+        m, n = self.shape
+        br, bc = self.block_shape
+        ids = torch.full(self.grid, -1, dtype=torch.long)
+        ids[self.block_rows.cpu(), self.block_cols.cpu()] = torch.arange(self.num_blocks)
+        dev = self.block_rows.device
+        return [
+            (i0 * br, min(i1 * br, m), j0 * bc, min(j1 * bc, n),
+             ids[i0:i1, j0:j1].reshape(-1).to(dev))
+            for i0, i1, j0, j1 in block_rectangles(ids >= 0)
+        ]
 
     def _uses_rect_form(self, t: int, k: int) -> bool:
         """Rectangle form for layouts of :data:`RECT_MIN_BLOCKS` or more blocks per rectangle:
@@ -438,8 +449,9 @@ class BlockSparse(StructuredMatrix):
             return None
         S = self._scatter[t]
         if S is None or S.dtype != like.dtype or S.device != like.device:
-            S = like.new_zeros(grid, nb)
-            S[out_idx, torch.arange(nb, device=like.device)] = 1.0
+            with plan_building():
+                S = torch.zeros(grid, nb, dtype=like.dtype, device=like.device)
+                S[out_idx, torch.arange(nb, device=like.device)] = 1.0
             self._scatter[t] = S
         return S
 

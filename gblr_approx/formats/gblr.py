@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .base import StructuredMatrix, register_format
+from .base import StructuredMatrix, plan_building, register_format
 from .gblr_plan import (
     BUCKET_COST,
     MATVEC_BUCKET_COST,
@@ -79,6 +79,18 @@ def cached_plan(
     if key in _PLAN_CACHE:  # (a segment plan may be a cached None)
         _PLAN_CACHE.move_to_end(key)
         return _PLAN_CACHE[key]
+    with plan_building():  # (shared across modes: never inference tensors)
+        plan = _build_plan(G, device, matvec)
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+def _build_plan(
+    G: GBLR, device: torch.device, matvec: bool | str
+) -> GBLRPlan | GBLRSegments | GBLRSparseMatvec | None:
+    """The plan :func:`cached_plan` keeps, built from ``G``'s structure."""
     structure = (G.shape, *(t.tolist() for t in (G.row_start, G.row_width, G.col_start,
                                                   G.col_width, G.ranks, G.is_dense)))
     if matvec == "segments":
@@ -91,9 +103,6 @@ def cached_plan(
                           row_form=matvec, wide_share=float("inf") if matvec else WIDE_SHARE)
     if plan is not None and torch.device(device).type != "cpu":
         plan = plan.to(torch.device(device))
-    _PLAN_CACHE[key] = plan
-    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
     return plan
 
 
@@ -514,13 +523,16 @@ class GBLR(StructuredMatrix):
         U, V = self._Uf, self._Vf
         if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
             return plan.pack(U, V)  # differentiable: rebuilt at every product
+        if U.is_inference() or V.is_inference():  # (no version counter: not cached)
+            with torch.no_grad():
+                return plan.pack(U, V)
         key = (U.data_ptr(), V.data_ptr(), U._version, V._version, U.device)
         caches = getattr(self, "_panel_caches", None)
         if caches is None:
             caches = self._panel_caches = {}
         cache = caches.get(id(plan))
         if cache is None or cache[0] != key:
-            with torch.no_grad():
+            with plan_building():
                 cache = (key, plan.pack(U, V))
             caches[id(plan)] = cache
         return cache[1]
@@ -553,10 +565,13 @@ class GBLR(StructuredMatrix):
         U, V = self._Uf, self._Vf
         if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
             return self._transpose()._matmul(X.T).T
+        if U.is_inference() or V.is_inference():  # (no version counter: not cached)
+            with torch.no_grad():
+                return self._transpose()._matmul(X.T).T
         key = (U.data_ptr(), V.data_ptr(), U._version, V._version)
         cache = getattr(self, "_transpose_cache", None)
         if cache is None or cache[0] != key:
-            with torch.no_grad():
+            with plan_building():
                 cache = (key, self._transpose())
             self._transpose_cache = cache
         return cache[1]._matmul(X.T).T
