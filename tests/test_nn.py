@@ -27,6 +27,46 @@ def test_forward_matches_dense_and_trains(fmt):
     assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)
 
 
+@pytest.mark.parametrize("fmt", sorted(CATALOGUE))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_output_is_row_major_like_nn_linear(fmt, with_bias):
+    # downstream kernels expect nn.Linear's row-major output (CPU flash attention needs a
+    # unit last-dimension stride); formats that write (features, batch) are made row-major
+    g = torch.Generator().manual_seed(1)
+    A = CATALOGUE[fmt]((24, 40), torch.float64, g)
+    bias = torch.randn(24, dtype=torch.float64, generator=g) if with_bias else None
+    layer = StructuredLinear(A, bias)
+    x = torch.randn(3, 50, 40, dtype=torch.float64, generator=g)
+    ref = x @ A.to_dense().T + (0 if bias is None else bias)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    y.pow(2).sum().backward()
+    ref_grad = 2 * (ref @ A.to_dense())
+    torch.testing.assert_close(xg.grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fmt", sorted(CATALOGUE))
+def test_layer_trains_after_an_inference_mode_pass(fmt):
+    g = torch.Generator().manual_seed(2)
+    layer = StructuredLinear(CATALOGUE[fmt]((24, 40), torch.float64, g),
+                             torch.randn(24, dtype=torch.float64, generator=g))
+    for rows in (1, 5, 150):
+        x = torch.randn(rows, 40, dtype=torch.float64, generator=g)
+        with torch.inference_mode():
+            want = layer(x)
+        y = layer(x.requires_grad_(True))
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        y.sum().backward()
+        grads = [p.grad for n, p in layer.named_parameters() if n.startswith("factor_")]
+        assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
 def test_compress_model_replaces_linears():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 64), nn.Linear(64, 10))

@@ -9,7 +9,7 @@ import torch
 from ..budget import InfeasibleBudgetError
 from ..linalg import balanced_factors, check_sketch_options, top_svd
 from ..validation import check_positive_int
-from .base import StructuredMatrix, register_format
+from .base import StructuredMatrix, batch_major, register_format
 
 __all__ = ["LowRank"]
 
@@ -60,6 +60,8 @@ class LowRank(StructuredMatrix):
         return self.U @ self.V.T
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
+        if batch_major(X):  # (X^T V) U^T: the result batch-major too, as nn.Linear's
+            return ((X.T @ self.V) @ self.U.T).T
         return self.U @ (self.V.T @ X)
 
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
