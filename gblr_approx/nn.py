@@ -141,7 +141,8 @@ def _row_major(Y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if torch.is_grad_enabled() and (Y.requires_grad or (bias is not None and bias.requires_grad)):
         Y = Y.contiguous()
         return Y if bias is None else Y.add_(bias)
-    out = torch.empty(Y.shape, dtype=Y.dtype, device=Y.device)
+    dtype = Y.dtype if bias is None else torch.result_type(Y, bias)  # (as Y + bias)
+    out = torch.empty(Y.shape, dtype=dtype, device=Y.device)
     if bias is None:
         return out.copy_(Y)
     return torch.add(Y, bias, out=out)
