@@ -37,7 +37,7 @@ from ...formats.gblr import GBLR
 from ...formats.lowrank import LowRank
 from .blocks import BlockModel, Rect, _Comp
 from .blocks import _pieces as _slices
-from .mixed import lowrank_plus_blocks
+from .candidates import mixed_candidates
 
 __all__ = [
     "LAYOUTS",
@@ -432,18 +432,18 @@ def _add_candidates(model: BlockModel, rects: list[Rect]) -> None:
 def _tile_mixed(
     W: torch.Tensor, budget: int, tile: int, iters: int, max_components: int | None
 ) -> tuple[BlockModel, float] | None:
-    """:func:`.mixed.lowrank_plus_blocks` on the grid of ``tile``-entry blocks, or ``None``
-    when that grid is not aligned (a side not a multiple of ``tile``), has a single block, or
-    the budget buys nothing."""
+    """The low-rank + blocks start (:func:`.candidates.mixed_candidates`) on the grid of
+    ``tile``-entry blocks, or ``None`` when that grid is not aligned (a side not a multiple of
+    ``tile``), has a single block, or the budget buys nothing."""
     m, n = W.shape
-    if m % tile or n % tile or (m // tile) * (n // tile) < 2 or budget < m + n:
+    if m % tile or n % tile or (m // tile) * (n // tile) < 2:
         return None
-    model, err = lowrank_plus_blocks(
-        W, budget, (m // tile, n // tile), iters=iters, max_components=max_components
-    )
-    if model.cost() > budget or model.active() == 0:
-        return None
-    return model, err
+    grid = [(m // tile, n // tile)]
+    for _, model, err in mixed_candidates(
+        W, budget, grid, iters=iters, max_components=max_components
+    ):
+        return model, err
+    return None
 
 
 def _rel(W: torch.Tensor, G: GBLR) -> float:
