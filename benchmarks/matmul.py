@@ -21,11 +21,11 @@ synthetic matrix with a power-law spectrum and the fast projections; GBLR there 
 layout of rank-1 components at the budget (``--gblr-components``, default 1000) and BLAST a
 random 16x16-block instance, since their fits take minutes at 4096x11008 (benchmarks/scaling.py).
 
-``--gblr-layouts free tiled32 tiled64`` times GBLR with several layouts of the same fit: the
-default ("free") and runnable ones (``fit_gblr(..., layout="tiled", tile=T)`` started from the
-free fit); GBLR rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``.
-In the model row (``--model DIR``) the format ``gblr-tiled64`` fits every layer with the
-runnable layout of tile 64.
+``--gblr-layouts free tiled32 tiled64 wide32`` times GBLR with several layouts: the default
+("free"), runnable ones (``fit_gblr(..., layout="tiled", tile=T)``) and wide pieces at free
+positions (``fit_gblr(..., min_width=W)``); GBLR rows then also print the layout and its
+relative error ``||W - A||_F / ||W||_F``. In the model row (``--model DIR``) the formats
+``gblr-tiled<T>`` and ``gblr-wide<W>`` fit every layer with those layouts.
 
 ``--train`` times one training step instead of the product: ``layer(x).backward(g)`` for a
 batch of ``B`` rows through ``ga.nn.StructuredLinear(A, bias)`` against ``nn.Linear`` with the
@@ -112,7 +112,9 @@ def random_blast(m: int, n: int, budget: int, blocks=(16, 16), seed: int = 0) ->
 
 def gblr_layouts(W: torch.Tensor, budget: float, layouts: list[str], real: bool, components: int):
     """``(layout, GBLR)`` per requested layout: "free" (the default fit, or the random layout
-    on synthetic shapes) and "tiled<T>" (snapped to the T-grid and refitted exactly)."""
+    on synthetic shapes), "tiled<T>" (``fit_gblr(W, budget, layout="tiled", tile=T)``; on
+    synthetic shapes the random layout snapped to the T-grid and refitted) and "wide<W>"
+    (``fit_gblr(W, budget, min_width=W)``: free positions, every side >= W)."""
     m, n = W.shape
     free = (
         ga.project(W, "gblr", budget)
@@ -123,13 +125,19 @@ def gblr_layouts(W: torch.Tensor, budget: float, layouts: list[str], real: bool,
     for name in layouts:
         if name == "free":
             out.append((name, free))
-        elif name.startswith("tiled") and name[5:].isdigit():
+        elif name.startswith("tiled") and name[5:].isdigit() and not real:
             res = ga.fit_gblr(
                 W, budget, start=free, steps=0, layout="tiled", tile=int(name[5:]), progress=False
             )
             out.append((name, res.matrix))
+        elif name.startswith("tiled") and name[5:].isdigit():
+            res = ga.fit_gblr(W, budget, layout="tiled", tile=int(name[5:]), progress=False)
+            out.append((name, res.matrix))
+        elif name.startswith("wide") and name[4:].isdigit():
+            res = ga.fit_gblr(W, budget, min_width=int(name[4:]), progress=False)
+            out.append((name, res.matrix))
         else:
-            raise SystemExit(f"--gblr-layouts: unknown layout {name!r} (free, tiled<T>)")
+            raise SystemExit(f"--gblr-layouts: unknown layout {name!r} (free, tiled<T>, wide<W>)")
     return out
 
 
@@ -300,9 +308,12 @@ def model_texts(folder: Path, count: int) -> list[str]:
 
 def model_fit(W: torch.Tensor, fmt: str, budget: float) -> ga.StructuredMatrix:
     """``ga.project(W, fmt, budget)``; ``fmt="gblr-tiled<T>"`` is GBLR with the runnable layout
-    ``fit_gblr(W, budget, layout="tiled", tile=T)``."""
+    ``fit_gblr(W, budget, layout="tiled", tile=T)``, ``"gblr-wide<W>"`` the one of
+    ``fit_gblr(W, budget, min_width=W)``."""
     if fmt.startswith("gblr-tiled"):
         return ga.project(W, "gblr", budget, layout="tiled", tile=int(fmt[len("gblr-tiled"):]))
+    if fmt.startswith("gblr-wide"):
+        return ga.project(W, "gblr", budget, min_width=int(fmt[len("gblr-wide"):]))
     return ga.project(W, fmt, budget)
 
 

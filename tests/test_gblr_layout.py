@@ -136,6 +136,22 @@ def test_tiled_fit_no_worse_than_low_rank_plus_tile_blocks():
     assert {"tiled:lowrank+blocks", "tiled:lowrank+blocks+snapped"} <= names
 
 
+def test_tiled_fit_from_pieces_at_least_one_tile_wide():
+    # min_width=tile: the free stage learns pieces that survive the snapping; the result is
+    # aligned, within the budget and exact; a given start must respect min_width
+    W = target(64, 64, seed=5)
+    kw = dict(steps=3, layout="tiled", tile=16, progress=False)
+    res = ga.fit_gblr(W, 0.3, min_width=16, **kw)
+    G = res.matrix
+    assert G.flops <= res.budget and is_aligned(G, 16)
+    assert res.rel_error == pytest.approx(float((W - G.to_dense()).norm() / W.norm()), rel=1e-9)
+    assert res.rel_error <= ga.relative_error(W, ga.project(W, "lowrank", 0.3)) + 1e-9
+    free = ga.fit_gblr(W, 0.3, steps=3, progress=False).matrix
+    assert int(free.row_width.min()) < 16  # (the free layout has narrow pieces here)
+    with pytest.raises(ValueError, match="narrower than min_width"):
+        ga.fit_gblr(W, 0.3, start=free, min_width=16, progress=False)
+
+
 def test_aligned_plan_reads_x_in_place_and_fills_tiles():
     # factored components on 16-aligned rectangles of a 64 x 64 matrix
     gen = torch.Generator().manual_seed(5)

@@ -72,7 +72,11 @@ def fine_regime(m: int, n: int, budget: int | None) -> bool:
 
 
 def default_mixed_grids(
-    m: int, n: int, budget: int | None = None, max_pieces: int | None = None
+    m: int,
+    n: int,
+    budget: int | None = None,
+    max_pieces: int | None = None,
+    min_block: int = 1,
 ) -> list[tuple[int, int]]:
     """One fine grid for the low-rank + blocks start.
 
@@ -86,7 +90,8 @@ def default_mixed_grids(
     fit_gblr) they start it far better than coarse grids: 384 x 384 at 10 % of the MACs,
     3-entry blocks end 1-1.5 % below the 8-entry ones, at 25 % 6-entry blocks 1.5 % below
     12-entry ones. Blocks of 2 entries are worse again (a rank-1 2 x 2 block costs as much as
-    its dense entries).
+    its dense entries). ``min_block`` is a lower bound on ``b`` (``fit_gblr(min_width=...)``:
+    the grid's blocks are at least that wide, clipped to the matrix).
     """
     fine = fine_regime(m, n, budget)
     b = 3 if fine else max(min(m, n) // 48, 4)
@@ -94,7 +99,11 @@ def default_mixed_grids(
         max_pieces = max(1, round((3200 if fine else 1600) * (m + n) / 768))
     if budget is not None:
         b = max(b, math.ceil(budget / (2 * max_pieces)))
-    return [(max(1, min(m, round(m / b))), max(1, min(n, round(n / b))))]
+    b = max(b, min_block)
+    g1, g2 = max(1, min(m, round(m / b))), max(1, min(n, round(n / b)))
+    if min_block > 1:  # rounding must not make blocks narrower than min_block
+        g1, g2 = min(g1, max(1, m // min_block)), min(g2, max(1, n // min_block))
+    return [(g1, g2)]
 
 
 def default_block_shapes(m: int, n: int) -> list[tuple[int, int]]:

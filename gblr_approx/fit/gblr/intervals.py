@@ -38,16 +38,22 @@ from ...linalg import choose_svd_method, frob2, svd, top_svd
 __all__ = ["IntervalComponent", "IntervalModel", "best_cyclic_interval", "interval_stage"]
 
 
-def best_cyclic_interval(a: torch.Tensor | np.ndarray) -> tuple[int, int, float]:
+def best_cyclic_interval(
+    a: torch.Tensor | np.ndarray, min_width: int = 1
+) -> tuple[int, int, float]:
     """Cyclic interval maximising ``sum(a[I])``: returns ``(start, width, value)``.
 
     The empty interval (value 0) is returned when every interval has a negative sum.
     ``O(N)`` with prefix sums: the best non-wrapping interval is ``max_j (S_j - min_{i<=j}
     S_i)``; a wrapping one is the complement of the minimum-sum interval. Runs in NumPy
     (float64): the vectors are short and this is called once per component side per sweep.
+    With ``min_width > 1`` only intervals of at least that many entries (or the empty one)
+    compete (clipped to ``N``; :func:`_best_wide_interval`, also ``O(N)``).
     """
     x = a.detach().double().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, float)
     N = x.shape[0]
+    if min_width > 1:
+        return _best_wide_interval(x, min(int(min_width), N))
     S = np.empty(N + 1)
     S[0] = 0.0
     np.cumsum(x, out=S[1:])
@@ -69,6 +75,47 @@ def best_cyclic_interval(a: torch.Tensor | np.ndarray) -> tuple[int, int, float]
     if best <= 0.0:
         return 0, 0, 0.0
     return start, width, best
+
+
+def _window_min(x: np.ndarray, k: int) -> np.ndarray:
+    """``out[t] = min(x[t : t + k])`` for ``t`` in ``[0, len(x) - k]``, in ``O(len(x))``
+    (van Herk / Gil-Werman: prefix minima and suffix minima within blocks of ``k``)."""
+    L = x.shape[0]
+    nb = -(-L // k)
+    pad = np.full(nb * k, np.inf)
+    pad[:L] = x
+    blocks = pad.reshape(nb, k)
+    pre = np.minimum.accumulate(blocks, axis=1).ravel()
+    suf = np.minimum.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].ravel()
+    t = np.arange(L - k + 1)
+    return np.minimum(suf[t], pre[t + k - 1])
+
+
+def _best_wide_interval(x: np.ndarray, L: int) -> tuple[int, int, float]:
+    """Best cyclic interval of ``x`` (length ``N``) with ``L <= width <= N``, or the empty one.
+
+    On the doubled prefix sums ``S`` (length ``2N + 1``) an interval is ``[i, j)`` with start
+    ``i < N`` and ``L <= j - i <= N``; for each end ``j`` the best start minimises ``S_i``
+    over the window ``[j - N, j - L]`` (a sliding minimum).
+    """
+    N = x.shape[0]
+    S = np.zeros(2 * N + 1)
+    np.cumsum(np.concatenate([x, x]), out=S[1:])
+    starts = np.full(2 * N, np.inf)
+    starts[:N] = S[:N]  # only starts i < N; the rest never win a window
+    K = N - L + 1  # window of starts for one end: i in [j - N, j - L]
+    padded = np.concatenate([np.full(K - 1, np.inf), starts])
+    mins = _window_min(padded, K)  # mins[t] = min(starts[t - K + 1 : t + 1])
+    ends = np.arange(L, 2 * N)
+    vals = S[ends] - mins[ends - L]
+    k = int(np.argmax(vals))
+    best = float(vals[k])
+    if not np.isfinite(best) or best <= 0.0:
+        return 0, 0, 0.0
+    j = int(ends[k])
+    lo, hi = max(0, j - N), min(j - L, N - 1)
+    i = lo + int(np.argmin(S[lo : hi + 1]))
+    return i, j - i, best
 
 
 @dataclass
@@ -106,13 +153,22 @@ class IntervalModel:
     W : Tensor (m, n)
     comps : list of IntervalComponent
         Initial components (their residual is computed here).
+    min_width : int
+        Smallest row and column width (entries, clipped to ``m`` and ``n``) an update may give
+        a component; an update that cannot afford it removes the component. 1 = no limit.
     """
 
     def __init__(
-        self, W: torch.Tensor, comps: list[IntervalComponent], *, own: bool = False
+        self,
+        W: torch.Tensor,
+        comps: list[IntervalComponent],
+        *,
+        own: bool = False,
+        min_width: int = 1,
     ) -> None:
         self.W = W
         self.m, self.n = W.shape
+        self.min_width = int(min_width)
         self.comps = [c for c in comps if c.h > 0 and c.w > 0 and c.rank > 0]
         # large layers: float64 sums without float64 copies (linalg.frob2)
         self._big = W.numel() >= _threshold()
@@ -170,26 +226,29 @@ class IntervalModel:
 
     # --------------------------------------------------------------- updates
     @staticmethod
-    def _interval_within(g: torch.Tensor, price: float, max_width: int) -> tuple[int, int]:
-        """Best cyclic interval of ``g - price``, with the price raised (bisection) until the
-        interval has at most ``max_width`` entries."""
-        if max_width <= 0:
+    def _interval_within(
+        g: torch.Tensor, price: float, max_width: int, min_width: int = 1
+    ) -> tuple[int, int]:
+        """Best cyclic interval of ``g - price`` of at least ``min_width`` entries, with the
+        price raised (bisection) until the interval has at most ``max_width`` entries."""
+        min_width = min(min_width, g.shape[0])
+        if max_width <= 0 or max_width < min_width:
             return 0, 0
         g = g.detach().double().cpu().numpy()
-        s, w, _ = best_cyclic_interval(g - price)
+        s, w, _ = best_cyclic_interval(g - price, min_width)
         if w <= max_width:
             return s, w
         lo, hi = price, max(price, 1e-300) * 2.0
         top = float(g.max())
         while True:
-            s, w, _ = best_cyclic_interval(g - hi)
+            s, w, _ = best_cyclic_interval(g - hi, min_width)
             if w <= max_width or hi > top:
                 break
             lo, hi = hi, hi * 2.0
         best = (s, w) if w <= max_width else (0, 0)
         for _ in range(30):
             mid = 0.5 * (lo + hi)
-            s, w, _ = best_cyclic_interval(g - mid)
+            s, w, _ = best_cyclic_interval(g - mid, min_width)
             if w <= max_width:
                 best, hi = (s, w), mid
             else:
@@ -211,7 +270,7 @@ class IntervalModel:
         Q = self._rows_times(c.c0, c.w, c.V)
         g, X = self._gains(Q, c.V.T @ c.V)
         max_h = self.m if room == math.inf else min(self.m, int(room // r) - c.w)
-        s, h = self._interval_within(g, lam * r, max_h)
+        s, h = self._interval_within(g, lam * r, max_h, self.min_width)
         if h == 0:
             c.h = 0
             return
@@ -220,7 +279,7 @@ class IntervalModel:
         Q2 = self._cols_times(c.r0, c.h, c.U)
         g2, X2 = self._gains(Q2, c.U.T @ c.U)
         max_w = self.n if room == math.inf else min(self.n, int(room // r) - c.h)
-        s2, w = self._interval_within(g2, lam * r, max_w)
+        s2, w = self._interval_within(g2, lam * r, max_w, self.min_width)
         if w == 0:
             c.w = 0
             return
@@ -391,6 +450,7 @@ def interval_stage(
     spawn_every: int = 0,
     spawn_count: int = 16,
     seed: int = 0,
+    min_width: int = 1,
 ) -> Iterator[tuple[GBLR | None, float, int]]:
     """Structure learning from ``start`` by interval ALS; yields ``(G or None, err, cost)``.
 
@@ -399,7 +459,8 @@ def interval_stage(
     sweep whose cost exceeds ``budget`` (the price is raised for the next sweep) or that did
     not improve on the best iterate so far. ``lam`` defaults to the marginal value of one
     MAC of the truncated SVD at this budget, ``sigma_{r+1}^2 / (m + n)``. ``gain`` is the
-    exponent of the price update (:meth:`IntervalModel.fit`).
+    exponent of the price update (:meth:`IntervalModel.fit`). ``min_width`` is the smallest
+    row and column width an update may give a piece (:class:`IntervalModel`).
     """
     m, n = W.shape
     fixed_idx = [k for k in range(start.num_components) if bool(start.is_dense[k])]
@@ -415,7 +476,7 @@ def interval_stage(
     if not comps:
         return
     B = budget - fixed_cost
-    model = IntervalModel(Wr, comps, own=Wr is not W)
+    model = IntervalModel(Wr, comps, own=Wr is not W, min_width=min_width)
     model.norm2 = (frob2(W) if model._big else float(W.double().pow(2).sum())) or 1.0
     if lam is None:
         r = min(budget // (m + n), min(m, n) - 1)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ... import linalg
-from ...budget import resolve_budget
+from ...budget import InfeasibleBudgetError, resolve_budget
 from ...formats.gblr import GBLR
 from ...validation import as_matrix, check_positive_int
 from ..result import FitResult
@@ -114,6 +114,16 @@ def _model_from_gblr(W: torch.Tensor, G: GBLR) -> BlockModel:
         rects.append(rc)
         ranks.append(int(G.ranks[k]) if not bool(G.is_dense[k]) else rc.dense_rank())
     return BlockModel(W, rects, ranks)
+
+
+def _wide_enough(G: GBLR, min_width: int) -> bool:
+    """Whether every interval of ``G`` has at least ``min_width`` entries (clipped to the
+    side)."""
+    if min_width <= 1 or G.num_components == 0:
+        return True
+    m, n = G.shape
+    return (int(G.row_width.min()) >= min(min_width, m)
+            and int(G.col_width.min()) >= min(min_width, n))
 
 
 def _residual(W: torch.Tensor, G: GBLR) -> torch.Tensor:
@@ -206,6 +216,12 @@ def fit_gblr(
         {"free", "tiled"}, default "free"; "tiled" snaps the best layout to the grid of
         ``tile`` entries (``tile`` : int, default 32) and refits it exactly, for fewer,
         larger, aligned blocks that run at GEMM rate (:mod:`.layout`, docs/fit_gblr.md).
+        ``min_width`` : int (default 1): every row and column interval of the free layout
+        has at least this many entries (starts with narrower blocks are skipped, interval
+        ALS never narrows a piece below it): fewer, wider pieces at free positions, for
+        faster products at some error (docs/fit_gblr.md, "Wide pieces"). With "tiled",
+        ``min_width=tile`` gives pieces that survive the snapping (more accurate, more
+        components). Not with "proximal".
 
     Returns
     -------
@@ -217,6 +233,8 @@ def fit_gblr(
     ------
     TypeError, ValueError
         Invalid ``W``, ``budget`` or option (the message names it).
+    InfeasibleBudgetError
+        ``min_width`` set and the budget below one rank-1 ``min_width`` square piece.
     """
     gram = options.pop("gram", None)
     if gram is not None:  # data-aware: minimise ||(W - A) L||_F (gblr_approx/fit/weighted.py)
@@ -283,8 +301,15 @@ def _fit_gblr(
         opts.pop("block_shapes", [] if large else default_block_shapes(m, n)),
         "block_shapes", m, n,
     )
+    layout, tile = check_layout(opts.pop("layout", "free"), opts.pop("tile", 32))
+    min_width = check_positive_int(opts.pop("min_width", 1), "min_width")
+    if min_width > min(m, n):
+        raise ValueError(f"min_width must be at most min(m, n) = {min(m, n)}; got {min_width}")
+    if min_width > 1 and algorithm == "proximal":
+        raise ValueError("min_width is not supported with algorithm='proximal' (the Gaudi "
+                         "widths are not bounded below); use 'auto' or 'intervals'")
     mixed_grids = _check_grids(
-        opts.pop("mixed_grids", [] if large else default_mixed_grids(m, n, B)),
+        opts.pop("mixed_grids", [] if large else default_mixed_grids(m, n, B, min_block=min_width)),
         "mixed_grids", m, n,
     )
     mixed_iters = check_positive_int(opts.pop("mixed_iters", 6), "mixed_iters")
@@ -292,7 +317,6 @@ def _fit_gblr(
     if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"tol must be a float in [0, 1) or None; got {tol!r}")
     polish_sweeps = check_positive_int(opts.pop("polish_sweeps", 3), "polish_sweeps", minimum=0)
-    layout, tile = check_layout(opts.pop("layout", "free"), opts.pop("tile", 32))
     start = opts.pop("start", None)
     if start is not None and not isinstance(start, GBLR):
         raise TypeError(f"start must be a GBLR matrix or None; got {type(start).__name__}")
@@ -301,6 +325,8 @@ def _fit_gblr(
             f"start must be a {m}x{n} GBLR within the budget ({B} MACs); got shape "
             f"{tuple(start.shape)} and {start.flops} MACs"
         )
+    if start is not None and not _wide_enough(start, min_width):
+        raise ValueError(f"start has intervals narrower than min_width={min_width}")
     sweeps = opts.pop("sweeps", None)
     if sweeps is not None:
         sweeps = check_positive_int(sweeps, "sweeps", minimum=0)
@@ -313,7 +339,7 @@ def _fit_gblr(
         raise TypeError(
             f"unknown option(s) {sorted(opts)} for fit_gblr; known: algorithm, start, sweeps, "
             f"grids, block_shapes, mixed_grids, mixed_iters, tol, polish_sweeps, dtype, layout, "
-            f"tile, "
+            f"tile, min_width, "
             f"{', '.join(prox_keys)}"
         )
     if progress is None:
@@ -356,8 +382,9 @@ def _fit_gblr(
         if callback is not None and callback(rec) is False:
             state["stop"] = True
 
-    def offer(stage: str, G: GBLR, err: float | None = None) -> None:
-        if G.flops > B:
+    def offer(stage: str, G: GBLR, err: float | None = None, aligned: bool = False) -> None:
+        # (aligned: a tiled-layout iterate, whose intervals are whole grid cells)
+        if G.flops > B or not (aligned or _wide_enough(G, min_width)):
             return
         if err is None and big:
             D = _residual(Wc, G)  # one dense temporary, no float64 copy
@@ -409,6 +436,17 @@ def _fit_gblr(
                     best_model = model
                 if state["stop"]:
                     break
+        if state["best"] is None and min_width > 1:
+            if B < 2 * min_width:
+                raise InfeasibleBudgetError(
+                    "gblr", B, 2 * min_width,
+                    f"a rank-1 min_width={min_width} square piece costs {2 * min_width}",
+                )
+            # one rank-1 min_width x min_width piece (the structure learning moves it)
+            U0, S0, Vh0 = linalg.svd(Wc[:min_width, :min_width])
+            G = GBLR((m, n), [0], [min_width], [0], [min_width],
+                     [(U0[:, :1] * S0[0], Vh0[:1].T)])
+            offer("init:piece", G)
         if state["best"] is None:
             # tiny budgets: the single best dense entries (1 x 1 components)
             flat = Wc.abs().flatten()
@@ -433,7 +471,8 @@ def _fit_gblr(
         if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
             gain = FINE_PRICE_GAIN if fine_regime(m, n, B) else 2.0  # price exponent
             for G, err, cost in interval_stage(
-                Wc, B, state["best"], sweeps, components, tol=tol, lam=lam, gain=gain
+                Wc, B, state["best"], sweeps, components, tol=tol, lam=lam, gain=gain,
+                min_width=min_width,
             ):
                 before = state["err"]
                 if G is None:
@@ -500,7 +539,7 @@ def _fit_gblr(
             free, free_err = state["best"], state["err"]
             state["best"], state["err"] = None, math.inf
             for name, G, err in tiled_layout(Wc, B, free, tile=tile, max_components=components):
-                offer(name, G, err)
+                offer(name, G, err, aligned=True)
                 if state["stop"]:
                     break
             if state["best"] is None:  # no aligned iterate (stopped, tiny budget): the free one
