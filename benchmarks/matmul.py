@@ -112,8 +112,8 @@ def random_blast(m: int, n: int, budget: int, blocks=(16, 16), seed: int = 0) ->
 
 def gblr_layouts(W: torch.Tensor, budget: float, layouts: list[str], real: bool, components: int):
     """``(layout, GBLR)`` per requested layout: "free" (the default fit, or the random layout
-    on synthetic shapes), "tiled<T>" (``fit_gblr(W, budget, layout="tiled", tile=T)``; on
-    synthetic shapes the random layout snapped to the T-grid and refitted) and "wide<W>"
+    on synthetic shapes), "tiled<T>" (the free layout snapped to the T-grid and refitted
+    exactly, as ``fit_gblr(W, budget, layout="tiled", tile=T)`` does) and "wide<W>"
     (``fit_gblr(W, budget, min_width=W)``: free positions, every side >= W)."""
     m, n = W.shape
     free = (
@@ -125,13 +125,11 @@ def gblr_layouts(W: torch.Tensor, budget: float, layouts: list[str], real: bool,
     for name in layouts:
         if name == "free":
             out.append((name, free))
-        elif name.startswith("tiled") and name[5:].isdigit() and not real:
+        elif name.startswith("tiled") and name[5:].isdigit():
+            # = fit_gblr(W, budget, layout="tiled", tile=T) on MiniLM, without a second free fit
             res = ga.fit_gblr(
                 W, budget, start=free, steps=0, layout="tiled", tile=int(name[5:]), progress=False
             )
-            out.append((name, res.matrix))
-        elif name.startswith("tiled") and name[5:].isdigit():
-            res = ga.fit_gblr(W, budget, layout="tiled", tile=int(name[5:]), progress=False)
             out.append((name, res.matrix))
         elif name.startswith("wide") and name[4:].isdigit():
             res = ga.fit_gblr(W, budget, min_width=int(name[4:]), progress=False)
