@@ -21,16 +21,21 @@ synthetic matrix with a power-law spectrum and the fast projections; GBLR there 
 layout of rank-1 components at the budget (``--gblr-components``, default 1000) and BLAST a
 random 16x16-block instance, since their fits take minutes at 4096x11008 (benchmarks/scaling.py).
 
-``--gblr-layouts free tiled32 tiled64 wide32`` times GBLR with several layouts: the default
-("free"), runnable ones (``fit_gblr(..., layout="tiled", tile=T)``) and wide pieces at free
-positions (``fit_gblr(..., min_width=W)``); GBLR rows then also print the layout and its
-relative error ``||W - A||_F / ||W||_F``. In the model row (``--model DIR``) the formats
-``gblr-tiled<T>`` and ``gblr-wide<W>`` fit every layer with those layouts.
+``--gblr-layouts free tiled32 tiled64 tiled64w wide32`` times GBLR with several layouts: the
+default ("free"), runnable ones (``fit_gblr(..., layout="tiled", tile=T)``; ``tiled<T>w`` adds
+``min_width=T``) and wide pieces at free positions (``fit_gblr(..., min_width=W)``); GBLR
+rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``. In the model
+row (``--model DIR``) the formats ``gblr-tiled<T>`` and ``gblr-wide<W>`` fit every layer with
+those layouts.
 
 ``--train`` times one training step instead of the product: ``layer(x).backward(g)`` for a
 batch of ``B`` rows through ``ga.nn.StructuredLinear(A, bias)`` against ``nn.Linear`` with the
 dense weight (forward and backward, gradients of the input and of every parameter); the
 columns keep their names, ``mode`` says ``train``.
+
+``--rounds R`` times every case ``R`` times, round after round (all cases in each), and
+prints one row per round (``round`` column): alternated repeats show the run-to-run spread of
+a busy host next to the difference between two layouts.
 """
 
 from __future__ import annotations
@@ -113,7 +118,8 @@ def random_blast(m: int, n: int, budget: int, blocks=(16, 16), seed: int = 0) ->
 def gblr_layouts(W: torch.Tensor, budget: float, layouts: list[str], real: bool, components: int):
     """``(layout, GBLR)`` per requested layout: "free" (the default fit, or the random layout
     on synthetic shapes), "tiled<T>" (the free layout snapped to the T-grid and refitted
-    exactly, as ``fit_gblr(W, budget, layout="tiled", tile=T)`` does) and "wide<W>"
+    exactly, as ``fit_gblr(W, budget, layout="tiled", tile=T)`` does), "tiled<T>w"
+    (``fit_gblr(W, budget, layout="tiled", tile=T, min_width=T)``) and "wide<W>"
     (``fit_gblr(W, budget, min_width=W)``: free positions, every side >= W)."""
     m, n = W.shape
     free = (
@@ -131,11 +137,17 @@ def gblr_layouts(W: torch.Tensor, budget: float, layouts: list[str], real: bool,
                 W, budget, start=free, steps=0, layout="tiled", tile=int(name[5:]), progress=False
             )
             out.append((name, res.matrix))
+        elif name.startswith("tiled") and name.endswith("w") and name[5:-1].isdigit():
+            tile = int(name[5:-1])  # the tiled layout from pieces >= one tile wide
+            res = ga.fit_gblr(W, budget, layout="tiled", tile=tile, min_width=tile, progress=False)
+            out.append((name, res.matrix))
         elif name.startswith("wide") and name[4:].isdigit():
             res = ga.fit_gblr(W, budget, min_width=int(name[4:]), progress=False)
             out.append((name, res.matrix))
         else:
-            raise SystemExit(f"--gblr-layouts: unknown layout {name!r} (free, tiled<T>, wide<W>)")
+            raise SystemExit(
+                f"--gblr-layouts: unknown layout {name!r} (free, tiled<T>, tiled<T>w, wide<W>)"
+            )
     return out
 
 
@@ -156,8 +168,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256, 1024])
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every case this many times, alternating the cases (one row each)")
     p.add_argument("--gblr-components", type=int, default=1000)
-    p.add_argument("--gblr-layouts", nargs="+", default=["free"], help="free, tiled<T>")
+    p.add_argument("--gblr-layouts", nargs="+", default=["free"],
+                   help="free, tiled<T>, tiled<T>w, wide<W>")
     p.add_argument("--model", type=Path, help="sentence-transformers model folder (MiniLM)")
     p.add_argument("--model-budget", type=float, default=0.5)
     p.add_argument(
@@ -199,11 +214,13 @@ def main() -> None:
                         args.gblr_components,
                     )
                     cases.append((fmt, None, A))
-            for fmt, layout, A in cases:
+            for rnd, (fmt, layout, A) in ((r, c) for r in range(args.rounds) for c in cases):
                 extra = {}
                 if layout is not None:
                     err = float((W - A.to_dense()).norm() / W.norm())
                     extra = {"layout": layout, "rel_error": round(err, 4)}
+                if args.rounds > 1:
+                    extra["round"] = rnd + 1
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     for B in args.batches:
