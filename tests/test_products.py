@@ -193,6 +193,28 @@ def test_blocklowrank_sees_in_place_factor_updates(gen):
     torch.testing.assert_close(A @ x, A.to_dense() @ x, rtol=1e-12, atol=1e-12)
 
 
+def test_projected_blocklowrank_has_flat_factors_that_products_follow(gen):
+    # project() returns the flat storage a loaded matrix has (factors are views of two
+    # buffers; the packed-bases cache then checks 2 versions, not 2 b1 b2): edits of a factor
+    # view, in place, still reach every product
+    W = torch.randn(48, 40, dtype=torch.float64, generator=gen)
+    A = ga.BlockLowRank.project(W, 600, grid=(3, 4))
+    assert A._flat is not None and len(A._sources()) == 2
+    loaded = ga.BlockLowRank._from_state(A._tensors(), A._config(), A.shape)
+    torch.testing.assert_close(loaded.to_dense(), A.to_dense())
+    x = torch.randn(40, dtype=torch.float64, generator=gen)
+    X = torch.randn(40, 64, dtype=torch.float64, generator=gen)
+    A @ x, A @ X  # fill the caches
+    U, V = next((U, V) for row in A.factors for U, V in row if U.shape[1])
+    with torch.no_grad():
+        U.mul_(-2.0)
+        V.add_(0.5)
+    D = A.to_dense()
+    torch.testing.assert_close(A @ x, D @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(A @ X, D @ X, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(X.T @ A.T, (D @ X).T, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("fmt", ["monarch", "blast", "blocklowrank"])
 def test_cached_layouts_follow_in_place_updates_and_modes(fmt, gen):
     """The contiguous layouts cached for products (``cached_layout``) are rebuilt after an

@@ -544,7 +544,10 @@ class BlockLowRank(StructuredMatrix):
                 s = S[:r].sqrt()
                 row.append(((U[:, :r] * s).contiguous(), (Vh[:r].T * s).contiguous()))
             factors.append(row)
-        out = cls((m, n), rs, cs, factors)
+        # flat storage, as a loaded or layer-wrapped matrix has: the factors are views of two
+        # buffers, so the products' cache checks look at 2 tensors instead of 2 b1 b2
+        out = cls._from_state(cls((m, n), rs, cs, factors)._tensors(),
+                              {"row_splits": rs, "col_splits": cs}, (m, n))
         uniform = (
             len({b - a for a, b in zip(rs, rs[1:], strict=False)}) == 1
             and len({b - a for a, b in zip(cs, cs[1:], strict=False)}) == 1
