@@ -257,6 +257,12 @@ class BlockLowRank(StructuredMatrix):
         out._flat = (U, V)
         return out
 
+    def __reduce__(self):
+        # pickles (Dask, multiprocessing) carry the two flat buffers once: pickled one by one,
+        # the factor views of a flat matrix each carried the whole buffer (21x the size on a
+        # MiniLM layer) and came back as copies that no longer shared it
+        return (_rebuild, (self._tensors(), self._config(), tuple(self.shape), dict(self.info)))
+
     def _float_tensors(self) -> list[torch.Tensor]:
         if self._flat is not None:
             return list(self._flat)
@@ -561,3 +567,10 @@ class BlockLowRank(StructuredMatrix):
         if "randomized" in svd_used:
             out.info["rank_caps"] = sorted(set(caps.values()))
         return out
+
+
+def _rebuild(tensors: dict, config: dict, shape: tuple[int, int], info: dict) -> BlockLowRank:
+    """Unpickle a :class:`BlockLowRank` (see ``BlockLowRank.__reduce__``)."""
+    out = BlockLowRank._from_state(tensors, config, shape)
+    out.info = info
+    return out
