@@ -162,7 +162,6 @@ class BlockLowRank(StructuredMatrix):
         self.factors = [list(row) for row in factors]
         self._flat: tuple[torch.Tensor, torch.Tensor] | None = None  # set by _from_state
         self._build_maps()
-        self._cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------ packing
     def _build_maps(self) -> None:
@@ -207,17 +206,7 @@ class BlockLowRank(StructuredMatrix):
 
     def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded bases ``(b1, max p, max R_i)`` and ``(b2, max q, max R_j)``."""
-        srcs = self._sources()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):
-            return self._pack()
-        if any(t.is_inference() for t in srcs):  # (no version counter: not cached)
-            with torch.no_grad():
-                return self._pack()
-        key = tuple(t._version for t in srcs)
-        if self._cache is None or self._cache[0] != key:
-            with plan_building():
-                self._cache = (key, *self._pack())
-        return self._cache[1], self._cache[2]
+        return cached_layout(self, "packed", self._pack, *self._sources())
 
     @property
     def grid(self) -> tuple[int, int]:

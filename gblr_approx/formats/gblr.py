@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .base import StructuredMatrix, plan_building, register_format
+from .base import StructuredMatrix, cached_layout, plan_building, register_format
 from .gblr_plan import (
     BUCKET_COST,
     MATVEC_BUCKET_COST,
@@ -520,22 +520,9 @@ class GBLR(StructuredMatrix):
         )
 
     def _panels(self, plan: GBLRPlan | GBLRSegments | GBLRSparseMatvec) -> tuple:
+        # (with gradients: rebuilt at every product, differentiably)
         U, V = self._Uf, self._Vf
-        if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
-            return plan.pack(U, V)  # differentiable: rebuilt at every product
-        if U.is_inference() or V.is_inference():  # (no version counter: not cached)
-            with torch.no_grad():
-                return plan.pack(U, V)
-        key = (U.data_ptr(), V.data_ptr(), U._version, V._version, U.device)
-        caches = getattr(self, "_panel_caches", None)
-        if caches is None:
-            caches = self._panel_caches = {}
-        cache = caches.get(id(plan))
-        if cache is None or cache[0] != key:
-            with plan_building():
-                cache = (key, plan.pack(U, V))
-            caches[id(plan)] = cache
-        return cache[1]
+        return cached_layout(self, ("panels", id(plan)), lambda: plan.pack(U, V), U, V)
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         if self.num_components == 0:
@@ -562,19 +549,8 @@ class GBLR(StructuredMatrix):
         The transposed matrix (a repacked copy of the factors) is kept while the factors are
         unchanged and no gradient is needed; its plan comes from the shared plan cache.
         """
-        U, V = self._Uf, self._Vf
-        if torch.is_grad_enabled() and (U.requires_grad or V.requires_grad):
-            return self._transpose()._matmul(X.T).T
-        if U.is_inference() or V.is_inference():  # (no version counter: not cached)
-            with torch.no_grad():
-                return self._transpose()._matmul(X.T).T
-        key = (U.data_ptr(), V.data_ptr(), U._version, V._version)
-        cache = getattr(self, "_transpose_cache", None)
-        if cache is None or cache[0] != key:
-            with plan_building():
-                cache = (key, self._transpose())
-            self._transpose_cache = cache
-        return cache[1]._matmul(X.T).T
+        T = cached_layout(self, "transpose", self._transpose, self._Uf, self._Vf)
+        return T._matmul(X.T).T
 
     def _matmul_loop(self, X: torch.Tensor) -> torch.Tensor:
         """Reference product: one gather, two small GEMMs and one scatter per component.
