@@ -254,7 +254,6 @@ class BlockSparse(StructuredMatrix):
         self.block_rows = block_rows
         self.block_cols = block_cols
         self.blocks = blocks
-        self._cache: list[tuple[int, list[torch.Tensor]] | None] = [None, None]
         self._scatter: list[torch.Tensor | None] = [None, None]
 
     def _validate(self, block_rows: torch.Tensor, block_cols: torch.Tensor, nb: int) -> None:
@@ -329,23 +328,19 @@ class BlockSparse(StructuredMatrix):
 
     def _panels(self, t: int) -> list[torch.Tensor]:
         """Block-row panels ``(rows, p, c q)`` of every group (``t=1``: of ``A^T``)."""
-        plan = self._plans[t]
-        B = self.blocks.mT if t else self.blocks
-        grad = torch.is_grad_enabled() and self.blocks.requires_grad
-        keep = not grad and not self.blocks.is_inference()  # (inference: no version counter)
-        cached = self._cache[t]
-        if keep and cached is not None and cached[0] == self.blocks._version:
-            return cached[1]
-        with torch.set_grad_enabled(grad) if grad else plan_building():
+
+        def build() -> list[torch.Tensor]:
+            plan = self._plans[t]
+            B = self.blocks.mT if t else self.blocks
             # torch.split (not slicing): its backward is one cat, not a zero-filled copy per piece
             segs = B.index_select(0, plan["perm"]).split(plan["sizes"])
             panels = []
             for seg, (_, g, c) in zip(segs, plan["groups"], strict=True):
                 seg = seg.unflatten(0, (g, c))  # (g, c, p, q)
                 panels.append(seg.permute(0, 2, 1, 3).reshape(g, B.shape[1], c * B.shape[2]))
-        if keep:
-            self._cache[t] = (self.blocks._version, panels)
-        return panels
+            return panels
+
+        return cached_layout(self, ("panels", t), build, self.blocks)
 
     def _rects(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
         """Rectangles of adjacent stored blocks covering every block once (kept in the shared
