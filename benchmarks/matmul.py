@@ -25,8 +25,10 @@ random 16x16-block instance, since their fits take minutes at 4096x11008 (benchm
 default ("free"), runnable ones (``fit_gblr(..., layout="tiled", tile=T)``; ``tiled<T>w`` adds
 ``min_width=T``) and wide pieces at free positions (``fit_gblr(..., min_width=W)``); GBLR
 rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``. In the model
-row (``--model DIR``) the formats ``gblr-tiled<T>`` and ``gblr-wide<W>`` fit every layer with
-those layouts.
+row (``--model DIR``) ``gblr`` fits every layer as ``ga.nn.compress_model`` does (the runnable
+layout ``tile=64`` on layers of >= 4 tiles per side, ``gblr_approx.compress.gblr_layer_options``),
+``gblr-free`` with the free layout of ``fit_gblr``, and ``gblr-tiled<T>`` / ``gblr-wide<W>``
+with the layouts above.
 
 ``--train`` times one training step instead of the product: ``layer(x).backward(g)`` for a
 batch of ``B`` rows through ``ga.nn.StructuredLinear(A, bias)`` against ``nn.Linear`` with the
@@ -321,24 +323,51 @@ def model_texts(folder: Path, count: int) -> list[str]:
     return [lines[i % len(lines)] for i in range(count)]
 
 
-def model_fit(W: torch.Tensor, fmt: str, budget: float) -> ga.StructuredMatrix:
-    """``ga.project(W, fmt, budget)``; ``fmt="gblr-tiled<T>"`` is GBLR with the runnable layout
-    ``fit_gblr(W, budget, layout="tiled", tile=T)``, ``"gblr-wide<W>"`` the one of
-    ``fit_gblr(W, budget, min_width=W)``."""
+def model_fit_options(fmt: str, m: int, n: int) -> tuple[str, dict]:
+    """``(format, options)`` of the model row's fit of an ``m x n`` layer for ``fmt``.
+
+    ``"gblr"`` is GBLR as ``ga.nn.compress_model`` fits it (the runnable layout on large
+    layers), ``"gblr-free"`` the free layout of ``fit_gblr``, ``"gblr-tiled<T>"``
+    ``layout="tiled", tile=T``, ``"gblr-wide<W>"`` ``min_width=W``; other formats their
+    default projection."""
+    from gblr_approx.compress import gblr_layer_options
+
+    if fmt == "gblr":
+        return "gblr", gblr_layer_options(m, n, {})
+    if fmt == "gblr-free":
+        return "gblr", {"layout": "free"}
     if fmt.startswith("gblr-tiled"):
-        return ga.project(W, "gblr", budget, layout="tiled", tile=int(fmt[len("gblr-tiled"):]))
+        return "gblr", {"layout": "tiled", "tile": int(fmt[len("gblr-tiled"):])}
     if fmt.startswith("gblr-wide"):
-        return ga.project(W, "gblr", budget, min_width=int(fmt[len("gblr-wide"):]))
-    return ga.project(W, fmt, budget)
+        return "gblr", {"min_width": int(fmt[len("gblr-wide"):])}
+    return fmt, {}
+
+
+def model_fit_key(fmt: str, m: int, n: int) -> str:
+    """The fit-cache name of the model row's fit (one name per distinct fit: ``gblr`` on a
+    large layer shares the ``gblr-tiled64`` entry, ``gblr-free`` the former ``gblr`` one)."""
+    name, opts = model_fit_options(fmt, m, n)
+    if name != "gblr" or fmt.startswith("gblr-wide"):
+        return fmt
+    if opts.get("layout") == "tiled":
+        return f"gblr-tiled{opts['tile']}"
+    return "gblr"
+
+
+def model_fit(W: torch.Tensor, fmt: str, budget: float) -> ga.StructuredMatrix:
+    """``ga.project`` of one layer for the model row (:func:`model_fit_options`)."""
+    name, opts = model_fit_options(fmt, *W.shape)
+    return ga.project(W, name, budget, **opts)
 
 
 def compressed_copy(dense, fmt: str, budget: float, cache: Path | None):
     """Deep copy of ``dense`` with every encoder ``nn.Linear`` a ``StructuredLinear`` in ``fmt``.
 
     Each layer is :func:`model_fit` (the plain per-layer projection, as ``compress_model``
-    with one format and no calibration; ``gblr-tiled<T>``: GBLR's runnable layout). With
-    ``cache`` every fitted matrix is stored there as ``<layer>--<fmt>--<budget>.safetensors``
-    (``A.save``) and loaded (``ga.load``) on the next run, so reruns skip the fits.
+    with one format and no calibration; ``gblr-free``: GBLR's free layout). With ``cache``
+    every fitted matrix is stored there as ``<layer>--<key>--<budget>.safetensors``
+    (``A.save``, key :func:`model_fit_key`) and loaded (``ga.load``) on the next run, so
+    reruns skip the fits.
     """
     import copy
 
@@ -358,7 +387,7 @@ def compressed_copy(dense, fmt: str, budget: float, cache: Path | None):
     t0 = time.perf_counter()
     for name in names:
         layer = model.get_submodule(name)
-        key = f"{name}--{fmt}--{budget:g}"
+        key = f"{name}--{model_fit_key(fmt, *layer.weight.shape)}--{budget:g}"
         fresh = cache is None or not (cache / f"{key}.safetensors").is_file()
         A = cached_fit(cache, key, model_fit, layer.weight.detach(), fmt, budget)
         fitted += fresh

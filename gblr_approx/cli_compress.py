@@ -127,7 +127,8 @@ def _say(msg: str, quiet: bool) -> None:
               "encoder layers when there are any, else every nn.Linear).")
 @click.option("--exclude", multiple=True, help="Glob(s) on module names to skip.")
 @click.option("--option", "options", multiple=True, metavar="FORMAT.KEY=VALUE",
-              help="Format option, e.g. gblr.layout=tiled (runnable GBLR layers). Repeatable.")
+              help="Format option, e.g. gblr.layout=free (GBLR layers default to the "
+              "runnable tiled layout). Repeatable.")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="Weight each layer's output error by its estimated effect on the output.")
 @click.option("--max-texts", type=int, default=None, help="Use only the first N texts.")

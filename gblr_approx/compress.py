@@ -41,7 +41,8 @@ from .metrics import relative_error
 from .projection import project
 from .validation import check_positive_int
 
-__all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "replace_module"]
+__all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "GBLR_RUNNABLE",
+           "RUNNABLE_MIN_TILES", "gblr_layer_options", "replace_module"]
 
 #: Formats tried by ``formats="auto"``: the ones whose projection takes about a second or less
 #: on a 1536 x 384 layer. GBLR and BLAST (iterative fits, 5-20 s per layer and budget) are
@@ -56,6 +57,15 @@ DEFAULT_FRACTIONS = (0.2, 0.35, 0.5, 0.65, 0.8)
 #: fitted to ``W`` and to ``W diag(G)^{1/2}``, the better kept); the chosen candidate of each
 #: layer is then projected again with the full refits, and kept only if it is better.
 _CURVE_OPTIONS = {"sweeps": 0}
+
+#: GBLR layers of a compressed model run their products, so ``compress_model`` fits them with
+#: the runnable layout (``fit_gblr(..., layout="tiled", tile=64)``: aligned rank-r tiles that
+#: multiply at GEMM rate, docs/product_speed.md "Runnable layouts") on every layer with at
+#: least :data:`RUNNABLE_MIN_TILES` tiles per side, unless ``layout`` is given. The free
+#: layout is more accurate per MAC but slower than the dense layer it replaces (MiniLM at
+#: 50 %: 1.6x the dense encode time, against 0.83-0.96x; docs/compress_model.md).
+GBLR_RUNNABLE = {"layout": "tiled", "tile": 64}
+RUNNABLE_MIN_TILES = 4
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -336,7 +346,8 @@ def compress_model(
         data-aware (``project(..., gram=G)``) and the report has ``output_error``.
     allocation : {"uniform", "global"}
         See the module docstring. ``"uniform"`` with one format and no calibration is the
-        plain per-layer projection at the same fraction.
+        plain per-layer projection at the same fraction (for GBLR, with the options of
+        :func:`gblr_layer_options`).
     fractions : sequence of float
         Budget fractions per layer tried by ``"global"`` (low-rank tries every rank).
     objective : {"relative", "absolute"}
@@ -350,7 +361,11 @@ def compress_model(
     ridge : float
         Relative ridge of the Grams (:mod:`gblr_approx.data_aware`).
     format_options : mapping, optional
-        Format name -> options for that format (e.g. ``{"gblr": {"steps": 5}}``).
+        Format name -> options for that format (e.g. ``{"gblr": {"steps": 5}}``). GBLR
+        layers of at least 256 x 256 are fitted with the runnable layout
+        (:data:`GBLR_RUNNABLE`, ``layout="tiled", tile=64``) unless ``layout`` is given:
+        ``{"gblr": {"layout": "free"}}`` keeps the free layout, more accurate per MAC and
+        slower than the dense layer (docs/compress_model.md, "GBLR layers that run fast").
     keep_dense : bool
         ``"global"`` may leave a layer dense (its original ``nn.Linear``, format ``"dense"``
         in the report, cost ``m n``) when that is the best use of its MACs.
@@ -501,7 +516,26 @@ def compress_model(
     return report
 
 
+def gblr_layer_options(m: int, n: int, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The GBLR options ``compress_model`` uses for an ``m x n`` layer.
+
+    ``options`` with :data:`GBLR_RUNNABLE` filled in when ``layout`` is not given and both
+    sides hold at least :data:`RUNNABLE_MIN_TILES` tiles (of ``options["tile"]``, default 64);
+    smaller layers keep the free layout (a tile grid of fewer cells is close to low-rank).
+    """
+    opts = dict(options)
+    if "layout" in opts:
+        return opts
+    tile = opts.get("tile", GBLR_RUNNABLE["tile"])
+    if isinstance(tile, int) and not isinstance(tile, bool) and tile >= 1 \
+            and min(m, n) >= RUNNABLE_MIN_TILES * tile:
+        return {**GBLR_RUNNABLE, **opts}
+    return opts
+
+
 def _project_strict(layer, fmt, budget, ridge, opts):
+    if fmt == "gblr":
+        opts = gblr_layer_options(layer.m, layer.n, opts)
     if layer.gram is None:
         return project(layer.W.to(layer.dtype), fmt, budget, **opts)
     return project(layer.W, fmt, budget, gram=layer.gram, ridge=ridge, **opts)

@@ -61,6 +61,47 @@ def test_uniform_without_calibration_is_the_plain_projection():
     assert report.attrs["total_flops"] <= 0.5 * report.attrs["dense_flops"]
 
 
+def test_gblr_layer_options_fill_the_runnable_layout_on_large_layers():
+    from gblr_approx.compress import GBLR_RUNNABLE, gblr_layer_options
+
+    assert gblr_layer_options(384, 1536, {}) == GBLR_RUNNABLE == {"layout": "tiled", "tile": 64}
+    assert gblr_layer_options(256, 300, {"steps": 3}) == {**GBLR_RUNNABLE, "steps": 3}
+    assert gblr_layer_options(384, 384, {"layout": "free"}) == {"layout": "free"}
+    assert gblr_layer_options(200, 130, {}) == {}  # fewer than 4 tiles of 64 on a side
+    assert gblr_layer_options(200, 130, {"tile": 32}) == {"layout": "tiled", "tile": 32}
+    assert gblr_layer_options(200, 130, {"tile": "x"}) == {"tile": "x"}  # fit_gblr rejects it
+
+
+def test_compress_model_fits_gblr_layers_with_the_runnable_layout():
+    """Large GBLR layers get aligned tiles (``layout="tiled", tile=64``); ``layout="free"``
+    and layers of fewer than four tiles keep the free layout."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 40))
+    free = copy.deepcopy(model)
+    W = model[0].weight.detach().clone()
+    report = compress_model(model, "gblr", 0.5, steps=4)
+    report_free = compress_model(free, "gblr", 0.5, steps=4, layout="free")
+    A, F = model[0].matrix, free[0].matrix
+    assert A.flops <= 256 * 256 // 2 and F.flops <= 256 * 256 // 2
+    for t in (A.row_start, A.col_start, A.row_width, A.col_width):
+        assert (t % 64 == 0).all(), t  # every interval is whole tiles
+    assert ((F.row_width % 64 != 0) | (F.col_width % 64 != 0)).any()
+    assert A.num_components < F.num_components
+    # never worse than the truncated SVD of the same cost (low-rank is a tiled candidate)
+    S = torch.linalg.svdvals(W)
+    svd_error = float(S[64:].norm() / S.norm())  # rank 64 = 256 * 256 / 2 / (256 + 256)
+    assert report.loc["0", "rel_error"] <= svd_error + 1e-6
+    assert report_free.loc["0", "rel_error"] <= svd_error + 1e-6
+    x = torch.randn(7, 256)
+    torch.testing.assert_close(model[0](x), x @ A.to_dense().T + model[0].bias,
+                               rtol=1e-5, atol=1e-5)
+    # the 40 x 256 layer (fewer than 4 tiles of 64 rows) is the same free fit in both runs
+    torch.testing.assert_close(model[2].matrix.to_dense(), free[2].matrix.to_dense())
+    assert report.loc["2", "rel_error"] == pytest.approx(report_free.loc["2", "rel_error"])
+
+
 def test_data_aware_global_beats_uniform_on_outputs():
     X = _inputs()
     errs = {}
