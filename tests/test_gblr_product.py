@@ -114,6 +114,35 @@ def test_wide_slots_leave_the_tiles_of_the_stage_they_span():
     assert torch.allclose(never.matmul(never.pack(G._Uf, G._Vf), X), D @ X, atol=1e-12)
 
 
+def test_column_block_products_reuse_scratch_without_aliasing_results():
+    """Large products take their intermediates from the thread's scratch buffer
+    (base.scratch); results are fresh tensors, right in and out of inference mode."""
+    from gblr_approx.formats import base
+
+    A = mixed_gblr(97, 131, 200, seed=5)
+    B = mixed_gblr(131, 97, 150, seed=6)
+    assert A.segments is None and B.segments is None  # the tiled plan runs
+    for batch in (40, 3 * A.plan_for(256).chunk_columns + 5):  # one block / column blocks
+        X1 = torch.randn(131, batch, dtype=torch.float64)
+        X2 = torch.randn(97, batch, dtype=torch.float64)
+        with torch.inference_mode():
+            Y1 = A @ X1
+        with torch.no_grad():
+            Y2 = B @ X2
+            Y1b = A @ X1
+        torch.testing.assert_close(Y1, A.to_dense() @ X1, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(Y2, B.to_dense() @ X2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(Y1b, Y1, rtol=0, atol=0)
+        buf = base._SCRATCH.bufs[torch.float64]
+        for Y in (Y1, Y2, Y1b):  # no result is a view of the scratch buffer
+            assert Y.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+    # a result kept across products is not overwritten by them
+    kept = (A @ X1).clone()
+    Y = A @ X1
+    B @ X2
+    torch.testing.assert_close(Y, kept, rtol=0, atol=0)
+
+
 def test_plan_options_do_not_change_the_result():
     G = mixed_gblr(40, 30, 50, seed=11)
     X = torch.randn(30, 4, dtype=torch.float64)

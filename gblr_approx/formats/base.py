@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,7 @@ __all__ = [
     "take_rows",
     "gather",
     "cached_layout",
+    "scratch",
     "balanced_step",
 ]
 
@@ -216,6 +218,39 @@ def plan_building() -> Iterator[None]:
     """
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D buffer of ``numel`` entries (``like``'s dtype) that this thread's CPU products
+    reuse for their intermediates, or ``None`` where none is kept (not a CPU tensor).
+
+    The intermediates of a large product (gathered rows, partial sums) are megabytes.
+    Allocated per call, glibc maps fresh pages for them and returns them to the system
+    after the call, so in most processes a product spent most of its time in page faults:
+    a free-layout 1536 x 384 GBLR at batch 256 took 18-26 ms in three of four fresh
+    processes (about 2,800 minor faults per product) and 6-8 ms in the fourth, or in every
+    process with glibc's trimming switched off (docs/benchmarks.md, "Page faults").
+
+    One buffer per thread and dtype, grown to the largest request and kept (a few MB).
+    Its contents are garbage; callers carve views from it, use them within one product
+    without autograd, and never return them. The buffer is an ordinary tensor (made outside
+    inference mode), so in-place use is valid in and out of ``torch.inference_mode()``.
+    (CUDA's caching allocator already reuses memory, so CUDA products allocate as usual.)
+    """
+    if like.device.type != "cpu":
+        return None
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(like.dtype)
+    if buf is None or buf.numel() < numel:
+        with plan_building():
+            buf = torch.empty(max(numel, 1), dtype=like.dtype)
+        bufs[like.dtype] = buf
+    return buf[:numel]
 
 
 def cached_layout(owner: Any, name: str, build: Any, *sources: torch.Tensor) -> Any:
