@@ -181,6 +181,38 @@ def test_monarch_rectangular_and_transposed(J, K, R, Lr, I, gen):
         _check_grads(M, gen)
 
 
+def test_monarch_padded_matvec_is_exact_and_follows_its_factors(gen):
+    """Mat-vecs without autograd on few, low-rank blocks run on the zero-padded factors
+    (``M = P2 @ P1``, PADDED_MATVEC_SHARE); with gradients they take the bmm path."""
+    J, K, R, Lr, I = 2, 2, 3, 24, 20  # padded entries 2*2*3*(48+40) = 1056 > 0.5 * 48 * 40
+    w1 = torch.randn(K, R * J, I, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(J, Lr, K * R, dtype=torch.float64, generator=gen)
+    assert not ga.Monarch(w1, w2)._padded_ok
+    J, K, R, Lr, I = 2, 2, 2, 48, 40  # 2*2*2*(96+80) = 1408 <= 0.5 * 96 * 80
+    w1 = torch.randn(K, R * J, I, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(J, Lr, K * R, dtype=torch.float64, generator=gen)
+    A = ga.Monarch(w1, w2)
+    assert A._padded_ok and A.T._padded_ok
+    P1, P2 = A._padded_factors()
+    assert P1.shape == (J * K * R, K * I) and P2.shape == (J * Lr, J * K * R)
+    torch.testing.assert_close(P2 @ P1, A.to_dense(), rtol=1e-12, atol=1e-12)
+    for M in (A, A.T):
+        D = M.to_dense()
+        x = torch.randn(M.shape[1], dtype=torch.float64, generator=gen)
+        y = torch.randn(M.shape[0], dtype=torch.float64, generator=gen)
+        torch.testing.assert_close(M @ x, D @ x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y @ M, y @ D, rtol=1e-12, atol=1e-12)
+    assert "padded" in A._layouts  # the mat-vecs above ran on the padded factors
+    x = torch.randn(K * I, dtype=torch.float64, generator=gen)
+    before = A @ x
+    with torch.no_grad():
+        w2.mul_(2)  # in place: the padded copy is rebuilt
+    torch.testing.assert_close(A @ x, 2 * before, rtol=1e-12, atol=1e-12)
+    w1.requires_grad_(True)  # gradients: the bmm path, and they reach w1
+    (A @ x).sum().backward()
+    assert w1.grad is not None and torch.isfinite(w1.grad).all()
+
+
 # ------------------------------------------------------------- caches, syncs
 def test_blocklowrank_sees_in_place_factor_updates(gen):
     A = next(a for name, _, a in instances() if name == "blocklowrank")
