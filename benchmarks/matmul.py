@@ -67,7 +67,9 @@ def timed(fns, reps: int, clock=time.perf_counter) -> list[float]:
 
     ``--clock thread`` measures this thread's CPU time instead of wall time, which keeps
     ratios meaningful on a machine shared with other work (time spent descheduled is not
-    counted; one thread only).
+    counted; one thread only). Reading that clock has a cost of its own: on the 2-core VM
+    of docs/benchmarks.md it added 5-30 us to calls of 15-50 us, so batch-1 ratios are best
+    taken with the wall clock on a quiet machine.
     """
     for f in fns:
         f()
