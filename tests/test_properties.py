@@ -188,9 +188,10 @@ def _counted_macs(A, columns: int = 1, grad: bool = False) -> int:
 @given(ANY)
 def test_flops_equal_counted_macs(case):
     """``flops`` counts the structure's MACs. Dense, low-rank and Monarch execute exactly
-    those; the formats whose kernels pad blocks to shared shapes (block-sparse, block-low-rank,
-    GBLR) execute at least those and the padding (GBLR: exactly its plan's count); BLAST's
-    coupling step may run as an elementwise product that the counter does not see."""
+    those (Monarch mat-vecs on padded factors: ``J K R (m + n)``); the formats whose kernels
+    pad blocks to shared shapes (block-sparse, block-low-rank, GBLR) execute at least those
+    and the padding (GBLR: exactly its plan's count); BLAST's coupling step may run as an
+    elementwise product that the counter does not see."""
     name, A = case
     counted = _counted_macs(A)
     inner = A.inner if name == "permuted" else A
@@ -206,6 +207,10 @@ def test_flops_equal_counted_macs(case):
     elif fmt == "blast":
         assert counted >= inner.rank * sum(A.shape)
         assert counted <= A.flops + inner.rank * sum(A.shape)
+    elif fmt == "monarch" and inner._padded_ok:
+        # mat-vecs on the zero-padded factors (PADDED_MATVEC_SHARE): J K R (m + n) MACs
+        assert counted == inner.out_blocks * inner.in_blocks * inner.rank * sum(A.shape)
+        assert _counted_macs(A, 2) == A.flops
     else:
         assert A.flops == counted
 

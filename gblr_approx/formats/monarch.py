@@ -41,7 +41,7 @@ __all__ = ["Monarch"]
 #: layers the coarse grids also have the lower error, so the choice there is unchanged.
 MIN_SIDE = 64
 
-#: Mat-vecs without autograd run on the factors zero-padded to two plain matrices (one GEMV
+#: Mat-vecs without autograd run on the factors zero-padded to two plain matrices (one GEMM
 #: each, no regrouping copies) when those hold at most this share of the ``m n`` entries of
 #: the dense matrix. They hold ``J K R (m + n)`` entries, ``K`` (= ``J``) times the cost: on
 #: a 384 x 384 layer at 25 % (``K = J = 2``) half the dense matrix, and the mat-vec took 12-14
@@ -140,7 +140,7 @@ class Monarch(StructuredMatrix):
         k = X.shape[1]
         if k == 1 and self._padded_ok and not _needs_grad(X, self.w1, self.w2):
             P1, P2 = cached_layout(self, "padded", self._padded_factors, self.w1, self.w2)
-            return torch.mv(P2, torch.mv(P1, X.view(-1))).view(-1, 1)
+            return torch.mm(P2, torch.mm(P1, X))
         K, J, R = self.in_blocks, self.out_blocks, self.rank
         Lr = self.w2.shape[1]
         if k == 1:  # mat-vec: the same kernels on flat views
@@ -168,7 +168,7 @@ class Monarch(StructuredMatrix):
         k = Y.shape[1]
         if k == 1 and self._padded_ok and not _needs_grad(Y, self.w1, self.w2):
             P1, P2 = cached_layout(self, "padded", self._padded_factors, self.w1, self.w2)
-            return torch.mv(P1.T, torch.mv(P2.T, Y.view(-1))).view(-1, 1)
+            return torch.mm(P1.T, torch.mm(P2.T, Y))
         K, J, R = self.in_blocks, self.out_blocks, self.rank
         Lr = self.w2.shape[1]
         if k == 1:
