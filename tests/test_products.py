@@ -259,6 +259,14 @@ def test_every_format_pickles_compactly_and_exactly(gen):
         torch.testing.assert_close(B.to_dense(), A.to_dense(), rtol=1e-12, atol=1e-12, msg=name)
         stored = sum(t.numel() * t.element_size() for t in A._tensors().values())
         assert len(pickle.dumps(A)) <= 2 * stored + 20_000, name
+        # products fill caches (plans, padded or transposed layouts): they are not shipped
+        for k in (1, 70):
+            A @ torch.randn(A.shape[1], k, dtype=torch.float64, generator=gen)
+            torch.randn(k, A.shape[0], dtype=torch.float64, generator=gen) @ A
+        assert len(pickle.dumps(A)) <= 2 * stored + 20_000, name
+        C = pickle.loads(pickle.dumps(A))
+        X = torch.randn(A.shape[1], 5, dtype=torch.float64, generator=gen)
+        torch.testing.assert_close(C @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12, msg=name)
     W = torch.randn(48, 40, dtype=torch.float64, generator=gen)
     B = pickle.loads(pickle.dumps(ga.BlockLowRank.project(W, 600, grid=(3, 4))))
     x = torch.randn(40, dtype=torch.float64, generator=gen)

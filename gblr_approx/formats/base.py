@@ -311,10 +311,19 @@ class StructuredMatrix(ABC):
     """
 
     format_name: ClassVar[str] = ""
+    #: Attributes that hold what products cache (layouts, plans; rebuilt on demand): not
+    #: pickled, so a matrix that has run products ships as compactly as a fresh one.
+    _CACHE_ATTRS: ClassVar[tuple[str, ...]] = ("_layouts", "_plan_refs")
 
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.info: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in self._CACHE_ATTRS:
+            state.pop(name, None)
+        return state
 
     # ----------------------------------------------------------------- hooks
     @abstractmethod
