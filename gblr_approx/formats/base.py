@@ -229,9 +229,9 @@ def scratch(numel: int, like: torch.Tensor) -> torch.Tensor | None:
 
     The intermediates of a large product (gathered rows, partial sums) are megabytes.
     Allocated per call, glibc maps fresh pages for them and returns them to the system
-    after the call, so in most processes a product spent most of its time in page faults:
-    a free-layout 1536 x 384 GBLR at batch 256 took 18-26 ms in three of four fresh
-    processes (about 2,800 minor faults per product) and 6-8 ms in the fourth, or in every
+    after the call, so in many processes a product spent most of its time in page faults:
+    a free-layout 1536 x 384 GBLR at batch 256 took 18-28 ms in five of eight fresh
+    processes (about 2,800 minor faults per product) and 6-9 ms in the others, or in every
     process with glibc's trimming switched off (docs/benchmarks.md, "Page faults").
 
     One buffer per thread and dtype, grown to the largest request and kept (a few MB).
