@@ -73,7 +73,7 @@ class StructuredLinear(nn.Module):
     @property
     def matrix(self) -> StructuredMatrix:
         """The current structured matrix (sharing storage with the parameters)."""
-        tensors = {name: getattr(self, f"factor_{name}") for name in self._names}
+        tensors = dict(zip(self._names, self._factor_tensors(), strict=True))
         cls = get_format(self.format_name)
         return cls._from_state(tensors, self._config, (self.out_features, self.in_features))
 

@@ -234,12 +234,13 @@ class GBLRPlan:
         B = X.shape[1]
         if B >= 2 * chunk:  # column blocks whose intermediates stay in cache
             out = X.new_empty(self.shape[0], B)
+            rows = self._block_rows(scratch_result=True)
             for j in range(0, B, chunk):
                 out[:, j : j + chunk] = self._matmul_block(
-                    p1, p2, (Vw, Uw), X[:, j : j + chunk], scratch_result=True
+                    p1, p2, (Vw, Uw), X[:, j : j + chunk], rows
                 )
             return out
-        return self._matmul_block(p1, p2, (Vw, Uw), X)
+        return self._matmul_block(p1, p2, (Vw, Uw), X, self._block_rows(scratch_result=False))
 
     @property
     def chunk_columns(self) -> int:
@@ -273,29 +274,29 @@ class GBLRPlan:
 
     def _matmul_block(
         self, p1: list[torch.Tensor], p2: list[torch.Tensor], pw: tuple, X: torch.Tensor,
-        scratch_result: bool = False,
+        rows: list[int],
     ) -> torch.Tensor:
         """The no-autograd product of one column block (see :meth:`matmul`).
 
-        The intermediates are views of this thread's scratch buffer on the CPU
-        (:func:`~gblr_approx.formats.base.scratch`: no page faults per product); with
-        ``scratch_result`` the returned block may be one too (the caller copies it).
+        The intermediates (``rows`` from :meth:`_block_rows`) are views of this thread's
+        scratch buffer on the CPU (:func:`~gblr_approx.formats.base.scratch`: no page faults
+        per product), fresh tensors elsewhere; with ``scratch_result`` rows the returned
+        block may be a view of it too (the caller copies it).
         """
         Vw, Uw = pw
         m = self.shape[0]
         B = X.shape[1]
         T1 = self.tiles[0]
         S1 = self.slots + 1
-        rows = self._block_rows(scratch_result)
         buf = scratch(sum(rows) * B, X)
 
-        def take(i: int) -> torch.Tensor | None:
+        def take(i: int) -> torch.Tensor:
             if buf is None:
-                return None
+                return X.new_empty(rows[i], B)
             at = sum(rows[:i]) * B
             return buf[at : at + rows[i] * B].view(rows[i], B)
 
-        ZX = take(0) if buf is not None else X.new_empty(rows[0], B)
+        ZX = take(0)
         ZX[:S1].zero_()
         if self.reads_x:  # rows: slots, a zero scratch row, then X (read by dense slots)
             ZX[S1:].copy_(X)
@@ -303,7 +304,7 @@ class GBLRPlan:
             torch.mm(Vw, X, out=ZX[: self.wide1])
         if self.stage1:
             Xg = X if self.x_gather is None else _rows(X, self.x_gather, take(1))
-            P = take(2) if buf is not None else X.new_empty(rows[2], B)
+            P = take(2)
             at = to = 0
             for b, vals in zip(self.stage1, p1, strict=True):
                 size, rows_b = b.count * T1, b.count * b.rows
@@ -318,8 +319,8 @@ class GBLRPlan:
         if not self.stage2:  # every stage-2 slot is wide
             return torch.mm(Uw, ZX[w0 : w0 + wc])
         Zg = _rows(ZX, self.z_gather, take(3))
-        y_rows = sum(b.count * b.rows for b in self.stage2)
-        Y = take(4) if rows[4] and buf is not None else X.new_empty(y_rows, B)
+        # (rows[4] == 0: the stage-2 output is the result itself, a fresh tensor)
+        Y = take(4) if rows[4] else X.new_empty(sum(b.count * b.rows for b in self.stage2), B)
         at = to = 0
         for b, vals in zip(self.stage2, p2, strict=True):
             size, rows_b = b.count * b.cols, b.count * b.rows
