@@ -67,6 +67,23 @@ def test_layer_trains_after_an_inference_mode_pass(fmt):
         assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)
 
 
+@pytest.mark.parametrize("fmt", sorted(CATALOGUE))
+def test_layer_built_in_inference_mode_runs_and_sees_edits(fmt):
+    # a layer made inside inference_mode holds inference tensors (no version counter);
+    # its forward used to crash reading one, and must not serve a stale matrix either
+    g = torch.Generator().manual_seed(3)
+    A = CATALOGUE[fmt]((24, 40), torch.float64, g)
+    x = torch.randn(2, 7, 40, dtype=torch.float64, generator=g)
+    with torch.inference_mode():
+        layer = StructuredLinear(A)
+        torch.testing.assert_close(layer(x), x @ A.to_dense().T, rtol=1e-12, atol=1e-12)
+        for p in layer.parameters():
+            p.mul_(2.0)  # in place, inside inference mode (allowed on inference tensors)
+        want = layer.matrix.to_dense()
+        torch.testing.assert_close(layer(x), x @ want.T, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(want, A.to_dense())
+
+
 def test_compress_model_replaces_linears():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 64), nn.Linear(64, 10))
