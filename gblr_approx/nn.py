@@ -54,21 +54,25 @@ class StructuredLinear(nn.Module):
         self._config = matrix._config()
         self.info = dict(matrix.info)
         self._names: list[str] = []
-        for name, t in matrix._tensors().items():
-            key = f"factor_{name}"
-            if t.is_floating_point():
-                self.register_parameter(key, nn.Parameter(t.detach().clone()))
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(
+                f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}"
+            )
+        # normal tensors even when built under torch.inference_mode(): inference tensors have
+        # no version counter, so the inference caches could not be kept (2-4x slower
+        # forwards) and the layer could not be trained later
+        with torch.inference_mode(False):
+            for name, t in matrix._tensors().items():
+                key = f"factor_{name}"
+                if t.is_floating_point():
+                    self.register_parameter(key, nn.Parameter(t.detach().clone()))
+                else:
+                    self.register_buffer(key, t.detach().clone())
+                self._names.append(name)
+            if bias is not None:
+                self.bias = nn.Parameter(bias.detach().clone())
             else:
-                self.register_buffer(key, t.detach().clone())
-            self._names.append(name)
-        if bias is not None:
-            if bias.shape != (self.out_features,):
-                raise ValueError(
-                    f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}"
-                )
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
+                self.register_parameter("bias", None)
 
     @property
     def matrix(self) -> StructuredMatrix:

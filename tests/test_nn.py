@@ -68,20 +68,52 @@ def test_layer_trains_after_an_inference_mode_pass(fmt):
 
 
 @pytest.mark.parametrize("fmt", sorted(CATALOGUE))
-def test_layer_built_in_inference_mode_runs_and_sees_edits(fmt):
-    # a layer made inside inference_mode holds inference tensors (no version counter);
-    # its forward used to crash reading one, and must not serve a stale matrix either
+def test_layer_built_in_inference_mode_caches_sees_edits_and_trains(fmt):
+    # built inside inference_mode, the layer keeps normal tensors: its forward used to crash
+    # on inference tensors (no version counter); it must cache its matrix, see in-place
+    # edits, and train afterwards
     g = torch.Generator().manual_seed(3)
     A = CATALOGUE[fmt]((24, 40), torch.float64, g)
     x = torch.randn(2, 7, 40, dtype=torch.float64, generator=g)
     with torch.inference_mode():
-        layer = StructuredLinear(A)
+        layer = StructuredLinear(A, torch.zeros(24, dtype=torch.float64))
+        assert not any(p.is_inference() for p in layer.parameters())
         torch.testing.assert_close(layer(x), x @ A.to_dense().T, rtol=1e-12, atol=1e-12)
+        assert layer._forward_matrix() is layer._forward_matrix()  # cached
         for p in layer.parameters():
-            p.mul_(2.0)  # in place, inside inference mode (allowed on inference tensors)
+            p.mul_(2.0)  # in place, inside inference mode
         want = layer.matrix.to_dense()
         torch.testing.assert_close(layer(x), x @ want.T, rtol=1e-12, atol=1e-12)
     assert not torch.equal(want, A.to_dense())
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_load_in_inference_mode_gives_normal_tensors(tmp_path):
+    # products of a matrix loaded under inference_mode keep their cached layouts
+    g = torch.Generator().manual_seed(5)
+    A = CATALOGUE["gblr"]((24, 40), torch.float64, g)
+    A.save(tmp_path / "a.safetensors")
+    X = torch.randn(40, 64, dtype=torch.float64, generator=g)
+    with torch.inference_mode():
+        B = ga.load(tmp_path / "a.safetensors")
+        assert not any(t.is_inference() for t in vars(B).values() if isinstance(t, torch.Tensor))
+        torch.testing.assert_close(B @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
+        assert B.__dict__.get("_layouts")  # the packed panels were kept
+
+
+@pytest.mark.parametrize("fmt", ["lowrank", "gblr"])
+def test_layer_with_inference_tensor_parameters_runs(fmt):
+    # parameters replaced by inference tensors (e.g. .to() inside inference mode) are not
+    # cached (no version counter) but still give the right result
+    g = torch.Generator().manual_seed(4)
+    A = CATALOGUE[fmt]((24, 40), torch.float64, g)
+    x = torch.randn(5, 40, dtype=torch.float64, generator=g)
+    layer = StructuredLinear(A)
+    with torch.inference_mode():
+        layer = layer.to(torch.float32)
+        assert any(p.is_inference() for p in layer.parameters())
+        torch.testing.assert_close(layer(x.float()), (x @ A.to_dense().T).float())
 
 
 def test_compress_model_replaces_linears():

@@ -519,7 +519,14 @@ def load(path: str | Path, device: torch.device | str | None = None) -> Structur
     device : optional
         Device to place the tensors on (default CPU).
     """
-    path = Path(path)
+    # normal tensors even under torch.inference_mode(): inference tensors have no version
+    # counter, so the products' cached layouts would be rebuilt at every call
+    with torch.inference_mode(False):
+        return _load(Path(path), device)
+
+
+def _load(path: Path, device: torch.device | str | None) -> StructuredMatrix:
+    """:func:`load` (outside inference mode)."""
     meta, tensors = read_safetensors(path)
     fmt = str(meta.get("format", ""))
     if fmt.lower().replace("-", "").replace("_", "") not in FORMATS:
