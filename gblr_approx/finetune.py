@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formats.base import with_autograd
+
 __all__ = ["distill"]
 
 
+@with_autograd
 def distill(
     student: nn.Module,
     teacher: nn.Module,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .budget import resolve_budget
-from .formats.base import StructuredMatrix, get_format
+from .formats.base import StructuredMatrix, get_format, with_autograd
 from .validation import as_matrix
 
 __all__ = ["project", "register_projection", "get_projection"]
@@ -47,6 +47,7 @@ def get_projection(format_name: str) -> Callable[..., StructuredMatrix]:
     return _PROJECTIONS[key]
 
 
+@with_autograd
 def project(
     W: Any, format: str, budget: float | int, *, gram: Any = None, **options: Any
 ) -> StructuredMatrix:

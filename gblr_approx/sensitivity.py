@@ -82,7 +82,7 @@ def layer_sensitivity(
         handles.append(mod.register_forward_hook(make_hook(name)))
     params = [p.requires_grad for p in model.parameters()]
     try:
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # (also under inference mode)
             out = forward()
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 raise ValueError("forward() must return a tensor that depends on the model "

@@ -470,3 +470,20 @@ def test_default_fit_beats_official_by_three_percent_on_minilm_query_at_10_perce
     res = ga.fit_gblr(W, 0.1, progress=False)
     assert res.matrix.flops <= res.budget
     assert ga.relative_error(W, res.matrix) <= 0.97 * 0.8140
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_fits_run_under_no_grad_and_inference_mode(mode):
+    # the proximal fit takes gradient steps: under torch.no_grad() it used to fail deep in
+    # autograd; results made under inference mode must be normal tensors (cacheable layouts)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 32, dtype=torch.float64, generator=g)
+    ref = ga.fit_gblr(W, 0.3, algorithm="proximal", steps=10, seed=0).matrix
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        got = ga.fit_gblr(W, 0.3, algorithm="proximal", steps=10, seed=0).matrix
+        P = ga.project(W, "monarch", 0.3)
+    torch.testing.assert_close(got.to_dense(), ref.to_dense(), rtol=0, atol=0)
+    for A in (got, P):
+        tensors = [t for t in vars(A).values() if isinstance(t, torch.Tensor)]
+        assert tensors and not any(t.is_inference() or t.requires_grad for t in tensors)

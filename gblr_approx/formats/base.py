@@ -31,6 +31,7 @@ product that picks the fast memory layout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -59,6 +60,7 @@ __all__ = [
     "cached_layout",
     "scratch",
     "balanced_step",
+    "with_autograd",
 ]
 
 FORMAT_VERSION = 1
@@ -218,6 +220,24 @@ def plan_building() -> Iterator[None]:
     """
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+def with_autograd(fn: Any) -> Any:
+    """Decorate an entry point that fits or trains so that it runs as in the default grad
+    mode even when called under ``torch.no_grad()`` or ``torch.inference_mode()``.
+
+    Gradient steps (GBLR's proximal fit, distillation) need autograd, and results made under
+    inference mode would be inference tensors, which have no version counter, so products
+    could not keep their cached layouts. Inputs that require grad stay untracked as before
+    (the fits detach them); nothing else changes for callers in the default mode.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 _SCRATCH = threading.local()

@@ -32,6 +32,7 @@ import torch
 
 from ... import linalg
 from ...budget import InfeasibleBudgetError, resolve_budget
+from ...formats.base import with_autograd
 from ...formats.gblr import GBLR
 from ...validation import as_matrix, check_positive_int
 from ..result import FitResult
@@ -151,6 +152,7 @@ def _residual(W: torch.Tensor, G: GBLR) -> torch.Tensor:
     return R
 
 
+@with_autograd
 def fit_gblr(
     W: Any,
     budget: float | int,
