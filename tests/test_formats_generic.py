@@ -74,6 +74,8 @@ def test_to_dtype(name, shape, A):
     assert B.dtype == torch.float32 and type(B) is type(A)
     torch.testing.assert_close(B.to_dense(), A.to_dense().float(), rtol=1e-6, atol=1e-6)
     assert B.to(device="cpu").device.type == "cpu"
+    with pytest.raises(TypeError, match="floating-point"):
+        A.to(dtype=torch.int32)  # (used to return a matrix of integer factors)
 
 
 def _counted_macs(A) -> int:

@@ -462,6 +462,8 @@ class StructuredMatrix(ABC):
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> StructuredMatrix:
         """Copy to another device and/or floating dtype (index tensors keep their dtype)."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype}")
         new = {}
         for k, t in self._tensors().items():
             if t.is_floating_point():
