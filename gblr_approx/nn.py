@@ -105,8 +105,8 @@ class StructuredLinear(nn.Module):
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             self.__dict__["_matrix_cache"] = None
             return self.matrix
-        if any(t.is_inference() for t in tensors):  # (layer made in inference mode: no
-            return self.matrix  # version counter to see an in-place change by; not cached)
+        if any(t.is_inference() for t in tensors):  # (e.g. after .to() in inference mode:
+            return self.matrix  # no version counter to see an in-place change by; not cached)
         key = (
             torch.is_inference_mode_enabled(),
             *[(t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors],
