@@ -53,7 +53,6 @@ import torch
 from projection import markdown_table  # benchmarks/projection.py (same folder)
 
 import gblr_approx as ga
-from gblr_approx.formats.base import ROW_FORM_BELOW
 
 FORMATS = ["lowrank", "blocksparse", "blocklowrank", "monarch", "blast", "gblr"]
 MINILM = {
@@ -272,13 +271,13 @@ def main() -> None:
 def product_calls(W: torch.Tensor, A, batch: int) -> list:
     """``W @ X`` and ``A @ X`` for one random ``X`` of ``batch`` columns.
 
-    Below ``ROW_FORM_BELOW`` columns (but more than one) the dense product is timed in
-    ``nn.Linear``'s form ``(X^T W^T)^T``: MKL runs ``W @ X`` with 2-31 output columns 2-4x
-    slower (384x384, 4 columns: 172 against 34 us), which would flatter every format."""
+    The dense product is ``ga.Dense(W)``'s: below ``ROW_FORM_BELOW`` columns (but more than
+    one) it runs in ``nn.Linear``'s form ``(X^T W^T)^T``, since MKL runs ``W @ X`` with 2-31
+    output columns 2-4x slower (384x384, 4 columns: 172 against 34 us), which would flatter
+    every format."""
     X = torch.randn(W.shape[1], batch)
-    if 1 < batch < ROW_FORM_BELOW:
-        return [lambda: (X.T @ W.T).T, lambda: A @ X]
-    return [lambda: W @ X, lambda: A @ X]
+    D = ga.Dense(W)
+    return [lambda: D._matmul(X), lambda: A @ X]
 
 
 def train_steps(W: torch.Tensor, A, batch: int) -> list:

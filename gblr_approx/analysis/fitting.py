@@ -8,9 +8,9 @@ is cached for the next task on the same matrix in the same process.
 Product timing (``Task.product_batch``): after the fit, ``A @ X`` and ``W @ X`` for one
 random ``X`` of shape ``(cols, batch)`` in the matrix's fitted dtype are timed alternately in
 this process, 7 rounds after a warm-up, each round repeating the product until it has taken
-at least 2 ms; the columns hold the median seconds of one product. For 2-31 columns the dense
-product is timed as ``(X^T W^T)^T``, the form ``nn.Linear`` runs: MKL's ``W @ X`` with a few
-output columns is 2-4x slower, which would flatter every format.
+at least 2 ms; the columns hold the median seconds of one product. The dense product is
+``ga.Dense(W)``'s: for 2-31 columns ``(X^T W^T)^T``, the form ``nn.Linear`` runs (MKL's
+``W @ X`` with a few output columns is 2-4x slower, which would flatter every format).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..budget import InfeasibleBudgetError
-from ..formats.base import ROW_FORM_BELOW
+from ..formats.dense import Dense
 from ..validation import as_matrix
 from .plan import Source, Task, forget_stores, read_source, tensor_hash
 
@@ -143,8 +143,8 @@ def time_products(A: Any, W: torch.Tensor, batch: int, rounds: int = 7) -> tuple
         return (time.perf_counter() - t0) / k
 
     with torch.no_grad():
-        fa = lambda: A @ X  # noqa: E731
-        fw = (lambda: (X.T @ W.T).T) if 1 < batch < ROW_FORM_BELOW else (lambda: W @ X)
+        D = Dense(W)
+        fa, fw = (lambda: A @ X), (lambda: D._matmul(X))
         ka, kw = reps_for(fa), reps_for(fw)
         ta, tw = [], []
         for _ in range(rounds):
