@@ -99,7 +99,8 @@ class StructuredLinear(nn.Module):
         Rebuilding the matrix object costs more than a small product, so inference reuses it
         until a parameter changes (in place, or replaced by ``.to()`` / ``load_state_dict``).
         With gradients on, the matrix is rebuilt
-        at every call so that autograd sees fresh operations on the parameters.
+        at every call so that autograd sees fresh operations on the parameters. Edits through
+        ``p.data`` do not bump the version counter: :meth:`clear_cache` then drops the cache.
         """
         tensors = self._factor_tensors()
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -116,6 +117,22 @@ class StructuredLinear(nn.Module):
             cache = (key, self.matrix)
             self.__dict__["_matrix_cache"] = cache
         return cache[1]
+
+    def clear_cache(self) -> None:
+        """Drop the cached matrix and what its products cached (layouts, packed panels, plans).
+
+        Forwards without autograd reuse the matrix built from the parameters, and the formats
+        reuse layouts of the stored numbers, until a parameter's version counter changes or
+        a parameter is replaced. That covers in-place edits of the parameters themselves
+        (``with torch.no_grad(): p.mul_(2)``, ``p.detach().mul_(2)``, ``p.copy_(...)``),
+        optimizer steps and ``load_state_dict``. An in-place edit through ``p.data``
+        (``p.data.mul_(2)``, as EMA and weight-clipping code often does) bypasses the version
+        counter: call this method after it, or the next forwards without autograd keep using
+        the old numbers. Cost: the next forward rebuilds the matrix (and its caches) once.
+        """
+        cache = self.__dict__.pop("_matrix_cache", None)
+        if cache is not None:
+            _drop_matrix_caches(cache[1])
 
     @property
     def flops(self) -> int:
@@ -142,6 +159,12 @@ class StructuredLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"format={self.format_name}, flops={self.flops}, bias={self.bias is not None}"
         )
+
+
+def _drop_matrix_caches(A: StructuredMatrix) -> None:
+    """Remove the product caches (``_CACHE_ATTRS``: layouts, plans) kept on ``A``."""
+    for name in A._CACHE_ATTRS:
+        A.__dict__.pop(name, None)
 
 
 def _row_major(Y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

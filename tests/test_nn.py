@@ -149,3 +149,79 @@ def test_errors():
     layer = StructuredLinear(ga.project(torch.randn(6, 8), "lowrank", 0.9))
     with pytest.raises(ValueError, match="input has 7 features but the layer expects 8"):
         layer(torch.randn(2, 7))
+
+
+def _edit(layer: StructuredLinear, how: str) -> None:
+    """Change every factor of ``layer`` in one of the ways a user or a trainer does."""
+    ps = [p for n, p in layer.named_parameters() if n.startswith("factor_")]
+    if how == "no_grad":
+        with torch.no_grad():
+            for p in ps:
+                p.mul_(1.5)
+    elif how == "detach":
+        for p in ps:
+            p.detach().mul_(0.7)
+    elif how == "copy_":
+        with torch.no_grad():
+            for p in ps:
+                p.copy_(p * 1.25)
+    elif how == "foreach":  # (what EMA helpers such as torch.optim.swa_utils run)
+        with torch.no_grad():
+            torch._foreach_mul_(ps, 0.9)
+    elif how in ("sgd", "adam"):
+        cls = torch.optim.SGD if how == "sgd" else torch.optim.Adam
+        opt = cls(layer.parameters(), lr=0.1)
+        x = torch.randn(3, layer.in_features, dtype=ps[0].dtype)
+        layer(x).pow(2).mean().backward()
+        opt.step()
+    elif how in ("load_state_dict", "load_state_dict_assign"):
+        sd = {k: v * 1.3 if v.is_floating_point() else v for k, v in layer.state_dict().items()}
+        layer.load_state_dict(sd, assign=how.endswith("assign"))
+    else:  # pragma: no cover
+        raise AssertionError(how)
+
+
+def _assert_follows_parameters(layer: StructuredLinear, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        want = x @ layer.matrix.to_dense().T + layer.bias
+        for rows in (x, x[:1]):  # batch and mat-vec paths (their own plans / layouts)
+            torch.testing.assert_close(layer(rows), want[: rows.shape[0]],
+                                       rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fmt", sorted(CATALOGUE))
+@pytest.mark.parametrize("how", ["no_grad", "detach", "copy_", "foreach", "sgd", "adam",
+                                 "load_state_dict", "load_state_dict_assign"])
+def test_cached_forward_follows_tracked_parameter_edits(fmt, how):
+    # the inference caches (layer matrix, format layouts and plans) key on the version
+    # counters: every edit that bumps them gives fresh no-grad results (docs/nn.md)
+    g = torch.Generator().manual_seed(6)
+    layer = StructuredLinear(CATALOGUE[fmt]((24, 40), torch.float64, g),
+                             torch.randn(24, dtype=torch.float64, generator=g))
+    x = torch.randn(150, 40, dtype=torch.float64, generator=g)
+    _assert_follows_parameters(layer, x)  # warms every cache
+    before = layer.matrix.to_dense().clone()
+    _edit(layer, how)
+    assert not torch.equal(layer.matrix.to_dense(), before)
+    _assert_follows_parameters(layer, x)
+
+
+@pytest.mark.parametrize("fmt", sorted(CATALOGUE))
+def test_clear_cache_after_edits_through_data(fmt):
+    # p.data.mul_() bypasses the version counter (blocklowrank, gblr and blast kept the old
+    # numbers in their packed panels); clear_cache() drops the layer's and the formats' caches
+    g = torch.Generator().manual_seed(7)
+    layer = StructuredLinear(CATALOGUE[fmt]((24, 40), torch.float64, g),
+                             torch.randn(24, dtype=torch.float64, generator=g))
+    x = torch.randn(150, 40, dtype=torch.float64, generator=g)
+    _assert_follows_parameters(layer, x)
+    cached = layer._forward_matrix()
+    for n, p in layer.named_parameters():
+        if n.startswith("factor_"):
+            p.data.mul_(2.0)
+    layer.clear_cache()
+    assert "_matrix_cache" not in layer.__dict__
+    assert not any(a in cached.__dict__ for a in cached._CACHE_ATTRS)
+    _assert_follows_parameters(layer, x)
+    layer.clear_cache()  # nothing cached: a no-op
+    layer.clear_cache()
