@@ -20,7 +20,7 @@ import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ from torch import nn
 __all__ = [
     "collect_grams",
     "select_linears",
+    "find_linears",
+    "LinearSelection",
     "model_card_sentences",
     "stdlib_docstrings",
     "STDLIB_MODULES",
@@ -61,6 +63,96 @@ def _patterns(value: Any, name: str) -> list[str]:
     raise TypeError(f"{name} must be a glob pattern or a list of them; got {value!r}")
 
 
+#: Why a matching ``nn.Linear`` is left out: its owner reads ``.weight`` directly, so a
+#: structured replacement (which has no dense weight) would make the model crash.
+SKIP_MHA = ("owned by an nn.MultiheadAttention, which reads out_proj.weight and .bias "
+            "directly and never calls the module")
+SKIP_ENCODER_FASTPATH = ("linear1/linear2 of an nn.TransformerEncoderLayer: torch's eval "
+                         "fast path (TransformerEncoderLayer, TransformerEncoder) reads their "
+                         ".weight directly")
+
+
+class LinearSelection(NamedTuple):
+    """What :func:`find_linears` selects.
+
+    Attributes
+    ----------
+    layers : list of (name, nn.Linear)
+        One entry per selected module, under its first name in ``model.named_modules()``
+        order (the name Grams, reports and saved files use).
+    aliases : dict
+        Name in ``layers`` -> every name of that module (itself first), for modules that are
+        reachable under more than one name (tied or reused layers); absent otherwise.
+    skipped : dict
+        Name -> reason, for the modules that match the patterns but are not selected because
+        their owner reads their weight directly (:data:`SKIP_MHA`,
+        :data:`SKIP_ENCODER_FASTPATH`).
+    """
+
+    layers: list[tuple[str, nn.Linear]]
+    aliases: dict[str, list[str]]
+    skipped: dict[str, str]
+
+
+def _skip_reason(parent: nn.Module | None, child: str) -> str | None:
+    if isinstance(parent, nn.MultiheadAttention):
+        return SKIP_MHA
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+        return SKIP_ENCODER_FASTPATH
+    return None
+
+
+def find_linears(
+    model: nn.Module, include: str | list[str] = "*", exclude: str | list[str] | None = None
+) -> LinearSelection:
+    """The ``nn.Linear`` modules of ``model`` matching the glob patterns, with their aliases
+    and the matching modules that cannot be replaced.
+
+    A module reachable under several names (``model.b = model.a``) is one layer: selected
+    when any of its names matches ``include`` and none matches ``exclude`` (excluding one
+    name keeps the shared module as it is, so tied weights stay tied). A module owned by an
+    ``nn.MultiheadAttention`` (its ``out_proj``), or ``linear1``/``linear2`` of an
+    ``nn.TransformerEncoderLayer``, is skipped with a reason: torch reads their ``.weight``
+    directly. Does not raise when nothing matches (see :func:`select_linears`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    names: dict[int, list[str]] = {}
+    mods: dict[int, nn.Linear] = {}
+    reasons: dict[int, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, nn.Linear):
+            continue
+        key = id(mod)
+        if key not in names:
+            names[key], mods[key] = [], mod
+        if name in names[key]:
+            continue
+        names[key].append(name)
+        parent_name, _, child = name.rpartition(".")
+        parent = None if not name else (
+            model.get_submodule(parent_name) if parent_name else model)
+        reason = _skip_reason(parent, child)
+        if reason is not None:
+            reasons.setdefault(key, reason)
+    layers: list[tuple[str, nn.Linear]] = []
+    aliases: dict[str, list[str]] = {}
+    skipped: dict[str, str] = {}
+    for key, all_names in names.items():
+        if not any(fnmatch.fnmatchcase(n, p) for n in all_names for p in inc):
+            continue
+        if any(fnmatch.fnmatchcase(n, p) for n in all_names for p in exc):
+            continue
+        if key in reasons:
+            skipped[all_names[0]] = reasons[key]
+            continue
+        layers.append((all_names[0], mods[key]))
+        if len(all_names) > 1:
+            aliases[all_names[0]] = list(all_names)
+    return LinearSelection(layers, aliases, skipped)
+
+
 def select_linears(
     model: nn.Module, include: str | list[str] = "*", exclude: str | list[str] | None = None
 ) -> list[tuple[str, nn.Linear]]:
@@ -70,24 +162,25 @@ def select_linears(
     ----------
     include, exclude : glob pattern(s) on the names of ``model.named_modules()``.
 
+    Returns
+    -------
+    list of (name, nn.Linear)
+        One entry per module (a module shared under several names appears once, under its
+        first name); modules whose owner reads their weight directly (the ``out_proj`` of
+        ``nn.MultiheadAttention``, ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer``)
+        are left out. :func:`find_linears` also returns the aliases and the skipped modules.
+
     Raises
     ------
     ValueError
         When no ``nn.Linear`` matches.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    out = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear)
-        and any(fnmatch.fnmatchcase(name, p) for p in inc)
-        and not any(fnmatch.fnmatchcase(name, p) for p in exc)
-    ]
-    if not out:
-        raise ValueError(f"no nn.Linear module matches include={include!r}, exclude={exclude!r}")
-    return out
+    sel = find_linears(model, include, exclude)
+    if not sel.layers:
+        why = "".join(f"; {n!r} skipped: {r}" for n, r in list(sel.skipped.items())[:3])
+        raise ValueError(
+            f"no nn.Linear module matches include={include!r}, exclude={exclude!r}{why}")
+    return sel.layers
 
 
 def collect_grams(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .budget import InfeasibleBudgetError
-from .calibration import collect_grams, select_linears
+from .calibration import collect_grams, find_linears, select_linears
 from .compress_dask import check_scheduler, run_layer_jobs
 from .data_aware import output_error, regularised_gram, whitened_lowrank
 from .formats.base import FORMATS, StructuredMatrix, get_format
@@ -339,6 +339,13 @@ def compress_model(
         Float in (0, 1]: fraction of the selected layers' *total* dense MACs; int: MACs (total
         over the selected layers, per input row).
     include, exclude : glob pattern(s) on module names (``model.named_modules()``).
+        A module shared under several names (tied or reused) is one layer: its MACs count
+        once, and every name gets the same :class:`StructuredLinear` (the weights stay
+        tied); it is selected when any name matches ``include`` and none matches
+        ``exclude``. Linears whose owner reads ``.weight`` directly are skipped (the
+        ``out_proj`` of ``nn.MultiheadAttention``, ``linear1``/``linear2`` of
+        ``nn.TransformerEncoderLayer``, whose eval fast path reads them): they stay dense
+        and are listed in ``report.attrs["skipped"]`` with the reason.
     calibration : callable or mapping, optional
         ``run()`` executing the model on calibration data (e.g. ``lambda: st.encode(texts)``;
         the Grams are collected with :func:`~gblr_approx.nn.collect_grams` before any layer
@@ -392,7 +399,9 @@ def compress_model(
         ``rel_error`` (relative Frobenius weight error), ``output_error`` (relative output
         error on the calibration inputs; NaN without calibration), ``seconds``.
         ``report.attrs`` holds ``budget`` (MACs), ``total_flops``, ``dense_flops``,
-        ``allocation``, ``formats``, ``seconds``. (Before 0.2 the report was a dict
+        ``allocation``, ``formats``, ``seconds``, ``skipped`` (module name -> why it was
+        left dense although it matched) and ``aliases`` (name in the report -> every name
+        of that shared module, itself first; only shared modules). (Before 0.2 the report was a dict
         name -> row dict; ``report.loc[name, "flops"]`` replaces ``report[name]["flops"]``.)
     """
     import pandas as pd
@@ -419,7 +428,10 @@ def compress_model(
         unknown = sorted(set(options) - used)
         if unknown:
             raise TypeError(f"options {unknown} are not accepted by any of the formats {fmts}")
-    targets = select_linears(model, include, exclude)
+    selection = find_linears(model, include, exclude)
+    targets = selection.layers
+    if not targets:
+        select_linears(model, include, exclude)  # raises the ValueError that names why
     dense_total = sum(mod.in_features * mod.out_features for _, mod in targets)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be a float in (0, 1] or an int (MACs); got {budget!r}")
@@ -497,7 +509,8 @@ def compress_model(
         new = StructuredLinear(A.to(dtype=W32.dtype, device=W32.device),
                                L.mod.bias.detach() if L.mod.bias is not None else None)
         new.info["rel_error"] = relative_error(L.W, A)
-        replace_module(model, L.name, new)
+        for alias in selection.aliases.get(L.name, [L.name]):  # tied: one layer, every name
+            replace_module(model, alias, new)
         rows.append({
             "layer": L.name, "matrix": L.name, "format": A.format_name, "flops": int(A.flops),
             "dense_flops": L.dense, "budget_fraction": A.flops / L.dense,
@@ -509,6 +522,8 @@ def compress_model(
     report = pd.DataFrame(rows).set_index("layer")
     report.attrs.update(budget=total_budget, total_flops=int(report["flops"].sum()),
                         dense_flops=dense_total, allocation=allocation, formats=fmts,
+                        skipped=dict(selection.skipped),
+                        aliases={n: list(a) for n, a in selection.aliases.items()},
                         seconds=time.perf_counter() - t_start)
     if report.attrs["total_flops"] > total_budget:  # pragma: no cover - an allocation bug
         raise RuntimeError(f"compression exceeded the budget: {report.attrs['total_flops']} > "

@@ -5,12 +5,16 @@ stored tensors under ``"<module name>/<tensor name>"`` (factors, integer index t
 and a JSON manifest in the metadata (key ``"gblr_approx_manifest"``): one entry per module with
 its name, format, shape, configuration, provenance ``info`` and tensor names. Everything else
 of the model comes from the original (dense) checkpoint: :func:`load_compressed` puts the
-layers into a freshly loaded dense model, bit-exact (the same tensors, same dtype).
+layers into a freshly loaded dense model, bit-exact when the model has the dtype the layers
+were saved in (otherwise each layer is cast to the dtype of the module it replaces, as it is
+moved to that module's device). A layer shared under several names (tied or reused) is saved
+once and put back at every name.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +38,10 @@ def save_compressed(model: nn.Module, path: str | Path) -> Path:
 
     tensors: dict[str, torch.Tensor] = {}
     manifest = []
+    every_name: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, StructuredLinear) and name not in every_name.get(id(mod), []):
+            every_name.setdefault(id(mod), []).append(name)
     for name, mod in model.named_modules():
         if not isinstance(mod, StructuredLinear):
             continue
@@ -53,6 +61,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> Path:
             "bias": mod.bias is not None,
             "flops": mod.flops,
             "info": mod.info,
+            "aliases": every_name[id(mod)][1:],
         })
     if not manifest:
         raise ValueError("model has no StructuredLinear layer; nothing to save")
@@ -85,7 +94,13 @@ def load_compressed(
     -------
     torch.nn.Module
         ``model``. Each replaced module must exist and be an ``nn.Linear`` (or a
-        ``StructuredLinear``) of the saved shape; ``ValueError`` names the first that is not.
+        ``StructuredLinear``) of the saved shape; ``ValueError`` names the first that is not,
+        and a saved tensor missing from the file. Each new layer takes the floating-point
+        dtype of the module it replaces (a float16 model stays float16; bit-exact when it is
+        the saved dtype). A module that is reachable under several names (tied or reused),
+        or that was saved with aliases, is replaced at every name by one layer. A saved
+        layer and a replaced module that disagree on having a bias give a ``UserWarning``:
+        the saved layer is used as saved (its bias, or none).
     """
     from .compress import replace_module
     from .formats.base import get_format, read_safetensors
@@ -97,29 +112,52 @@ def load_compressed(
         raise ValueError(f"{path} has no {MANIFEST_KEY!r} metadata; it was not written by "
                          "save_compressed")
     manifest = json.loads(meta[MANIFEST_KEY])
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # every name of every module
+    every_name: dict[int, list[str]] = {}
+    for n, mod in modules.items():
+        every_name.setdefault(id(mod), []).append(n)
     for entry in manifest:
         name = entry["name"]
-        old = modules.get(name)
         out_f, in_f = entry["shape"]
-        if old is None:
-            raise ValueError(f"the model has no module {name!r} (listed in {path})")
-        if isinstance(old, nn.Linear):
-            shape_ok = (old.out_features, old.in_features) == (out_f, in_f)
-        elif isinstance(old, StructuredLinear):
-            shape_ok = (old.out_features, old.in_features) == (out_f, in_f)
-        else:
-            raise ValueError(f"module {name!r} is a {type(old).__name__}, not an nn.Linear")
-        if not shape_ok:
-            raise ValueError(f"module {name!r} has a different shape than the saved "
-                             f"({out_f}, {in_f}) layer")
+        targets = []
+        for alias in [name, *entry.get("aliases", [])]:
+            old = modules.get(alias)
+            if old is None:
+                raise ValueError(f"the model has no module {alias!r} (listed in {path})")
+            if not isinstance(old, (nn.Linear, StructuredLinear)):
+                raise ValueError(f"module {alias!r} is a {type(old).__name__}, not an "
+                                 "nn.Linear")
+            if (old.out_features, old.in_features) != (out_f, in_f):
+                raise ValueError(f"module {alias!r} has a different shape than the saved "
+                                 f"({out_f}, {in_f}) layer")
+            targets.append(old)
+        old = targets[0]
+        names = list(dict.fromkeys(n for t in targets for n in every_name.get(id(t), [])))
+
+        def tensor(t: str, name: str = name) -> torch.Tensor:
+            key = f"{name}/{t}"
+            if key not in tensors:
+                raise ValueError(f"{path} lacks the tensor {key!r} of module {name!r} "
+                                 f"(its manifest lists it); the file is incomplete")
+            return tensors[key]
+
         cls = get_format(entry["format"])
-        ts = {t: tensors[f"{name}/{t}"] for t in entry["tensors"]}
-        A = cls._from_state(ts, entry["config"], (out_f, in_f))
-        bias = tensors[f"{name}/bias"] if entry["bias"] else None
+        A = cls._from_state({t: tensor(t) for t in entry["tensors"]}, entry["config"],
+                            (out_f, in_f))
+        bias = tensor("bias") if entry["bias"] else None
+        if (bias is not None) != (old.bias is not None):
+            has = "has a bias" if old.bias is not None else "has no bias"
+            warnings.warn(
+                f"module {name!r} {has} but its saved layer in {path} "
+                f"{'has one' if bias is not None else 'has none'}; the saved layer is used "
+                f"as saved ({'with' if bias is not None else 'without'} a bias)",
+                UserWarning, stacklevel=2)
         new = StructuredLinear(A, bias)
         new.info = dict(entry.get("info", {}))
-        dev = device if device is not None else next(
-            (p.device for p in old.parameters()), torch.device("cpu"))
-        replace_module(model, name, new.to(dev))
+        ref = next((p for p in old.parameters() if p.is_floating_point()), None)
+        dev = device if device is not None else (
+            ref.device if ref is not None else torch.device("cpu"))
+        new = new.to(device=dev, dtype=ref.dtype if ref is not None else None)
+        for alias in names:
+            replace_module(model, alias, new)
     return model

@@ -305,3 +305,129 @@ def test_distill_recovers_outputs_and_trains_only_structured_layers():
     assert student[4].weight.requires_grad  # and its flag restored
     with pytest.raises(ValueError, match="loss must be"):
         distill(student, teacher, list(X), lambda m, b: m(torch.stack(b)), loss="kl")
+
+
+def test_attention_linears_read_by_torch_are_skipped_with_a_reason():
+    # nn.MultiheadAttention reads out_proj.weight directly (AttributeError at the forward
+    # after replacement), and TransformerEncoderLayer's eval fast path reads linear1/linear2
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.dec = nn.TransformerDecoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.head = nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.head(self.dec(self.enc(x), x))
+
+    net = Net().eval()
+    x = torch.randn(2, 5, 32)
+    report = compress_model(net, "lowrank", 0.5, calibration=lambda: net(x))
+    assert set(report.index) == {"dec.linear1", "dec.linear2", "head"}
+    skipped = report.attrs["skipped"]
+    assert set(skipped) == {"enc.self_attn.out_proj", "enc.linear1", "enc.linear2",
+                            "dec.self_attn.out_proj", "dec.multihead_attn.out_proj"}
+    assert "MultiheadAttention" in skipped["dec.multihead_attn.out_proj"]
+    assert "fast path" in skipped["enc.linear1"]
+    assert isinstance(net.enc.linear1, nn.Linear) and isinstance(net.head, StructuredLinear)
+    for mode in (net.eval, net.train):  # eval: the fast path; train: the Python path
+        mode()
+        with torch.no_grad():
+            assert net(x).shape == (2, 5, 16)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    with pytest.raises(ValueError, match="out_proj' skipped: owned by an nn.MultiheadAttention"):
+        compress_model(mha, "lowrank", 0.5)
+
+
+def test_a_shared_linear_is_one_layer_replaced_under_every_name(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(32, 32)
+            self.b = self.a
+            self.c = nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(x))))
+
+    m, X = Tied(), _inputs()
+    report = compress_model(m, "lowrank", 0.25, calibration=lambda: m(X))
+    assert list(report.index) == ["a", "c"]  # one row, MACs counted once
+    assert report.attrs["dense_flops"] == 32 * 32 + 32 * 8
+    assert report.attrs["aliases"] == {"a": ["a", "b"]}
+    assert isinstance(m.a, StructuredLinear) and m.b is m.a  # still tied
+    path = save_compressed(m, tmp_path / "tied.safetensors")
+    fresh = load_compressed(Tied(), path)
+    assert isinstance(fresh.a, StructuredLinear) and fresh.b is fresh.a
+    assert torch.equal(fresh(X), m(X))
+    # excluding one name keeps the shared module dense at both
+    m2 = Tied()
+    report = compress_model(m2, "lowrank", 0.25, exclude="b")
+    assert list(report.index) == ["c"] and type(m2.a) is nn.Linear and m2.b is m2.a
+
+
+def test_load_compressed_takes_the_dtype_of_the_replaced_module(tmp_path):
+    m = nn.Sequential(nn.Linear(32, 48), nn.LayerNorm(48), nn.Linear(48, 32))
+    compress_model(m, "lowrank", 0.5)
+    path = save_compressed(m, tmp_path / "m.safetensors")
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        torch.manual_seed(1)
+        fresh = load_compressed(nn.Sequential(nn.Linear(32, 48), nn.LayerNorm(48),
+                                              nn.Linear(48, 32)).to(dtype), path)
+        assert {p.dtype for p in fresh.parameters()} == {dtype}
+        y = fresh(_inputs()[:4].to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), m(_inputs()[:4]), rtol=0.05, atol=0.05)
+    same = load_compressed(nn.Sequential(nn.Linear(32, 48), nn.LayerNorm(48),
+                                         nn.Linear(48, 32)), path)
+    for a, b in zip(m.parameters(), same.parameters(), strict=True):
+        assert torch.equal(a, b)  # float32 into float32: bit-exact, as before
+
+
+def test_load_compressed_missing_tensor_and_bias_mismatch(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    compress_model(model, "lowrank", 0.5)
+    path = save_compressed(model, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    del tensors["2/bias"]
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, str(broken), metadata=meta)
+    with pytest.raises(ValueError, match="lacks the tensor '2/bias' of module '2'"):
+        load_compressed(_model(), broken)
+    # a saved layer without bias into a Linear with one: warned, the saved layer is used
+    nobias = nn.Sequential(nn.Linear(32, 48, bias=False))
+    compress_model(nobias, "lowrank", 0.5)
+    p2 = save_compressed(nobias, tmp_path / "nobias.safetensors")
+    target = nn.Sequential(nn.Linear(32, 48))
+    with pytest.warns(UserWarning, match="module '0' has a bias but its saved layer"):
+        load_compressed(target, p2)
+    assert target[0].bias is None
+
+
+def test_distill_restores_every_submodule_training_flag():
+    # a freshly loaded SentenceTransformer is in train mode with its network in eval mode;
+    # distill used to restore only the top flag, recursively: every Dropout came back on
+    import copy
+
+    from gblr_approx.nn import distill
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 8)).eval()
+    student = nn.Sequential(inner)  # top module in train mode, its children in eval mode
+    teacher = copy.deepcopy(student)
+    compress_model(student, "lowrank", 0.5)
+    before = {n: m.training for n, m in student.named_modules()}
+    distill(student, teacher, list(torch.randn(8, 16)), lambda m, b: m(torch.stack(b)),
+            steps=2, batch_size=4)
+    assert {n: m.training for n, m in student.named_modules()} == before
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        assert torch.equal(student(x), student(x))  # dropout off again
