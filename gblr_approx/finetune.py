@@ -61,6 +61,11 @@ def distill(
     -------
     list[float]
         Training loss per step.
+
+    Notes
+    -----
+    The student trains in train mode (dropout on); afterwards every submodule gets back its
+    own ``training`` flag, as it was before the call.
     """
     from .nn import StructuredLinear
 
@@ -101,7 +106,9 @@ def distill(
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     history: list[float] = []
-    was_training = student.training
+    # every module's own flag (student.train(flag) would set all of them to the top one's:
+    # a freshly loaded SentenceTransformer is in train mode with its BERT in eval mode)
+    modes = [(m, m.training) for m in student.modules()]
     student.train()
     try:
         for step in range(steps):
@@ -125,7 +132,8 @@ def distill(
             if callback is not None:
                 callback(step, history[-1])
     finally:
-        student.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         for p, f in zip(frozen, flags, strict=True):
             p.requires_grad_(f)
         opt.zero_grad(set_to_none=True)

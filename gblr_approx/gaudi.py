@@ -71,7 +71,8 @@ def gaudi_mask(
         Shape ``(n,)`` for scalar inputs, ``(K, n)`` for ``(K,)`` inputs (scalars broadcast).
         Differentiable in ``width`` and ``location`` (autograd through ``irfft``). Python
         floats are computed in the default dtype; tensors keep their dtype (use float64 for
-        exact boxcars to ~1e-13).
+        exact boxcars to ~1e-13). Float16 and bfloat16 inputs are computed in float32 and
+        the result is cast to their dtype.
 
     Notes
     -----
@@ -87,7 +88,10 @@ def gaudi_mask(
     if sigma is not None:
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not float(sigma) > 0:
             raise ValueError(f"sigma must be a positive float, inf or None; got {sigma!r}")
-    dtype = torch.promote_types(w.dtype, loc.dtype)
+    out_dtype = torch.promote_types(w.dtype, loc.dtype)
+    # float16/bfloat16 are computed in float32 and cast back (torch.complex and the CPU FFT
+    # refuse them, and the phases pi k (2 l + w) would lose most of their accuracy at large k)
+    dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
     w, loc = torch.broadcast_tensors(w.to(dtype), loc.to(dtype))
     scalar = w.ndim == 0
     w = w.reshape(-1, 1)
@@ -98,7 +102,7 @@ def gaudi_mask(
         amp = amp * torch.exp(-(k**2) / (2.0 * float(sigma) ** 2))
     phase = -math.pi * k * (2.0 * loc + w - 1.0 / n)
     spec = torch.complex(amp * torch.cos(phase), amp * torch.sin(phase))
-    g = torch.fft.irfft(spec, n=n, dim=-1, norm="forward")
+    g = torch.fft.irfft(spec, n=n, dim=-1, norm="forward").to(out_dtype)
     return g[0] if scalar else g
 
 

@@ -116,3 +116,18 @@ def test_public_name_and_errors():
         gaudi_mask(0.5, 0.0, 8, sigma=-1.0)
     with pytest.raises(ValueError, match="width_entries"):
         boxcar(9, 0, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_masks_are_computed_in_float32(dtype):
+    # torch.complex / the CPU FFT refuse float16 and bfloat16: computed in float32, cast back
+    w = torch.tensor([0.25, 0.5], dtype=dtype, requires_grad=True)
+    loc = torch.tensor([0.5, 0.125], dtype=dtype)
+    g = gaudi_mask(w, loc, 16)
+    assert g.dtype == dtype
+    want = gaudi_mask(w.detach().float(), loc.float(), 16).to(dtype)
+    assert torch.equal(g.detach(), want)
+    torch.testing.assert_close(g.float(), boxcar(torch.tensor([4, 8]), torch.tensor([8, 2]), 16),
+                               atol=1e-2, rtol=0)
+    g.sum().backward()
+    assert w.grad is not None and w.grad.dtype == dtype and torch.isfinite(w.grad).all()

@@ -139,3 +139,20 @@ def test_distilled_minilm_layer_beats_svd_after_hardening():
         e_h = float((H(x) - y).norm() / y.norm())
         e_s = float((svd(x) - y).norm() / y.norm())
     assert e_h < e_s
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layer_runs_and_trains_on_the_cpu(dtype):
+    import copy
+
+    torch.manual_seed(0)
+    L = ga.nn.GaudiGBLRLinear.from_linear(torch.nn.Linear(64, 48), 0.25, steps=3)
+    x = torch.randn(4, 64)
+    ref = L(x).detach()
+    H = copy.deepcopy(L).to(dtype)
+    y = H(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
+    y.float().pow(2).sum().backward()
+    assert H.widths.grad is not None and torch.isfinite(H.widths.grad).all()
+    assert H.harden()(x.to(dtype)).dtype == dtype
