@@ -137,6 +137,21 @@ def _unreadable(path: Path, kind: str, exc: BaseException) -> ValueError:
     )
 
 
+def _pickled_objects(path: Path, exc: BaseException) -> ValueError:
+    """The error for a ``.pt`` file that ``torch.load(weights_only=True)`` refuses: it holds
+    pickled Python objects (a whole module saved with ``torch.save(model)``, an optimizer,
+    custom classes), not only tensors."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    detail = f" (first refused: {found.group(1)})" if found else ""
+    return ValueError(
+        f"{path} holds pickled Python objects{detail}, which weights_only loading refuses to "
+        "unpickle (they could run arbitrary code); it is not corrupt. A file made by "
+        "torch.save(model) stores the whole module: if you trust it, re-save its weights with "
+        f"torch.save(torch.load({str(path)!r}, weights_only=False).state_dict(), "
+        "'weights.pt') and read that file"
+    )
+
+
 def structured_metadata(path: str | Path) -> dict[str, str] | None:
     """The metadata of a structured-matrix file, or None for any other file.
 
@@ -238,6 +253,8 @@ class _TorchReader(_Reader):
                     raise
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
+            if "weights only load failed" in str(exc).lower():
+                raise _pickled_objects(path, exc) from exc
             raise _unreadable(path, "PyTorch checkpoint", exc) from exc
         state = _find_state_dict(obj)
         if state is None:

@@ -71,6 +71,18 @@ def test_torch_file_without_state_dict(tmp_path):
         ga.load_weights(p)
 
 
+def test_torch_file_with_a_pickled_module_says_so(tmp_path):
+    # torch.save(model) pickles the module, which weights_only loading refuses; the message
+    # used to blame a truncated or corrupt file
+    p = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(6, 8), p)
+    with pytest.raises(ValueError, match="pickled Python objects") as err:
+        ga.load_weights(p)
+    msg = str(err.value)
+    assert "corrupt?" not in msg and "state_dict()" in msg and "weights_only=False" in msg
+    assert "torch.nn.modules.linear.Linear" in msg
+
+
 def test_npz_and_npy_and_folder(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     b = np.ones((2, 5), dtype=np.float64)
