@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .budget import resolve_budget
-from .calibration import select_linears
+from .calibration import find_linears, select_linears
 from .fit.gblr.proximal import GaudiParams, hard_cost, project_budget, refit_factors
 from .formats.gblr import GBLR
 from .gaudi import gaudi_mask, round_ste
@@ -298,6 +298,9 @@ def gaudi_model(
     budget : float or int
         Per layer: float = fraction of that layer's dense MACs; int = MACs.
     include, exclude : glob pattern(s) on the module names (``model.named_modules()``).
+        Selection as in :func:`~gblr_approx.compress.compress_model`: a Linear shared under
+        several names gets one layer at every name; ``MultiheadAttention.out_proj`` and
+        ``TransformerEncoderLayer.linear1/2`` are skipped (torch reads their weights).
     **options
         Passed to :meth:`GaudiGBLRLinear.from_linear` (``penalty``, ``sigma``, fit options).
 
@@ -306,12 +309,14 @@ def gaudi_model(
     dict
         Module name -> the new layer.
     """
-    targets = select_linears(model, include, exclude)
+    from .compress import replace_module
+
+    select_linears(model, include, exclude)  # raises the ValueError when nothing matches
+    selection = find_linears(model, include, exclude)
     out = {}
-    for name, mod in targets:
+    for name, mod in selection.layers:
         new = GaudiGBLRLinear.from_linear(mod, budget, **options)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        for alias in selection.aliases.get(name, [name]):  # a shared Linear stays shared
+            replace_module(model, alias, new)
         out[name] = new
     return out

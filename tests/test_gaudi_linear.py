@@ -156,3 +156,13 @@ def test_half_precision_layer_runs_and_trains_on_the_cpu(dtype):
     y.float().pow(2).sum().backward()
     assert H.widths.grad is not None and torch.isfinite(H.widths.grad).all()
     assert H.harden()(x.to(dtype)).dtype == dtype
+
+
+def test_gaudi_model_keeps_a_shared_linear_shared():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.ReLU())
+    model.tied = model[0]  # the same module under a second name
+    layers = ga.nn.gaudi_model(model, 0.5, steps=5)
+    assert list(layers) == ["0"]
+    assert isinstance(model[0], ga.nn.GaudiGBLRLinear)
+    assert model.tied is model[0]
