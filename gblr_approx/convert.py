@@ -34,7 +34,7 @@ from .budget import InfeasibleBudgetError, resolve_budget
 from .formats.base import StructuredMatrix, get_format
 from .formats.blast import BLAST
 from .formats.blocklowrank import BlockLowRank
-from .formats.blocksparse import BlockSparse
+from .formats.blocksparse import BlockSparse, default_block_shape
 from .formats.dense import Dense
 from .formats.lowrank import LowRank
 from .formats.monarch import Monarch
@@ -217,9 +217,16 @@ def _lowrank_by_products(
 def _project_lowrank(src, B, options, max_dense):
     m, n = src.shape
     rank = options.get("rank")
-    r = min(B // (m + n), m, n) if rank is None else check_positive_int(rank, "rank")
-    if r < 1 or r * (m + n) > B:
-        raise InfeasibleBudgetError("lowrank", B, max(r, 1) * (m + n), "one rank costs m+n MACs")
+    if rank is None:
+        r = min(B // (m + n), m, n)
+        if r < 1:
+            raise InfeasibleBudgetError("lowrank", B, m + n, "one rank costs m+n MACs")
+    else:
+        r = check_positive_int(rank, "rank")
+        if r > min(m, n):
+            raise ValueError(f"rank must be <= min(m, n) = {min(m, n)}; got {r}")
+        if r * (m + n) > B:
+            raise InfeasibleBudgetError("lowrank", B, r * (m + n), f"rank={r} costs r*(m+n)")
     if isinstance(src, LowRank) and not options:
         out = _lowrank_of_lowrank(src, r)
         return out, "truncated SVD from QR of the low-rank factors (exact)"
@@ -238,12 +245,8 @@ def _project_lowrank(src, B, options, max_dense):
 
 
 def _default_block_shape(m: int, n: int) -> tuple[int, int]:
-    """The block-sparse default block shape, clipped to the matrix."""
-    from .formats.blocksparse import DEFAULT_BLOCK_SHAPE
-
-    br, bc = (DEFAULT_BLOCK_SHAPE, DEFAULT_BLOCK_SHAPE) if isinstance(
-        DEFAULT_BLOCK_SHAPE, int) else DEFAULT_BLOCK_SHAPE
-    return min(br, m), min(bc, n)
+    """The block-sparse default block shape (the one ``BlockSparse.project`` uses)."""
+    return default_block_shape(m, n)
 
 
 def _rel_err_dense(W: torch.Tensor, A: StructuredMatrix) -> float:
@@ -283,16 +286,20 @@ def _project_blast(src, W, B, options):
     """Best of the BLAST fit and the low-rank candidate it contains (1 x 1 grid)."""
     m, n = W.shape
     cands = []
+    infeasible = None
     try:
         A = BLAST.project(W, B, **options)
         cands.append(("BLAST fit", A))
-    except InfeasibleBudgetError:
+    except InfeasibleBudgetError as exc:
         if B < m + n + 1:
             raise
+        infeasible = exc
     r = B // (m + n + 1)
     if r >= 1 and "blocks" not in options and "rank" not in options:
         L, _ = _project_lowrank(src, r * (m + n), {}, MAX_DENSE_ENTRIES)
         cands.append(("low-rank projection as 1x1 BLAST", BLAST.from_lowrank(L, (1, 1))))
+    if not cands:  # the given blocks / rank do not fit, and no 1x1 candidate may replace it
+        raise infeasible
     scored = [(_rel_err_dense(W, A), name, A) for name, A in cands]
     err, name, A = min(scored, key=lambda t: t[0])
     A.info = {**A.info, "candidates_convert": {nm: e for e, nm, _ in scored}}
@@ -328,7 +335,8 @@ def convert(
     Parameters
     ----------
     A : StructuredMatrix, torch.Tensor or numpy.ndarray, shape (m, n)
-        The source; arrays are treated as dense matrices.
+        The source; arrays are treated as dense matrices. Float16/bfloat16 sources are
+        computed in float32 and give float32 results (as :func:`~gblr_approx.project`).
     target : str
         ``"dense"``, ``"lowrank"``, ``"blocksparse"``, ``"blocklowrank"``, ``"monarch"``,
         ``"gblr"`` or ``"blast"``.
@@ -369,6 +377,10 @@ def convert(
     t0 = time.perf_counter()
     if isinstance(A, StructuredMatrix):
         src = A
+        if src.dtype in (torch.float16, torch.bfloat16):
+            # computed in float32, as ga.project does for half inputs (torch has no half QR
+            # or SVD on the CPU); the result is float32 too
+            src = src.to(dtype=torch.float32)
     else:
         src = Dense(as_matrix(A, "A"))
     tcls = get_format(target)

@@ -264,3 +264,16 @@ def test_fit_blast_returns_a_fit_result_like_fit_gblr():
     assert {"step", "stage", "rel_error", "loss", "flops", "seconds"} <= set(h)
     assert h["stage"] == "blast:2x2"
     assert math.isclose(res.rel_error, ga.relative_error(W, res.matrix), rel_tol=1e-6)
+
+
+# ------------------------------------------------- hunt s9 (formats): extreme scales
+@pytest.mark.parametrize("s", [1e20, 1e-25])
+def test_fit_blast_at_extreme_scales(s):
+    W0 = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    from gblr_approx.fit import fit_blast
+
+    ref = fit_blast(W0, 128, steps=5)
+    R = fit_blast(W0 * s, 128, steps=5)  # was ZeroDivisionError (1e20) / zeros (1e-25)
+    assert bool(torch.isfinite(R.matrix.to_dense()).all())
+    assert R.rel_error == pytest.approx(ref.rel_error, abs=1e-4)
+    assert ga.relative_error(W0 * s, R.matrix) == pytest.approx(ref.rel_error, abs=1e-4)

@@ -212,3 +212,44 @@ def test_arrays_are_dense_sources_and_impossible_requests_say_why():
         convert(W, "monarch", budget=3)
     out = convert(W, "dense")
     assert out.info["exact"] and torch.equal(out.to_dense(), W)
+
+
+# ------------------------------------------------- hunt s9 (formats): convert regressions
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t", ["lowrank", "blocksparse", "blocklowrank", "monarch", "gblr",
+                               "blast"])
+def test_half_precision_sources_are_computed_in_float32(t, dtype):
+    L = SOURCES["lowrank"].to(dtype=dtype)  # QR / SVD of half factors used to crash in torch
+    opts = {"steps": 2} if t in ("gblr", "blast") else {}
+    out = convert(L, t, 0.2, **opts)
+    ref = ga.project(L.to_dense(), t, 0.2, **opts)  # project computes half in float32 too
+    assert out.dtype == ref.dtype == torch.float32
+    assert out.flops <= ga.resolve_budget(0.2, *L.shape)
+    assert abs(out.info["rel_error"] - rel(L.to(dtype=torch.float32), out)) < 1e-5
+
+
+@pytest.mark.parametrize("opts", [{"blocks": (4, 4)}, {"rank": 3}])
+def test_blast_target_with_too_small_a_budget_for_its_options(opts):
+    W = torch.randn(16, 24, dtype=torch.float64)
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget") as direct:
+        ga.project(W, "blast", 41, **opts)
+    with pytest.raises(InfeasibleBudgetError) as conv:  # was "min() arg is an empty sequence"
+        convert(W, "blast", 41, **opts)
+    assert str(conv.value) == str(direct.value)
+
+
+def test_lowrank_target_rank_too_large_says_so():
+    L = SOURCES["lowrank"]
+    with pytest.raises(ValueError, match=r"rank must be <= min\(m, n\) = 24; got 100"):
+        convert(L, "lowrank", rank=100)  # used to name a "smallest feasible budget"
+    with pytest.raises(InfeasibleBudgetError, match="rank=5 costs"):
+        convert(L, "lowrank", 100, rank=5)
+
+
+def test_blocksparse_target_uses_the_small_layer_default():
+    from gblr_approx.formats.blocksparse import default_block_shape
+
+    L = CATALOGUE["lowrank"]((24, 36), torch.float64, torch.Generator().manual_seed(2))
+    out = convert(L, "blocksparse")
+    assert out.block_shape == default_block_shape(24, 36) == (6, 9)  # was (24, 32)
+    assert out.block_shape == ga.project(L.to_dense(), "blocksparse", L.flops).block_shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -321,7 +323,8 @@ def test_proximal_step0_is_the_start_and_params_roundtrip():
     p = GaudiParams.from_gblr(start, 1)
     assert torch.allclose(p.to_gblr().to_dense(), start.to_dense(), atol=1e-12)
     assert p.cost() == start.flops
-    G0, err0, _, cost0 = next(proximal_gradient(W, start.flops, start, steps=3))
+    G0, err0, _, cost0, comps0 = next(proximal_gradient(W, start.flops, start, steps=3))
+    assert comps0 == start.num_components
     assert G0 is start and cost0 == start.flops
     assert abs(err0 - ga.relative_error(W, start)) < 1e-12
 
@@ -487,3 +490,47 @@ def test_fits_run_under_no_grad_and_inference_mode(mode):
     for A in (got, P):
         tensors = [t for t in vars(A).values() if isinstance(t, torch.Tensor)]
         assert tensors and not any(t.is_inference() or t.requires_grad for t in tensors)
+
+
+# ------------------------------------------------- hunt s9 (formats): fit_gblr regressions
+@pytest.mark.parametrize("s", [1e20, 1e-25, 2.0**-90])
+def test_fit_gblr_is_scale_invariant(s):
+    W0 = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    ref = ga.fit_gblr(W0, 0.5, steps=2)
+    R = ga.fit_gblr(W0 * s, 0.5, steps=2)  # used to return inf/NaN factors (float32 norms)
+    D = R.matrix.to_dense()
+    assert bool(torch.isfinite(D).all())
+    assert R.rel_error == pytest.approx(ga.relative_error(W0 * s, R.matrix), abs=1e-5)
+    assert R.rel_error == pytest.approx(ref.rel_error, abs=1e-4)
+    assert R.matrix.flops <= 128
+    if s == 2.0**-90:  # a power of two: exactly the scale-1 fit, scaled
+        assert torch.equal(D / s, ref.matrix.to_dense())
+        assert R.info["input_scale"] == 2.0**-88 and "input_scale" not in ref.info
+
+
+def test_block_model_export_keeps_zero_columns_finite_in_float32():
+    from gblr_approx.fit.gblr.blocks import BlockModel, Rect
+
+    W = torch.zeros(8, 8)  # a rank-1 component on an all-zero block: U has a zero column
+    W[4:, 4:] = torch.randn(4, 4)
+    model = BlockModel(W, [Rect(0, 4, 0, 4), Rect(4, 4, 4, 4)], [1, 1])
+    model.sweep()
+    G = model.to_gblr()  # clamp_min(1e-300) is 0 in float32: 0 / 0 used to give NaN
+    assert bool(torch.isfinite(G.to_dense()).all())
+
+
+def test_fit_gblr_records_options_budget_and_component_counts():
+    W = torch.randn(24, 36, generator=torch.Generator().manual_seed(0))
+    R = ga.fit_gblr(W, 0.3, steps=3, components=2, rank_per_component=2, algorithm="proximal",
+                    cg_iters=3)
+    opts = R.info["options"]  # was {} (only proximal options were kept)
+    assert opts["algorithm"] == "proximal" and opts["steps"] == 3 and opts["components"] == 2
+    assert opts["rank_per_component"] == 2 and opts["cg_iters"] == 3 and opts["seed"] == 0
+    assert opts["sweeps"] == 25 and opts["layout"] == "free" and opts["dtype"] == "float32"
+    assert R.info["budget"] == 0.3 and R.info["budget_macs"] == R.budget == int(0.3 * 24 * 36)
+    assert R.matrix.info["budget"] == 0.3
+    stages = {h["stage"] for h in R.history}
+    assert {"intervals", "proximal"} <= stages
+    # the real component count in every record (intervals/proximal steps used to record -1)
+    assert all(h["components"] >= 1 for h in R.history)
+    json.dumps(R.info["options"])  # JSON-friendly, as ga.project records its options

@@ -106,3 +106,65 @@ def test_flops_equal_counted_macs(name, shape, A):
         pytest.skip("format counts its own MACs in its own test module")
     assert A.flops == counted
     assert isinstance(A.flops, int) and isinstance(A.num_params, int)
+
+
+# ------------------------------------------------- hunt s9 (formats): generic regressions
+def _with_tensors(A, change):
+    """Rebuild ``A`` from its state with ``change(name, tensor)`` applied to every tensor."""
+    tensors = {k: change(k, t) for k, t in A._tensors().items()}
+    return type(A)._from_state(tensors, A._config(), A.shape)
+
+
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_constructors_refuse_integer_and_mixed_factors(name, shape, A):
+    floats = [k for k, t in A._tensors().items() if t.is_floating_point()]
+    # integer factors: A @ x used to cast x to integers (silently wrong numbers)
+    with pytest.raises(TypeError, match="factors must be floating point"):
+        _with_tensors(A, lambda k, t: t.round().long() if k == floats[0] else t)
+    if len(floats) > 1:  # mixed dtypes: used to fail only later, inside torch
+        with pytest.raises(ValueError, match="all factors must share dtype and device"):
+            _with_tensors(A, lambda k, t: t.float() if k == floats[-1] else t)
+
+
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_numpy_left_operand(name, shape, A, gen):
+    m, n = shape
+    D = A.to_dense()
+    y = torch.randn(m, dtype=torch.float64, generator=gen)
+    Y = torch.randn(3, m, dtype=torch.float64, generator=gen)
+    out = y.numpy() @ A  # used to fail inside numpy (A wrapped as a 0-d object array)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, y @ D, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Y.numpy() @ A, Y @ D, rtol=1e-12, atol=1e-12)
+    assert isinstance(A @ torch.ones(n, 2, dtype=torch.float64).numpy(), torch.Tensor)
+
+
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_to_positional_dtype(name, shape, A):
+    B = A.to(torch.float32)  # as torch.Tensor.to: used to raise torch's overload error
+    assert B.dtype == torch.float32 and type(B) is type(A)
+    torch.testing.assert_close(B.to_dense(), A.to(dtype=torch.float32).to_dense(), rtol=0, atol=0)
+    assert A.to("cpu", torch.float32).dtype == torch.float32
+    with pytest.raises(TypeError, match="two dtypes"):
+        A.to(torch.float32, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["plain", "autograd"])
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_empty_batch_products(name, shape, A, grad):
+    m, n = shape
+    if grad:
+        A = _with_tensors(A, lambda k, t: t.clone().requires_grad_(True)
+                          if t.is_floating_point() else t)
+    X = torch.randn(n, 0, dtype=torch.float64)
+    assert (A @ X).shape == (m, 0)
+    assert (torch.randn(0, m, dtype=torch.float64) @ A).shape == (0, n)
+    assert (A.T @ torch.randn(m, 0, dtype=torch.float64)).shape == (n, 0)
+    assert (torch.randn(0, n, dtype=torch.float64) @ A.T).shape == (0, m)
+
+
+@pytest.mark.parametrize(("name", "shape", "A"), CASES, ids=IDS)
+def test_scaled_is_linear_in_one_factor(name, shape, A):
+    B = A._scaled(2.0**-40)  # (fits rescale their result this way: formats.base.fit_scale)
+    assert type(B) is type(A) and B.flops == A.flops
+    torch.testing.assert_close(B.to_dense(), A.to_dense() * 2.0**-40, rtol=1e-13, atol=0)

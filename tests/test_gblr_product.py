@@ -300,3 +300,16 @@ def test_matvec_takes_the_sparse_plan_where_the_tiles_pad_most():
             got = (H @ X.to(dt)).double()
             torch.testing.assert_close(got, want if X.ndim == 1 else want[:, None].repeat(1, 3),
                                        rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------- hunt s9 (formats): empty batch
+def test_structured_linear_empty_batch_under_autograd():
+    W = torch.randn(24, 36, generator=torch.Generator().manual_seed(0))
+    G = ga.fit_gblr(W, 0.3, steps=2).matrix
+    layer = ga.nn.StructuredLinear(G)
+    x = torch.randn(0, 36, requires_grad=True)
+    y = layer(x)  # reshape(-1, 0) in the autograd product used to raise
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 36)
+    assert all(p.grad is None or not bool(p.grad.any()) for p in layer.parameters())

@@ -461,7 +461,9 @@ def test_blocksparse_refuses_repeated_block_position():
 def test_blocksparse_default_block_shape_adapts_to_small_matrices(shape, budget):
     W = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     A = ga.project(W, "blocksparse", budget)  # (32, 32) used to raise "does not fit"
-    assert A.block_shape == (min(32, shape[0]), min(32, shape[1]))
+    # (32, 32) clipped to a quarter of each side, so small matrices get several blocks
+    assert A.block_shape == (min(32, max(1, shape[0] // 4)), min(32, max(1, shape[1] // 4)))
+    assert A.block_shape == ga.formats.blocksparse.default_block_shape(*shape)
     assert 0 < A.flops <= budget * shape[0] * shape[1]
     with pytest.raises(ValueError, match="does not fit"):
         ga.project(W, "blocksparse", 0.5, block_shape=(64, 64))  # explicit: still refused

@@ -228,3 +228,51 @@ def test_svd_retries_when_lapack_does_not_converge(monkeypatch):
     )
     with pytest.raises(ValueError, match="NaN or infinite"):
         linalg.svd(torch.full((3, 3), float("nan")))
+
+
+# ------------------------------------------------- hunt s9 (formats): projections
+_SCALE_FORMATS = [("lowrank", {}), ("blocksparse", {}), ("blocklowrank", {}), ("monarch", {}),
+                  ("gblr", {"steps": 2}), ("blast", {"steps": 4})]
+
+
+@pytest.mark.parametrize(("fmt", "opts"), _SCALE_FORMATS, ids=[f for f, _ in _SCALE_FORMATS])
+def test_projections_are_scale_invariant(fmt, opts):
+    W0 = rand(16, 24, seed=3, dtype=torch.float32)
+    ref = ga.project(W0, fmt, 0.5, **opts)
+    D0, e0 = ref.to_dense(), ga.relative_error(W0, ref)
+    # a power of two: the rescaled fit is the scale-1 fit, exactly
+    A = ga.project(W0 * 2.0**70, fmt, 0.5, **opts)
+    assert torch.equal(A.to_dense() / 2.0**70, D0)
+    # squares of these entries over- or underflow float32 (GBLR used to return inf/NaN
+    # factors, BLAST to raise ZeroDivisionError at 1e20 and return zeros at 1e-25)
+    for s in (1e20, 1e-25):
+        A = ga.project(W0 * s, fmt, 0.5, **opts)
+        D = A.to_dense()
+        assert bool(torch.isfinite(D).all())
+        assert ga.relative_error(W0 * s, A) == pytest.approx(e0, abs=1e-4)
+        torch.testing.assert_close(D / s, D0, rtol=1e-4, atol=1e-4 * float(D0.abs().max()))
+
+
+def test_monarch_explicit_rank_above_slice_rank_is_refused():
+    W = rand(16, 24)
+    with pytest.raises(ValueError, match=r"rank must be <= min\(m/J, n/K\) = 8"):
+        ga.project(W, "monarch", 8000, blocks=(2, 2), rank=100)  # was clamped to 8 silently
+    with pytest.raises(ValueError, match=r"rank must be <= min\(m/J, n/K\) = 8"):
+        ga.Monarch.min_budget(16, 24, blocks=(2, 2), rank=100)
+    # the smallest feasible budget named for a rank that exists is the right one
+    assert ga.Monarch.min_budget(16, 24, blocks=(2, 2), rank=8) == 8 * (2 * 24 + 2 * 16)
+    with pytest.raises(ga.InfeasibleBudgetError, match="smallest feasible budget is 640 MACs"):
+        ga.project(W, "monarch", 345, blocks=(2, 2), rank=8)
+    with pytest.warns(UserWarning, match="more than the dense matrix"):
+        assert ga.project(W, "monarch", 640, blocks=(2, 2), rank=8).flops == 640
+
+
+@pytest.mark.parametrize(("shape", "expect"), [((32, 32), (8, 8)), ((16, 24), (4, 6)),
+                                               ((3, 200), (1, 32)), ((128, 512), (32, 32))])
+def test_blocksparse_default_block_shape_small_layers(shape, expect):
+    from gblr_approx.formats.blocksparse import default_block_shape
+
+    assert default_block_shape(*shape) == expect
+    W = rand(*shape)
+    A = ga.project(W, "blocksparse", 0.25)  # both sides <= 32 used to be one block: infeasible
+    assert A.block_shape == expect and 0 < A.flops <= 0.25 * shape[0] * shape[1]

@@ -142,3 +142,48 @@ def test_randomized_svd_refuses_bad_sketch_directly():
         randomized_svd(W, 3, power_iters=-1)
     U, S, Vh = randomized_svd(W, 3, oversample=0, power_iters=0)  # zero is valid
     assert U.shape == (12, 3) and S.shape == (3,) and Vh.shape == (3, 16)
+
+
+# ------------------------------------------------- hunt s9 (formats): constructor checks
+def _constructors(dtype_a, dtype_b):
+    """Each format built from factors of ``dtype_a`` and (where it has two) ``dtype_b``."""
+    def t(*shape, dtype):
+        return torch.arange(int(np.prod(shape))).reshape(shape).to(dtype)
+
+    a, b = dtype_a, dtype_b
+    return {
+        "Dense": lambda: ga.Dense(t(3, 3, dtype=a)),
+        "LowRank": lambda: ga.LowRank(t(4, 2, dtype=a), t(6, 2, dtype=b)),
+        "Monarch": lambda: ga.Monarch(t(2, 4, 3, dtype=a), t(2, 2, 4, dtype=b)),
+        "BLAST": lambda: ga.BLAST(t(4, 2, dtype=a), t(6, 2, dtype=b), t(2, 2, 2, dtype=a)),
+        "BlockSparse": lambda: ga.BlockSparse((4, 4), (2, 2), [0], [1], t(1, 2, 2, dtype=a)),
+        "BlockLowRank": lambda: ga.BlockLowRank(
+            (4, 6), [0, 4], [0, 6], [[(t(4, 1, dtype=a), t(6, 1, dtype=b))]]),
+        "GBLR": lambda: ga.GBLR((4, 6), [0], [4], [0], [6], [(t(4, 1, dtype=a), t(6, 1, dtype=b))]),
+    }
+
+
+@pytest.mark.parametrize("fmt", list(_constructors(torch.int64, torch.int64)))
+def test_constructors_refuse_integer_factors(fmt):
+    with pytest.raises(TypeError, match="factors must be floating point"):
+        _constructors(torch.int64, torch.int64)[fmt]()  # used to truncate x in A @ x
+    _constructors(torch.float64, torch.float64)[fmt]()  # floating point: fine
+
+
+@pytest.mark.parametrize("fmt", ["LowRank", "Monarch", "BLAST", "BlockLowRank", "GBLR"])
+def test_constructors_refuse_mixed_dtypes(fmt):
+    with pytest.raises(ValueError, match="all factors must share dtype and device"):
+        _constructors(torch.float32, torch.float64)[fmt]()
+
+
+def test_blocksparse_refuses_bad_block_shape_and_float_coordinates():
+    with pytest.raises(ValueError, match=r"block_shape\[0\] must be an integer >= 1"):
+        ga.BlockSparse((4, 4), (0, 2), [0], [0], torch.randn(1, 0, 2))  # was ZeroDivisionError
+    with pytest.raises(TypeError, match="block_shape"):
+        ga.BlockSparse((4, 4), (2.0, 2), [0], [0], torch.randn(1, 2, 2))
+    with pytest.raises(TypeError, match="block_rows must hold integers"):
+        ga.BlockSparse((4, 4), (2, 2), [0.5], [0], torch.randn(1, 2, 2))  # was truncated to 0
+    with pytest.raises(TypeError, match="block_cols must hold integers"):
+        ga.BlockSparse((4, 4), (2, 2), [0], torch.tensor([1.0]), torch.randn(1, 2, 2))
+    empty = ga.BlockSparse((4, 4), (2, 2), [], [], torch.randn(0, 2, 2))  # no blocks: fine
+    assert empty.flops == 0

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -61,6 +62,9 @@ __all__ = [
     "scratch",
     "balanced_step",
     "with_autograd",
+    "check_factors",
+    "fit_scale",
+    "scale_invariant",
 ]
 
 FORMAT_VERSION = 1
@@ -306,6 +310,87 @@ def cached_layout(owner: Any, name: str, build: Any, *sources: torch.Tensor) -> 
     return value
 
 
+def check_factors(*tensors: Any) -> None:
+    """Check the stored numbers of a format: floating-point tensors sharing dtype and device.
+
+    Called once by every constructor (never by the products): integer factors would make
+    ``A @ x`` cast ``x`` to integers (silently wrong numbers), and mixed dtypes or devices
+    fail only later, deep inside torch.
+
+    Raises
+    ------
+    TypeError
+        A factor is not a tensor, or not floating point.
+    ValueError
+        Two factors differ in dtype or device.
+    """
+    if not tensors:
+        return
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"factors must be torch.Tensors; got {type(first).__name__}")
+    dt, dev = first.dtype, first.device
+    # (one pass of cheap attribute reads: StructuredLinear rebuilds its matrix, and so runs
+    # this, at every training forward; the messages are worked out only on failure)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"factors must be torch.Tensors; got {type(t).__name__}")
+        if t.dtype is not dt or t.device != dev:
+            for d in (dt, t.dtype):
+                if not d.is_floating_point:
+                    raise TypeError(f"factors must be floating point; got {d}")
+            raise ValueError(
+                f"all factors must share dtype and device; got {dt}/{dev} and "
+                f"{t.dtype}/{t.device}"
+            )
+    if not dt.is_floating_point:
+        raise TypeError(f"factors must be floating point; got {dt}")
+
+
+#: Fits and projections rescale ``W`` when its largest magnitude lies outside
+#: ``[2**-SAFE_SCALE_EXP, 2**SAFE_SCALE_EXP]`` (:func:`fit_scale`): squares and sums of squares
+#: of such entries over- or underflow float32 (``1e20 ** 2`` is inf, ``1e-25 ** 2`` is 0).
+SAFE_SCALE_EXP = 16
+
+
+def fit_scale(W: torch.Tensor) -> float:
+    """The power of two ``s`` that a fit divides ``W`` by (1.0 for ordinary magnitudes).
+
+    ``1.0`` when ``max |W_ij|`` lies in ``[2**-SAFE_SCALE_EXP, 2**SAFE_SCALE_EXP]`` (or ``W``
+    is zero or empty), so results on ordinary matrices are untouched; otherwise ``2**e`` with
+    ``W / s`` of largest magnitude in ``[0.5, 1)``. A power of two, so ``W / s`` and the
+    result scaled back by ``s`` are exact (no rounding).
+    """
+    if W.numel() == 0:
+        return 1.0
+    peak = float(torch.linalg.vector_norm(W, ord=float("inf")))
+    if peak == 0.0 or 2.0**-SAFE_SCALE_EXP <= peak <= 2.0**SAFE_SCALE_EXP:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(peak)[1])
+
+
+def scale_invariant(project: Any) -> Any:
+    """Decorate a format's ``project(cls, W, budget, **options)`` to fit ``W / s`` and return
+    the result scaled back by ``s`` (:func:`fit_scale`) in one factor.
+
+    The projection is then as good at any finite scale of ``W`` as at an ordinary one, and
+    never returns non-finite factors for a finite ``W`` whose squares would over- or
+    underflow; for ``s = 1`` (ordinary magnitudes) it is the undecorated call.
+    """
+
+    @functools.wraps(project)
+    def run(cls: Any, W: torch.Tensor, budget: int, **options: Any) -> StructuredMatrix:
+        s = fit_scale(W)
+        if s == 1.0:
+            return project(cls, W, budget, **options)
+        out = project(cls, W / s, budget, **options)
+        scaled = out._scaled(s)
+        scaled.info = {**out.info, "input_scale": s}
+        return scaled
+
+    return run
+
+
 def take_rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``X[index]`` for ``X`` (n, k), keeping a batch-major ``X`` batch-major (one gather)."""
     if batch_major(X):
@@ -331,6 +416,9 @@ class StructuredMatrix(ABC):
     """
 
     format_name: ClassVar[str] = ""
+    #: numpy defers ``ndarray @ A`` (and other operators) to this class's reflected methods
+    #: (``__rmatmul__``) instead of wrapping ``A`` in a 0-d object array
+    __array_ufunc__ = None
     #: Attributes that hold what products cache (layouts, plans; rebuilt on demand): not
     #: pickled, so a matrix that has run products ships as compactly as a fresh one.
     _CACHE_ATTRS: ClassVar[tuple[str, ...]] = ("_layouts", "_plan_refs")
@@ -376,6 +464,22 @@ class StructuredMatrix(ABC):
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ A`` for ``X`` of shape ``(k, m)`` (validated); returns ``(k, n)``."""
         return self._transpose()._matmul(X.T).T
+
+    def _scaled(self, s: float) -> StructuredMatrix:
+        """A copy equal to ``s * A``: the first floating tensor of :meth:`_tensors` times ``s``.
+
+        Every format is linear in that one tensor (dense: the weight, low-rank / BLAST / GBLR /
+        block-low-rank: ``U``, Monarch: ``w1``, block-sparse: the blocks); a format where it
+        is not overrides this. ``info`` is copied.
+        """
+        tensors = dict(self._tensors())
+        for k, t in tensors.items():
+            if t.is_floating_point():
+                tensors[k] = t * s
+                break
+        out = type(self)._from_state(tensors, self._config(), self.shape)
+        out.info = dict(self.info)
+        return out
 
     @classmethod
     def project(cls, W: torch.Tensor, budget: int, **options: Any) -> StructuredMatrix:
@@ -459,9 +563,22 @@ class StructuredMatrix(ABC):
         return self @ x
 
     def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        device: torch.device | str | torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
     ) -> StructuredMatrix:
-        """Copy to another device and/or floating dtype (index tensors keep their dtype)."""
+        """Copy to another device and/or floating dtype (index tensors keep their dtype).
+
+        As with ``torch.Tensor.to``, a dtype may be given as the first positional argument:
+        ``A.to(torch.float64)`` is ``A.to(dtype=torch.float64)``.
+        """
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(
+                    f"to() got two dtypes ({device} positionally and dtype={dtype}); pass "
+                    "to(device, dtype) or to(dtype)"
+                )
+            device, dtype = None, device
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype}")
         new = {}

@@ -29,6 +29,7 @@ from .base import (
     balanced_step,
     batch_major,
     cached_layout,
+    check_factors,
     gather_slabs,
     register_format,
     scatter_slabs,
@@ -99,6 +100,7 @@ class BLAST(StructuredMatrix):
         for name, t, nd in (("U", U, 2), ("V", V, 2), ("S", S, 3)):
             if not isinstance(t, torch.Tensor) or t.ndim != nd:
                 raise ValueError(f"{name} must be a {nd}-D torch.Tensor")
+        check_factors(U, V, S)
         r = U.shape[1]
         if V.shape[1] != r or S.shape[2] != r:
             raise ValueError(

@@ -16,10 +16,12 @@ from .base import (
     batch_major,
     bmm_nk,
     cached_layout,
+    check_factors,
     gather,
     gather_slabs,
     plan_building,
     register_format,
+    scale_invariant,
     scatter_slabs,
     slab_maps,
     stack_rows,
@@ -147,6 +149,7 @@ class BlockLowRank(StructuredMatrix):
         b1, b2 = len(self.row_splits) - 1, len(self.col_splits) - 1
         if len(factors) != b1 or any(len(row) != b2 for row in factors):
             raise ValueError(f"factors must be a {b1} x {b2} nested list of (U, V) pairs")
+        check_factors(*(t for row in factors for pair in row for t in pair))
         for i in range(b1):
             for j in range(b2):
                 U, V = factors[i][j]
@@ -446,6 +449,7 @@ class BlockLowRank(StructuredMatrix):
         )
 
     @classmethod
+    @scale_invariant
     def project(cls, W: torch.Tensor, budget: int, *, grid: Any = None) -> BlockLowRank:
         """Per-block truncated SVD with ranks allocated greedily across blocks (math.md 6.3).
 

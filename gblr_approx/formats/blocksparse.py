@@ -17,13 +17,29 @@ from .base import (
     balanced_step,
     batch_major,
     cached_layout,
+    check_factors,
     plan_building,
     register_format,
+    scale_invariant,
 )
 
-__all__ = ["BlockSparse", "block_rectangles", "grid_sizes"]
+__all__ = ["BlockSparse", "block_rectangles", "grid_sizes", "default_block_shape"]
 
+#: Largest default block side: the default block shape of an ``m x n`` matrix is
+#: :func:`default_block_shape`, ``(32, 32)`` whenever both sides are at least 128.
 DEFAULT_BLOCK_SHAPE = (32, 32)
+
+
+def default_block_shape(m: int, n: int) -> tuple[int, int]:
+    """The default block shape of an ``m x n`` matrix: ``min(32, max(1, side // 4))`` per side.
+
+    ``(32, 32)`` for sides of 128 and more; smaller matrices get a grid of at least 4 x 4
+    blocks (per side of at least 4), so every budget down to one block is feasible (the old
+    default, ``(32, 32)`` clipped to the matrix, made a matrix with both sides <= 32 a single
+    block, and every budget below dense infeasible).
+    """
+    return (min(DEFAULT_BLOCK_SHAPE[0], max(1, int(m) // 4)),
+            min(DEFAULT_BLOCK_SHAPE[1], max(1, int(n) // 4)))
 
 #: (id(block_rows), id(block_cols), grid) -> (weak refs, versions, plans): rebuilding a matrix
 #: from the same, unchanged index tensors (``StructuredLinear`` does it every forward) skips
@@ -171,6 +187,16 @@ class _RectProduct(torch.autograd.Function):
         return d_blocks, d_X, None, None
 
 
+def _index_tensor(idx: Any, name: str, device: torch.device) -> torch.Tensor:
+    """Block coordinates as a LongTensor on ``device``; non-integer values raise TypeError
+    (``torch.as_tensor(.., dtype=long)`` would truncate 0.5 to 0). An integer tensor already
+    there is returned as it is (the plan cache keys on its identity)."""
+    t = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx)
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integers; got {t.dtype}")
+    return t.to(device=device, dtype=torch.long)
+
+
 @register_format
 class BlockSparse(StructuredMatrix):
     """Block-sparse ``m x n`` matrix on a regular grid of ``br x bc`` blocks.
@@ -217,11 +243,15 @@ class BlockSparse(StructuredMatrix):
     ) -> None:
         super().__init__(shape)
         m, n = self.shape
-        br, bc = int(block_shape[0]), int(block_shape[1])
+        if not isinstance(blocks, torch.Tensor):
+            raise TypeError(f"blocks must be a torch.Tensor; got {type(blocks).__name__}")
+        check_factors(blocks)
+        br, bc = check_pair(tuple(block_shape) if isinstance(block_shape, list) else block_shape,
+                            "block_shape")
         self.block_shape = (br, bc)
         self.grid = (math.ceil(m / br), math.ceil(n / bc))
-        block_rows = torch.as_tensor(block_rows, dtype=torch.long, device=blocks.device)
-        block_cols = torch.as_tensor(block_cols, dtype=torch.long, device=blocks.device)
+        block_rows = _index_tensor(block_rows, "block_rows", blocks.device)
+        block_cols = _index_tensor(block_cols, "block_cols", blocks.device)
         nb = blocks.shape[0]
         if blocks.shape != (nb, br, bc) or block_rows.shape != (nb,) or block_cols.shape != (nb,):
             raise ValueError(
@@ -589,7 +619,7 @@ class BlockSparse(StructuredMatrix):
     @classmethod
     def _resolve_block_shape(cls, m: int, n: int, block_shape: Any) -> tuple[int, int]:
         if block_shape is None:  # the default adapts to small matrices
-            return min(DEFAULT_BLOCK_SHAPE[0], m), min(DEFAULT_BLOCK_SHAPE[1], n)
+            return default_block_shape(m, n)
         br, bc = check_pair(block_shape, "block_shape")
         if br > m or bc > n:
             raise ValueError(
@@ -605,6 +635,7 @@ class BlockSparse(StructuredMatrix):
         return min(hs) * min(ws)
 
     @classmethod
+    @scale_invariant
     def project(cls, W: torch.Tensor, budget: int, *, block_shape: Any = None) -> BlockSparse:
         """Keep the blocks of largest Frobenius norm whose total size fits ``budget``.
 
@@ -616,11 +647,12 @@ class BlockSparse(StructuredMatrix):
 
         Parameters
         ----------
-        block_shape : int or (br, bc), default (32, 32)
+        block_shape : int or (br, bc), optional
             Block rows x block columns; any shape up to the matrix shape (edge blocks are
-            shorter when it does not divide the matrix). The default is clipped to the matrix
-            shape (``(min(32, m), min(32, n))``); an explicit shape larger than the matrix is
-            an error.
+            shorter when it does not divide the matrix). Default :func:`default_block_shape`:
+            ``min(32, max(1, side // 4))`` per side, i.e. ``(32, 32)`` when both sides are at
+            least 128 and at least a 4 x 4 grid on smaller matrices. An explicit shape larger
+            than the matrix is an error.
         """
         m, n = W.shape
         br, bc = cls._resolve_block_shape(m, n, block_shape)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..budget import InfeasibleBudgetError
-from .base import ROW_FORM_BELOW, StructuredMatrix, register_format
+from .base import ROW_FORM_BELOW, StructuredMatrix, check_factors, register_format
 
 __all__ = ["Dense"]
 
@@ -28,6 +28,7 @@ class Dense(StructuredMatrix):
     def __init__(self, weight: torch.Tensor) -> None:
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             raise ValueError("weight must be a 2-D torch.Tensor")
+        check_factors(weight)
         super().__init__(tuple(weight.shape))
         self.weight = weight
 

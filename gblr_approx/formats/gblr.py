@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .base import StructuredMatrix, cached_layout, plan_building, register_format
+from .base import StructuredMatrix, cached_layout, check_factors, plan_building, register_format
 from .gblr_plan import (
     BUCKET_COST,
     MATVEC_BUCKET_COST,
@@ -229,6 +229,7 @@ class GBLR(StructuredMatrix):
                 )
             r = int(U.shape[1])
             if r * (h + w) > h * w:  # the dense block is cheaper: store and run it dense
+                check_factors(U, V)  # (before the product, which torch would fail on)
                 Us.append(U @ V.T)
                 ranks.append(min(h, w))
                 dense.append(True)
@@ -239,15 +240,8 @@ class GBLR(StructuredMatrix):
                 dense.append(False)
         floats = Us + Vs
         if floats:
+            check_factors(*floats)
             dt, dev = floats[0].dtype, floats[0].device
-            for t in floats:
-                if not t.is_floating_point():
-                    raise TypeError(f"factors must be floating point; got {t.dtype}")
-                if t.dtype != dt or t.device != dev:
-                    raise ValueError(
-                        f"all factors must share dtype and device; got {dt}/{dev} and "
-                        f"{t.dtype}/{t.device}"
-                    )
         else:
             dt = dtype or torch.get_default_dtype()
             dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -293,8 +287,7 @@ class GBLR(StructuredMatrix):
         if self.is_dense.numel() != K:
             raise ValueError(f"is_dense must have one entry per component ({K})")
         self._check_intervals()
-        if not (U.is_floating_point() and V.is_floating_point()):
-            raise TypeError(f"factors must be floating point; got {U.dtype} and {V.dtype}")
+        check_factors(U, V)
         h, w, r, d = self.row_width, self.col_width, self.ranks, self.is_dense
         if K and (int(r.min()) < 0 or bool((d & (r != torch.minimum(h, w))).any())):
             raise ValueError("ranks must be >= 0 and equal min(h, w) for dense components")

@@ -383,7 +383,8 @@ class GBLRPlan:
             parts = []
             for b, vals in zip(self.stage1, p1, strict=True):
                 size = b.count * T1
-                parts.append(_bmm(vals, Xg[at : at + size].view(b.count, T1, B)).reshape(-1, B))
+                # (flatten, not reshape(-1, B): an empty batch, B = 0, has no -1 to infer)
+                parts.append(_bmm(vals, Xg[at : at + size].view(b.count, T1, B)).flatten(0, 1))
                 at += size
             Z = Z.index_add(0, self.z_index, torch.cat(parts) if len(parts) > 1 else parts[0])
         w0, wc = self.wide2
@@ -395,7 +396,7 @@ class GBLRPlan:
         at = 0
         for b, vals in zip(self.stage2, p2, strict=True):
             size = b.count * b.cols
-            outs.append(_bmm(vals, Zg[at : at + size].view(b.count, b.cols, B)).reshape(-1, B))
+            outs.append(_bmm(vals, Zg[at : at + size].view(b.count, b.cols, B)).flatten(0, 1))
             at += size
         Y = torch.cat(outs) if len(outs) > 1 else outs[0]
         if self.y_order is not None:

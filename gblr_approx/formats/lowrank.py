@@ -9,7 +9,14 @@ import torch
 from ..budget import InfeasibleBudgetError
 from ..linalg import balanced_factors, check_sketch_options, top_svd
 from ..validation import check_positive_int
-from .base import ROW_FORM_BELOW, StructuredMatrix, batch_major, register_format
+from .base import (
+    ROW_FORM_BELOW,
+    StructuredMatrix,
+    batch_major,
+    check_factors,
+    register_format,
+    scale_invariant,
+)
 
 __all__ = ["LowRank"]
 
@@ -30,6 +37,7 @@ class LowRank(StructuredMatrix):
     format_name = "lowrank"
 
     def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        check_factors(U, V)
         if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[1]:
             raise ValueError(
                 f"U (m, r) and V (n, r) must share r; got {tuple(U.shape)} and {tuple(V.shape)}"
@@ -78,6 +86,7 @@ class LowRank(StructuredMatrix):
         return m + n
 
     @classmethod
+    @scale_invariant
     def project(
         cls,
         W: torch.Tensor,

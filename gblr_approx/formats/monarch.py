@@ -28,7 +28,9 @@ from .base import (
     batch_major,
     bmm_nk,
     cached_layout,
+    check_factors,
     register_format,
+    scale_invariant,
 )
 
 __all__ = ["Monarch"]
@@ -79,6 +81,7 @@ class Monarch(StructuredMatrix):
     format_name = "monarch"
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor, transposed: bool = False) -> None:
+        check_factors(w1, w2)
         if w1.ndim != 3 or w2.ndim != 3:
             raise ValueError("w1 must be (K, R*J, I) and w2 (J, Lr, K*R)")
         K, RJ, I = w1.shape
@@ -148,7 +151,7 @@ class Monarch(StructuredMatrix):
             z = z.view(K, R, J).permute(2, 0, 1).reshape(J, 1, K * R)
             return torch.bmm(z, self.w2.mT).view(J, Lr).T.reshape(-1, 1)
         row = batch_major(X) or k < ROW_FORM_BELOW
-        z = bmm_nk(self.w1, X.unflatten(0, (K, -1)), row)  # (K, R*J, k)
+        z = bmm_nk(self.w1, X.unflatten(0, (K, self.w1.shape[2])), row)  # (K, R*J, k)
         if not row:
             # column form, no copies: z's rows (k*R + r, j) are the regrouped intermediate as
             # a strided view, and the second GEMM writes output row l*J + j in place
@@ -190,9 +193,10 @@ class Monarch(StructuredMatrix):
             z = Y.new_empty(K, R * J, k)
             torch.bmm(self.w2.mT, y, out=z.view(K * R, J, k).transpose(0, 1))
         x = bmm_nk(self.w1.mT, z, row)  # (K, I, k)
+        n = K * self.w1.shape[2]  # (explicit sizes: an empty batch, k = 0, has no -1 to infer)
         if row:
-            return x.mT.permute(1, 0, 2).reshape(k, -1).T
-        return x.reshape(-1, k)
+            return x.mT.permute(1, 0, 2).reshape(k, n).T
+        return x.reshape(n, k)
 
     def _padded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P1, P2)`` with ``M = P2 @ P1`` for the untransposed matrix ``M``: ``P1`` of shape
@@ -247,14 +251,34 @@ class Monarch(StructuredMatrix):
         side = min(MIN_SIDE, max(min(m // J, n // K) for J, K in cands))
         return [(J, K) for J, K in cands if min(m // J, n // K) >= side]
 
+    @staticmethod
+    def _grids_for_rank(
+        m: int, n: int, cands: list[tuple[int, int]], rank: int
+    ) -> list[tuple[int, int]]:
+        """The grids of ``cands`` on which an explicit ``rank`` exists (``rank <= min(m/J,
+        n/K)``, the rank of a slice); ``ValueError`` naming the largest rank when none."""
+        ok = [(J, K) for J, K in cands if rank <= min(m // J, n // K)]
+        if not ok:
+            top = max(min(m // J, n // K) for J, K in cands)
+            grids = ", ".join(f"{J}x{K}" for J, K in cands)
+            raise ValueError(
+                f"rank must be <= min(m/J, n/K) = {top} for a {m}x{n} matrix on the grid(s) "
+                f"(out_blocks x in_blocks) {grids}; got {rank}"
+            )
+        return ok
+
     @classmethod
     def min_budget(
         cls, m: int, n: int, blocks: Any = None, rank: Any = None, **options: Any
     ) -> int:
-        R = 1 if rank is None else check_positive_int(rank, "rank")
-        return min(R * (J * n + K * m) for J, K in cls._candidates(m, n, blocks))
+        cands = cls._candidates(m, n, blocks)
+        if rank is None:
+            return min(J * n + K * m for J, K in cands)
+        R = check_positive_int(rank, "rank")
+        return min(R * (J * n + K * m) for J, K in cls._grids_for_rank(m, n, cands, R))
 
     @classmethod
+    @scale_invariant
     def project(
         cls, W: torch.Tensor, budget: int, *, blocks: Any = None, rank: Any = None
     ) -> Monarch:
@@ -273,17 +297,20 @@ class Monarch(StructuredMatrix):
             (or as large as the matrix allows): finer grids run far below dense GEMM speed.
             Pass ``blocks`` explicitly to use any grid.
         rank : int, optional
-            Rank ``R`` per slice (``1 <= R <= min(m/J, n/K)``); default: the largest that fits.
+            Rank ``R`` per slice (``1 <= R <= min(m/J, n/K)``, else ``ValueError`` naming the
+            largest; with several grids, those it exceeds are skipped); default: the largest
+            that fits.
         """
         m, n = W.shape
         cands = cls._candidates(m, n, blocks)
         R_fixed = None if rank is None else check_positive_int(rank, "rank")
+        if R_fixed is not None:
+            cands = cls._grids_for_rank(m, n, cands, R_fixed)
         feasible = []  # (cost, J, K, R)
         for J, K in cands:
             Lr, I = m // J, n // K
             per_rank = J * n + K * m
-            R = budget // per_rank if R_fixed is None else R_fixed
-            R = min(R, Lr, I)
+            R = min(budget // per_rank, Lr, I) if R_fixed is None else R_fixed
             if R >= 1 and R * per_rank <= budget:
                 feasible.append((R * per_rank, J, K, R))
         from ..linalg import choose_svd_method, frob2, top_svd
@@ -313,7 +340,7 @@ class Monarch(StructuredMatrix):
             minb = cls.min_budget(m, n, blocks=blocks, rank=R_fixed)
             detail = "valid (out_blocks, in_blocks): " + ", ".join(f"{J}x{K}" for J, K in cands)
             if R_fixed is not None:
-                detail += f"; rank={R_fixed} must be <= min(m/J, n/K)"
+                detail += f"; rank={R_fixed} costs rank*(J*n + K*m)"
             raise InfeasibleBudgetError("monarch", budget, minb, detail)
         _, J, K, R = best
         svd_used = "randomized" if (J, K) in kept else "exact"

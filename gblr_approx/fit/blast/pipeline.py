@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ...budget import InfeasibleBudgetError
+from ...formats.base import fit_scale
 from ...formats.blast import AUTO_BLOCKS, BLAST
 from ...formats.blocklowrank import balanced_splits
 from ...linalg import top_svd
@@ -139,6 +140,11 @@ def fit_blast(
         raise ValueError(f"lr must be > 0; got {lr}")
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random'; got {init!r}")
+    # fit W / s (s a power of two, 1 for ordinary magnitudes: formats.base.fit_scale): the
+    # norms of entries near 1e20 or 1e-25 over- or underflow float32; U is scaled back by s
+    scale = fit_scale(W)
+    if scale != 1.0:
+        W = W / scale
     # the finest grid first: it usually wins, and later candidates can stop early
     cands = sorted(_resolve_blocks(blocks, m, n, budget), key=lambda b: -b[0] * b[1])
     ranks = []
@@ -198,7 +204,7 @@ def fit_blast(
             keep[0] = True
         pruned = int((~keep).sum())
         U, V, S = U[:, keep].contiguous(), V[:, keep].contiguous(), S[:, :, keep].contiguous()
-    A = BLAST(U, V, S, res.row_splits, res.col_splits)
+    A = BLAST(U if scale == 1.0 else U * scale, V, S, res.row_splits, res.col_splits)
     A.info = {
         "algorithm": "preconditioned alternating gradient descent (BLAST), SVD start",
         "blocks": [b1, b2],
@@ -216,6 +222,8 @@ def fit_blast(
     }
     if prune > 0:
         A.info["pruned_ranks"] = pruned
+    if scale != 1.0:
+        A.info["input_scale"] = scale
     if res.stopped == "non-finite":
         A.info["warning"] = (
             f"an iterate became NaN/Inf at step {len(res.history) - 1}; the best finite "

@@ -238,7 +238,9 @@ class BlockModel:
             else:
                 s = torch.ones(c.rank, dtype=c.U.dtype, device=c.U.device)
                 # U already carries the singular values; split them evenly for balance
-                nrm = c.U.norm(dim=0).clamp_min(1e-300).sqrt()
+                # (the smallest normal number of the dtype: 1e-300 is 0 in float32, and a zero
+                # column would then give 0 / 0)
+                nrm = c.U.norm(dim=0).clamp_min(torch.finfo(c.U.dtype).tiny).sqrt()
                 s = s / nrm
                 factors.append(((c.U * s).contiguous(), (c.Vh.T / s).contiguous()))
         G = GBLR(

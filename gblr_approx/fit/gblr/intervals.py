@@ -451,8 +451,9 @@ def interval_stage(
     spawn_count: int = 16,
     seed: int = 0,
     min_width: int = 1,
-) -> Iterator[tuple[GBLR | None, float, int]]:
-    """Structure learning from ``start`` by interval ALS; yields ``(G or None, err, cost)``.
+) -> Iterator[tuple[GBLR | None, float, int, int]]:
+    """Structure learning from ``start`` by interval ALS; yields ``(G or None, err, cost,
+    components)`` (``components``: of the sweep's iterate, as ``G.num_components``).
 
     Dense components of ``start`` are kept fixed; its factored components are split into
     rank-1 components, each of which then learns its own intervals. ``G`` is ``None`` for a
@@ -501,7 +502,7 @@ def interval_stage(
         if cost <= B and err < best:
             best = err
             G = _with_fixed(model.to_gblr(), start, fixed_idx)
-        yield G, err, cost + fixed_cost
+        yield G, err, cost + fixed_cost, len(model.comps) + len(fixed_idx)
 
 
 def _without(G: GBLR, drop: list[int]) -> GBLR:

@@ -32,7 +32,7 @@ import torch
 
 from ... import linalg
 from ...budget import InfeasibleBudgetError, resolve_budget
-from ...formats.base import with_autograd
+from ...formats.base import fit_scale, with_autograd
 from ...formats.gblr import GBLR
 from ...validation import as_matrix, check_positive_int
 from ..result import FitResult
@@ -104,6 +104,15 @@ def _check_grids(value: Any, name: str, m: int, n: int) -> list[tuple[int, int]]
             raise ValueError(f"{name} entry {tuple(g)} does not fit a {m}x{n} matrix")
         out.append((a, b))
     return out
+
+
+def _jsonable(v: Any) -> Any:
+    """``v`` as JSON-friendly values (as ``ga.project`` records its options)."""
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return repr(v)
 
 
 def _model_from_gblr(W: torch.Tensor, G: GBLR) -> BlockModel:
@@ -354,7 +363,11 @@ def _fit_gblr(
         sweeps = 25 if algorithm == "proximal" else steps
     schedule: dict[str, Any] = {"large": large}
 
-    Wc = W.to(device=dev, dtype=dtype)
+    # fit W / s (s a power of two, 1 for ordinary magnitudes): squares of entries near 1e20
+    # or 1e-25 over- or underflow float32; the result is scaled back exactly at the end
+    scale = fit_scale(W)
+    Wc = W.to(device=dev, dtype=dtype) if scale == 1.0 else (W / scale).to(device=dev,
+                                                                            dtype=dtype)
     # from the randomized-SVD size on: float64 sums without float64 copies of the layer
     big = m * n >= linalg.RANDOMIZED_MIN_ENTRIES
     nrm = (math.sqrt(linalg.frob2(Wc)) if big else float(Wc.double().norm())) or 1.0
@@ -400,7 +413,8 @@ def _fit_gblr(
 
     try:
         if start is not None:
-            offer("init:given", start.to(device=dev, dtype=dtype))
+            given = start.to(device=dev, dtype=dtype)
+            offer("init:given", given if scale == 1.0 else given._scaled(1.0 / scale))
             if algorithm in ("auto", "intervals", "proximal"):
                 algorithm_starts = False
             else:
@@ -472,13 +486,13 @@ def _fit_gblr(
             schedule["sweeps"] = f"{sweeps} (LARGE_SWEEP_WORK)"
         if algorithm in ("auto", "intervals", "proximal") and sweeps and not state["stop"]:
             gain = FINE_PRICE_GAIN if fine_regime(m, n, B) else 2.0  # price exponent
-            for G, err, cost in interval_stage(
+            for G, err, cost, count in interval_stage(
                 Wc, B, state["best"], sweeps, components, tol=tol, lam=lam, gain=gain,
                 min_width=min_width,
             ):
                 before = state["err"]
                 if G is None:
-                    record("intervals", err, cost, -1)
+                    record("intervals", err, cost, count)
                 else:
                     offer("intervals", G, err)
                 if state["err"] < before:
@@ -499,7 +513,7 @@ def _fit_gblr(
                 P = int(state["best"].ranks.sum())
                 steps = max(4, min(60, round(60 * 6e7 / max(m * n * P, 1))))
 
-            for G, err, loss, cost in proximal_gradient(
+            for G, err, loss, cost, count in proximal_gradient(
                 Wc,
                 B,
                 state["best"],
@@ -518,7 +532,7 @@ def _fit_gblr(
                     # the components); the error is exact already
                     pending = G
                     state["err"], state["source"] = err, "proximal"
-                record("proximal", err, cost, -1, loss)
+                record("proximal", err, cost, count, loss)
 
                 if state["err"] < before:
                     best_model = None
@@ -551,13 +565,27 @@ def _fit_gblr(
             bar.close()
 
     G = merge_identical(state["best"])  # lossless: one component per distinct rectangle
+    if scale != 1.0:
+        G = G._scaled(scale)  # exact: a power of two, in the U buffer only
     if G.device != out_device:
         G = G.to(device=out_device)
     seconds = time.perf_counter() - t0
+    used = {  # every option, as resolved (given or default)
+        "algorithm": algorithm, "steps": steps, "sweeps": sweeps, "seed": seed,
+        "rank_per_component": rank_per_component, "components": components,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(dev),
+        "mixed_grids": [list(g) for g in mixed_grids], "mixed_iters": mixed_iters, "tol": tol,
+        "polish_sweeps": polish_sweeps, "layout": layout, "tile": tile,
+        "min_width": min_width,
+        "start": None if start is None else (
+            f"GBLR ({start.num_components} components, {start.flops} MACs)"),
+        **{k: _jsonable(v) for k, v in prox_opts.items()},
+    }
     G.info = {
         "algorithm": f"fit_gblr ({algorithm})",
         "start": state["source"],
         "rel_error": state["err"],
+        "budget": budget,
         "budget_macs": B,
         "seed": seed,
         "steps": steps,
@@ -575,7 +603,10 @@ def _fit_gblr(
             "best_stage": state["source"],
             "grids": grids,
             "block_shapes": block_shapes,
-            "options": prox_opts,
+            "options": used,
+            "budget": budget,
+            "budget_macs": B,
             "schedule": schedule,
+            **({"input_scale": scale} if scale != 1.0 else {}),
         },
     )

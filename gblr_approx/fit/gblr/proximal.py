@@ -170,6 +170,11 @@ class GaudiParams:
     def cost(self) -> int:
         return hard_cost(self.wo, self.wi, self.m, self.n, self.r)
 
+    def num_components(self) -> int:
+        """Components of the hard matrix (those whose rounded intervals are not empty)."""
+        _, h, _, w = self.integer_intervals()
+        return int(((h > 0) & (w > 0)).sum())
+
     def snapshot(self) -> Callable[[], GBLR]:
         """A copy of the current iterate that builds its hard GBLR when called (building it
         loops over the components, so it is done only for the iterate finally kept)."""
@@ -346,8 +351,9 @@ def proximal_gradient(
     restarts: int = 1,
     gradient: str = "midpoint",
     best: float = math.inf,
-) -> Iterator[tuple[GBLR | Callable[[], GBLR] | None, float, float, int]]:
-    """Proximal gradient from ``start``; yield ``(G, rel_error, loss, flops)`` per step.
+) -> Iterator[tuple[GBLR | Callable[[], GBLR] | None, float, float, int, int]]:
+    """Proximal gradient from ``start``; yield ``(G, rel_error, loss, flops, components)``
+    per step (``components``: of the hard iterate).
 
     The first yield is the start itself (step 0 reproduces it exactly). Afterwards ``G`` is
     ``None`` unless the iterate's hard error beats ``best`` and every earlier iterate; then it
@@ -422,7 +428,7 @@ def proximal_gradient(
     st = refit_factors(W, p, 0, sides="")
     err0 = float(st["R"].norm()) / nrm
     best = min(best, err0)
-    yield start, err0, err0**2, start.flops
+    yield start, err0, err0**2, start.flops, start.num_components
 
     struct = [p.wo, p.lo, p.wi, p.li]
     for t in struct:
@@ -518,4 +524,4 @@ def proximal_gradient(
         if err < best:
             best = err
             G = p.snapshot()
-        yield G, err, loss, p.cost()
+        yield G, err, loss, p.cost(), p.num_components()
