@@ -11,9 +11,12 @@ missing file, an output that exists or is an input), 1 failure (including a ``sw
 
 from __future__ import annotations
 
+import decimal
+import inspect as _inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -89,20 +92,38 @@ def _split(values: Iterable[str]) -> list[str]:
     return out
 
 
+def _split_given(values: Sequence[str], param: str, what: str) -> list[str]:
+    """:func:`_split` of an option given on the command line; an empty value is refused.
+
+    Only an absent option means "the default": ``-b ""`` or ``-f ","`` (e.g. an unset shell
+    variable) is a usage error instead of silently running every default.
+    """
+    items = _split(values)
+    if values and not items:
+        raise click.BadParameter(
+            f"{', '.join(repr(v) for v in values)} names no {what}; give at least one, or leave "
+            f"the option out for the default", param_hint=param)
+    return items
+
+
 def _parse_budget(text: str, param: str = "--budget") -> float | int:
-    """``0.25`` or ``25%`` -> fraction 0.25; ``10000`` -> 10000 MACs."""
+    """``0.25`` or ``25%`` -> fraction 0.25; ``10000`` -> 10000 MACs.
+
+    A percentage is divided by 100 in decimal arithmetic, so ``2.8%`` is the float ``0.028``
+    (the same budget, and the same resume key, as ``-b 0.028``), not 0.027999999999999997.
+    """
     from .budget import resolve_budget
 
     t = text.strip()
     try:
         if t.endswith("%"):
-            b: float | int = float(t[:-1]) / 100.0
+            b: float | int = float(decimal.Decimal(t[:-1].strip()) / 100)
         elif any(c in t.lower() for c in ".e"):
             b = float(t)
         else:
             b = int(t)
         resolve_budget(b, 1, 1)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:  # decimal.InvalidOperation too
         raise click.BadParameter(
             f"{text!r} is not a budget: give a fraction of the dense cost in (0, 1] (e.g. 0.25 "
             f"or 25%) or an integer number of MACs >= 1 ({exc})",
@@ -135,12 +156,14 @@ def _parse_kv(text: str, param: str) -> tuple[str, Any]:
 
 
 def _format_options(
-    options: tuple[str, ...], fmts: list[str], verb: str
+    options: tuple[str, ...], fmts: list[str], verb: str, extra: Sequence[str] = ()
 ) -> dict[str, dict[str, Any]]:
     """``--option FORMAT.KEY=VALUE`` values as ``{format: {key: value}}``.
 
-    Raises ``click.BadParameter`` for a missing ``FORMAT.``, an unknown format, or a format
-    not among ``fmts`` (the formats the command runs, ``verb`` e.g. "swept")."""
+    Raises ``click.BadParameter`` for a missing ``FORMAT.``, an unknown format, a format
+    not among ``fmts`` (the formats the command runs, ``verb`` e.g. "swept"), or a KEY the
+    format's projection does not take (``extra``: keys the command adds, see
+    :func:`_check_option_key`), before any fit runs."""
     opts: dict[str, dict[str, Any]] = {}
     for o in options:
         k, v = _parse_kv(o, "--option")
@@ -152,8 +175,42 @@ def _format_options(
         if f not in fmts:
             raise click.BadParameter(f"{o!r} is for format {f!r}, which is not {verb} ({fmts})",
                                      param_hint="--option")
+        _check_option_key(f, key, o, extra)
         opts.setdefault(f, {})[key] = v
     return opts
+
+
+def _accepted_options(fmt: str) -> list[str] | None:
+    """Keyword options of format ``fmt``'s projection; None when it takes any (``**options``).
+
+    ``W`` and ``budget`` are not options. GBLR (and any format whose projection forwards
+    ``**options``) checks its own option names when it runs.
+    """
+    from .formats.base import get_format
+
+    try:
+        params = _inspect.signature(get_format(fmt).project).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [k for k, p in params.items() if k not in ("W", "budget", "self", "cls")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _check_option_key(fmt: str, key: str, given: str, extra: Sequence[str] = ()) -> None:
+    """Refuse (usage error) an option ``key`` that format ``fmt``'s projection does not take.
+
+    ``extra``: keys the command accepts on top of the projection's own (e.g. the data-aware
+    ``ridge``, ``sweeps``, ``scaled`` of ``compress``).
+    """
+    accepted = _accepted_options(fmt)
+    if accepted is None or key in accepted or key in extra:
+        return
+    known = [*accepted, *(k for k in extra if k not in accepted)]
+    raise click.BadParameter(
+        f"{given!r}: format {fmt!r} has no option {key!r}; its options are "
+        f"{', '.join(known) if known else '(none)'}", param_hint="--option")
 
 
 def _check_format(name: str, param: str = "--format") -> str:
@@ -261,6 +318,19 @@ def _guard_out(out: Path, inputs: Sequence[Path], force: bool) -> Path:
         return check_output(out, inputs, force=force)
     except (FileExistsError, IsADirectoryError) as exc:
         raise click.BadParameter(str(exc), param_hint="--out") from None
+
+
+def _check_suffix(out: Path, param: str = "--out") -> Path:
+    """Refuse (usage error) an output name not ending in ``.safetensors``.
+
+    A structured matrix is always written as one safetensors file; under a ``.npy`` or ``.pt``
+    name no reader (``inspect``, ``sweep``, ``spectrum``) would recognise it.
+    """
+    if out.suffix.lower() != ".safetensors":
+        raise click.BadParameter(
+            f"{out} does not end in .safetensors: the matrix is saved as one safetensors "
+            f"file; name it e.g. {out.with_suffix('.safetensors')}", param_hint=param)
+    return out
 
 
 _force_opt = click.option("--force", is_flag=True,
@@ -416,8 +486,10 @@ def sweep(path, formats, budgets, include, exclude, options, out, workers, threa
     if retry_failed and out is None:
         raise click.UsageError("--retry-failed reruns the failed rows of an --out folder; "
                                "give --out DIR")
-    fmts = [_check_format(f, "--formats") for f in _split(formats)] or default_formats()
-    blist = [_parse_budget(b, "--budgets") for b in _split(budgets)] or list(DEFAULT_BUDGETS)
+    fmts = ([_check_format(f, "--formats") for f in _split_given(formats, "--formats", "format")]
+            or default_formats())
+    blist = ([_parse_budget(b, "--budgets") for b in _split_given(budgets, "--budgets", "budget")]
+             or list(DEFAULT_BUDGETS))
     opts = _format_options(options, fmts, "swept")
     if path is None:
         from .datasets import minilm_sample
@@ -489,8 +561,15 @@ def _sweep_verdict(df) -> None:
 
 
 def _cause(message: str, matrix: str) -> str:
-    """A failure message as a cause shared across matrices: first clause, name replaced."""
-    text = " ".join(message.split()).replace(matrix, "W") if message.strip() else "no message"
+    """A failure message as a cause shared across matrices: first clause, name replaced.
+
+    Only whole occurrences of the name become ``W`` (not inside other words or longer dotted
+    names: for a matrix ``a``, ``ValueError: a contains NaN`` -> ``ValueError: W contains
+    NaN``).
+    """
+    text = " ".join(message.split()) if message.strip() else "no message"
+    if matrix:
+        text = re.sub(rf"(?<![\w.]){re.escape(matrix)}(?!\w|\.\w)", "W", text)
     head = text.split(";")[0]
     return head[:80] + ("..." if len(head) > 80 else "")
 
@@ -595,7 +674,12 @@ def project(path, fmt, budget, out, name, options, reshape_conv, force, threads,
 
     fmt = _check_format(fmt)
     b = _parse_budget(budget)
-    opts = dict(_parse_kv(o, "--option") for o in options)
+    _check_suffix(out)
+    opts: dict[str, Any] = {}
+    for o in options:
+        k, v = _parse_kv(o, "--option")
+        _check_option_key(fmt, k, o)
+        opts[k] = v
     store = _open(path, (), (), reshape_conv=reshape_conv)
     out = _guard_out(out, [path, *store.files], force)
     name = _pick(store, name)
@@ -633,6 +717,7 @@ def fit(path, budget, out, name, steps, seed, options, reshape_conv, force, thre
     _set_threads(threads)
 
     b = _parse_budget(budget)
+    _check_suffix(out)
     opts = dict(_parse_kv(o, "--option") for o in options)
     store = _open(path, (), (), reshape_conv=reshape_conv)
     out = _guard_out(out, [path, *store.files], force)
@@ -753,7 +838,7 @@ def convert(file, target, budget, out, force, threads, as_json) -> None:
     target = _check_format(target, "--to")
     b = _parse_budget(budget) if budget is not None else None
     if out is not None:
-        out = _guard_out(out, [file], force)
+        out = _guard_out(_check_suffix(out), [file], force)
     from .convert import convert as run_convert
 
     A = load(file)

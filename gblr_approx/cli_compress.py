@@ -12,13 +12,19 @@ prints the cosine similarity of the compressed model's embeddings to the dense m
 TEXTS is a UTF-8 file with one text per line (blank lines skipped), or ``stdlib`` for the
 docstrings of the Python standard library (:func:`gblr_approx.calibration.stdlib_docstrings`)
 or ``stdlib-eval`` for those of a disjoint module list. Needs the ``hf`` extra.
+
+``--out`` is never a file of MODEL_DIR and an existing ``--out`` needs ``--force`` (exit 2,
+as for ``project``). ``gblr-approx --quiet`` (and ``--json``) silence the status lines; with
+``--quiet`` the transformers / Hugging Face Hub progress bars and log messages are off too
+(their switches are restored afterwards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,10 @@ import click
 __all__ = ["compress", "evaluate"]
 
 SENSITIVITY_TEXTS = 128
+
+#: Options ``compress`` accepts for every format on top of its projection's own: those of the
+#: data-aware projection (:func:`gblr_approx.data_aware.project_data_aware`).
+DATA_AWARE_OPTIONS = ("ridge", "sweeps", "scaled")
 
 
 def _texts(spec: str, param: str) -> list[str]:
@@ -47,10 +57,52 @@ def _texts(spec: str, param: str) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _hf_quiet(quiet: bool) -> Iterator[None]:
+    """Turn off the transformers / huggingface_hub progress bars and info logs while inside.
+
+    Does nothing unless ``quiet``; the previous switches (progress bars, transformers log
+    verbosity) are restored on exit, so a Python caller's settings survive the command.
+    """
+    if not quiet:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            from transformers.utils import logging as tf_logging
+        except ImportError:
+            tf_logging = None
+        if tf_logging is not None:
+            bars_on = tf_logging.is_progress_bar_enabled()
+            verbosity = tf_logging.get_verbosity()
+            tf_logging.disable_progress_bar()
+            tf_logging.set_verbosity_error()
+
+            def _restore_transformers() -> None:
+                tf_logging.set_verbosity(verbosity)
+                if bars_on:
+                    tf_logging.enable_progress_bar()
+
+            stack.callback(_restore_transformers)
+        try:
+            from huggingface_hub.utils import (
+                are_progress_bars_disabled,
+                disable_progress_bars,
+                enable_progress_bars,
+            )
+        except ImportError:
+            pass
+        else:
+            if not are_progress_bars_disabled():
+                disable_progress_bars()
+                stack.callback(enable_progress_bars)
+        yield
+
+
 class _Loaded:
     """A model with ``encode(texts) -> Tensor (N, d)`` and a differentiable ``forward``."""
 
-    def __init__(self, model_dir: Path, batch_size: int = 32) -> None:
+    def __init__(self, model_dir: Path, batch_size: int = 32, quiet: bool = False) -> None:
         import torch
 
         self.batch_size = batch_size
@@ -68,8 +120,9 @@ class _Loaded:
             self.kind = "sentence-transformers"
 
             def encode(texts: list[str]) -> torch.Tensor:
+                kw = {"show_progress_bar": False} if quiet else {}
                 return torch.as_tensor(st.encode(texts, batch_size=batch_size,
-                                                 convert_to_numpy=True))
+                                                 convert_to_numpy=True, **kw))
 
             prep = getattr(st, "preprocess", None) or st.tokenize  # tokenize: before ST 5
 
@@ -120,7 +173,10 @@ def _say(msg: str, quiet: bool) -> None:
 @click.option("--calibration", "calibration", required=True,
               help="Text file (one text per line), or 'stdlib'.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Output .safetensors file (structured layers + manifest).")
+              help="Output .safetensors file (structured layers + manifest); never a file "
+                   "of MODEL_DIR.")
+@click.option("--force", is_flag=True,
+              help="Overwrite --out if it exists (never when it is a file of MODEL_DIR).")
 @click.option("--allocation", type=click.Choice(["global", "uniform"]), default="global",
               show_default=True)
 @click.option("--include", multiple=True, help="Glob(s) on module names (default: the "
@@ -131,37 +187,66 @@ def _say(msg: str, quiet: bool) -> None:
               "runnable tiled layout). Repeatable.")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="Weight each layer's output error by its estimated effect on the output.")
-@click.option("--max-texts", type=int, default=None, help="Use only the first N texts.")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads.")
+@click.option("--max-texts", type=click.IntRange(min=1), default=None,
+              help="Use only the first N texts (N >= 1).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch intra-op threads.")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Fit the layers on Dask: 'local' (a LocalCluster of --workers processes) "
                    "or a scheduler address such as tcp://host:8786. Needs gblr_approx[dask].")
 @click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="LocalCluster size with --scheduler local (1: one per core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def compress(model_dir, budget, formats, calibration, out, allocation, include, exclude,
+def compress(model_dir, budget, formats, calibration, out, force, allocation, include, exclude,
              options, sensitivity, max_texts, threads, scheduler, workers, as_json) -> None:
-    """Compress the linear layers of a local Hugging Face model folder."""
+    """Compress the linear layers of a local Hugging Face model folder.
+
+    --out never replaces a file of MODEL_DIR, and an existing --out needs --force.
+    """
     import torch
 
     from . import cli
     from .compress import AUTO_FORMATS
-    from .nn import collect_grams, compress_model, layer_sensitivity, save_compressed
 
     if threads:
         torch.set_num_threads(threads)
     b = cli._parse_budget(budget)
     fmts: Any = "auto" if formats == "auto" else [
-        cli._check_format(f, "--formats") for f in cli._split([formats])]
+        cli._check_format(f, "--formats")
+        for f in cli._split_given([formats], "--formats", "format")]
     fmt_options = cli._format_options(
-        options, list(AUTO_FORMATS) if fmts == "auto" else fmts, "compressed to")
+        options, list(AUTO_FORMATS) if fmts == "auto" else fmts, "compressed to",
+        extra=DATA_AWARE_OPTIONS)
     texts = _texts(calibration, "--calibration")
-    if max_texts:
+    if max_texts is not None:
         texts = texts[:max_texts]
-    quiet = as_json
+    out = cli._guard_out(out, _model_files(model_dir), force)
+    quiet = as_json or cli._quiet()
+    with _hf_quiet(cli._quiet()):
+        _compress(model_dir, b, fmts, formats, fmt_options, texts, out, allocation, include,
+                  exclude, sensitivity, scheduler, workers, as_json, quiet)
+
+
+def _model_files(model_dir: Path) -> list[Path]:
+    """Every file of MODEL_DIR: the inputs ``--out`` may not be (a new file beside them is
+    fine, e.g. ``MODEL_DIR/compressed.safetensors``)."""
+    if not model_dir.is_dir():
+        return [model_dir]
+    return sorted(p for p in model_dir.rglob("*") if p.is_file())
+
+
+def _compress(model_dir: Path, b: float | int, fmts: Any, formats: str,
+              fmt_options: dict[str, dict[str, Any]], texts: list[str], out: Path,
+              allocation: str, include: tuple[str, ...], exclude: tuple[str, ...],
+              sensitivity: bool, scheduler: str | None, workers: int, as_json: bool,
+              quiet: bool) -> None:
+    """The body of ``compress`` once its arguments are checked (see :func:`compress`)."""
+    from . import cli
+    from .nn import collect_grams, compress_model, layer_sensitivity, save_compressed
+
     t0 = time.perf_counter()
     _say(f"loading {model_dir} ...", quiet)
-    loaded = _Loaded(model_dir)
+    loaded = _Loaded(model_dir, quiet=cli._quiet())
     model = loaded.model
     inc: Any = list(include) if include else _default_include(model)
     exc: Any = list(exclude) if exclude else None
@@ -208,8 +293,10 @@ def compress(model_dir, budget, formats, calibration, out, allocation, include, 
 @click.argument("compressed_file", type=click.Path(path_type=Path))
 @click.option("--texts", "texts_spec", required=True,
               help="Text file (one text per line), or 'stdlib-eval' / 'stdlib'.")
-@click.option("--max-texts", type=int, default=None, help="Use only the first N texts.")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads.")
+@click.option("--max-texts", type=click.IntRange(min=1), default=None,
+              help="Use only the first N texts (N >= 1).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch intra-op threads.")
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(model_dir, compressed_file, texts_spec, max_texts, threads, as_json) -> None:
     """Cosine similarity of the compressed model's embeddings to the dense model's."""
@@ -224,13 +311,15 @@ def evaluate(model_dir, compressed_file, texts_spec, max_texts, threads, as_json
         raise click.BadParameter(f"no such file: {compressed_file}",
                                  param_hint="COMPRESSED_FILE")
     texts = _texts(texts_spec, "--texts")
-    if max_texts:
+    if max_texts is not None:
         texts = texts[:max_texts]
-    dense = _Loaded(model_dir)
-    ref = dense.encode(texts)
-    small = _Loaded(model_dir)
-    load_compressed(small.model, compressed_file)
-    emb = small.encode(texts)
+    quiet = cli._quiet()
+    with _hf_quiet(quiet):
+        dense = _Loaded(model_dir, quiet=quiet)
+        ref = dense.encode(texts)
+        small = _Loaded(model_dir, quiet=quiet)
+        load_compressed(small.model, compressed_file)
+        emb = small.encode(texts)
     cos = torch.nn.functional.cosine_similarity(emb.double(), ref.double(), dim=1)
     layers = [m for m in small.model.modules() if isinstance(m, StructuredLinear)]
     rec = {

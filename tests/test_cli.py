@@ -133,8 +133,8 @@ def test_bad_usage_exit_2(ckpt):
         (["sweep", "--bogus"], "No such option"),
         (["project", str(ckpt), "-f", "lowrank", "-b", "0.5", "-o", "x.safetensors"],
          "choose one with --name"),
-        (["project", str(ckpt), "-f", "lowrank", "-b", "0.5", "-o", "x.st", "-n", "nope"],
-         "no matrix 'nope'"),
+        (["project", str(ckpt), "-f", "lowrank", "-b", "0.5", "-o", "x.safetensors", "-n",
+          "nope"], "no matrix 'nope'"),
         (["inspect", "/no/such/file"], "does not exist"),
         (["sweep", "--option", "lowrank.x"], "KEY=VALUE"),
         (["sweep", "--option", "rank=3"], "FORMAT.KEY=VALUE"),
@@ -204,3 +204,186 @@ def test_fit_gblr_in_process(ckpt, tmp_path):
     s = torch.linalg.svdvals(W.double())
     r = 160 // 52
     assert rec["rel_error"] <= float(s[r:].norm() / s.norm()) + 1e-6
+
+
+# ------------------------------------------------------------------ usage checked up front
+def test_structured_outputs_must_be_safetensors(ckpt, tmp_path):
+    """project/fit/convert -o with another suffix would write safetensors under a .npy/.pt
+    name that no reader recognises: a usage error, nothing written."""
+    runner = CliRunner()
+    for suffix in (".npy", ".pt", ""):
+        out = tmp_path / f"proj{suffix}"
+        res = runner.invoke(main, ["project", str(ckpt), "-n", "enc.1.fc.weight", "-f",
+                                   "lowrank", "-b", "0.5", "-o", str(out)])
+        assert res.exit_code == 2, res.output
+        assert "does not end in .safetensors" in res.output and not out.exists()
+    res = runner.invoke(main, ["fit", str(ckpt), "-n", "enc.1.fc.weight", "-b", "0.5", "-o",
+                               str(tmp_path / "g.npy")])
+    assert res.exit_code == 2 and "does not end in .safetensors" in res.output
+    good = tmp_path / "proj.SafeTensors"  # the suffix is matched case-insensitively
+    res = runner.invoke(main, ["project", str(ckpt), "-n", "enc.1.fc.weight", "-f", "lowrank",
+                               "-b", "0.5", "-o", str(good)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["convert", str(good), "--to", "dense", "-o",
+                               str(tmp_path / "d.pt")])
+    assert res.exit_code == 2 and "does not end in .safetensors" in res.output
+    assert not (tmp_path / "d.pt").exists()
+
+
+def test_percent_budget_is_exact_and_resumes_as_the_fraction(ckpt, tmp_path):
+    from gblr_approx.cli import _parse_budget
+
+    for text, value in [("2.8%", 0.028), ("0.7%", 0.007), ("1.1%", 0.011), ("14%", 0.14),
+                        ("57%", 0.57), ("100%", 1.0), (" 25 % ", 0.25)]:
+        b = _parse_budget(text)
+        assert isinstance(b, float) and b == value, (text, b)
+    out = tmp_path / "pct"
+    runner = CliRunner()
+    args = ["sweep", str(ckpt), "-i", "enc.0.*", "-f", "lowrank", "-o", str(out), "--json"]
+    res = runner.invoke(main, [*args, "-b", "57.1%"])
+    assert res.exit_code == 0, res.output
+    assert [r["budget"] for r in json.loads(res.stdout)] == [0.571]
+    res = runner.invoke(main, [*args, "-b", "0.571"])  # the same fit: resumed, not added
+    assert res.exit_code == 0, res.output
+    assert (out / ROWS_FILE).read_text().count("\n") == 2  # header + one row
+    res = runner.invoke(main, [*args, "-b", "x%"])
+    assert res.exit_code == 2 and "is not a budget" in res.output
+
+
+def test_empty_formats_or_budgets_are_usage_errors(ckpt):
+    runner = CliRunner()
+    for opt, value, what in [("-b", "", "budget"), ("-b", " , ", "budget"),
+                             ("-f", ",", "format"), ("--formats", "", "format")]:
+        res = runner.invoke(main, ["sweep", str(ckpt), opt, value, "--json"])
+        assert res.exit_code == 2, (opt, value, res.output)
+        assert f"names no {what}" in res.output
+
+
+def test_option_keys_checked_before_any_fit(ckpt, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "badopt"
+    res = runner.invoke(main, ["sweep", str(ckpt), "-f", "lowrank,blocksparse", "-b", "0.25",
+                               "--option", "blocksparse.blok_shape=4,4", "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "'blok_shape'" in res.output and "block_shape" in res.output
+    assert not (out / ROWS_FILE).exists()  # nothing ran
+    res = runner.invoke(main, ["project", str(ckpt), "-n", "enc.1.fc.weight", "-f",
+                               "blocksparse", "-b", "0.5", "--option", "grid=2,2", "-o",
+                               str(tmp_path / "p.safetensors")])
+    assert res.exit_code == 2 and "'grid'" in res.output and "block_shape" in res.output
+    res = runner.invoke(main, ["sweep", str(ckpt), "-i", "enc.1.*", "-f", "blocksparse", "-b",
+                               "0.5", "--option", "blocksparse.block_shape=4,4", "--json"])
+    assert res.exit_code == 0, res.output  # a correct key still reaches the projection
+    assert json.loads(res.stdout)[0]["options"] == '{"block_shape": [4, 4]}'
+
+
+def test_failure_causes_keep_words_around_short_matrix_names(tmp_path):
+    from gblr_approx.cli import _cause
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20, 16)).astype("f4")
+    a[0, 0] = np.nan
+    np.savez(tmp_path / "short.npz", a=a, b=rng.standard_normal((20, 16)).astype("f4"))
+    res = CliRunner().invoke(main, ["sweep", str(tmp_path / "short.npz"), "-f", "lowrank", "-b",
+                                    "0.25", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    line = [ln for ln in res.stderr.splitlines() if "did not succeed" in ln]
+    assert line == ["1 of 2 fits did not succeed (1 x failed: ValueError: W contains 1 NaN "
+                    "or Inf entries)"]
+    assert _cause("'a' is not a.b of a; more", "a") == \
+        "'W' is not a.b of W"  # first clause only; "a.b" is another name
+    assert _cause("a1 and a.", "a") == "a1 and W."
+    assert _cause("a.b failed for enc.a.b", "a.b") == "W failed for enc.a.b"
+
+
+# --------------------------------------------------------------- compress / evaluate (tiny)
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A one-layer BERT (hidden size 16) saved as a plain transformers folder: no download."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("tiny_bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+             *"the a of to and is in matrix low rank weight".split()]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=32)
+    transformers.BertModel(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    texts = d.parent / "texts.txt"
+    texts.write_text("the matrix is low rank\na weight of the matrix\nlow rank and the weight\n"
+                     "to the matrix\n", encoding="utf-8")
+    return d, texts
+
+
+def _compress_args(model, texts, out, *more):
+    return ["compress", str(model), "--formats", "lowrank", "--no-sensitivity", "--allocation",
+            "uniform", "--include", "*attention.self.query", "--calibration", str(texts),
+            "--out", str(out), *more]
+
+
+def test_compress_out_never_replaces_an_input_or_an_existing_file(tiny_model, tmp_path):
+    import hashlib
+
+    model, texts = tiny_model
+    runner = CliRunner()
+    weights = model / "model.safetensors"
+    digest = hashlib.md5(weights.read_bytes()).hexdigest()
+    for force in ([], ["--force"]):  # the model's own weights: refused even with --force
+        res = runner.invoke(main, _compress_args(model, texts, weights, "--json", *force))
+        assert res.exit_code == 2, res.output
+        assert hashlib.md5(weights.read_bytes()).hexdigest() == digest
+    beside = model / "compressed.safetensors"  # a new file in the model folder is fine
+    res = runner.invoke(main, _compress_args(model, texts, beside, "--json"))
+    assert res.exit_code == 0 and beside.stat().st_size > 100, res.output
+    beside.unlink()
+    out = tmp_path / "existing.safetensors"
+    out.write_text("precious")
+    res = runner.invoke(main, _compress_args(model, texts, out, "--json"))
+    assert res.exit_code == 2 and "--force" in res.output and out.read_text() == "precious"
+    res = runner.invoke(main, _compress_args(model, texts, out, "--json", "--force"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["summary"]["layers"] == 1 and out.stat().st_size > 100
+
+
+def test_quiet_compress_and_evaluate_print_nothing_on_stderr(tiny_model, tmp_path):
+    from transformers.utils import logging as tf_logging
+
+    model, texts = tiny_model
+    runner = CliRunner()
+    out = tmp_path / "c.safetensors"
+    res = runner.invoke(main, _compress_args(model, texts, out))
+    assert res.exit_code == 0, res.output
+    assert "loading" in res.stderr  # the status lines without -q
+    res = runner.invoke(main, ["-q", *_compress_args(model, texts, tmp_path / "q.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and "formats: lowrank x1" in res.stdout
+    res = runner.invoke(main, ["-q", "evaluate", str(model), str(out), "--texts", str(texts)])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and "mean_cosine" in res.stdout
+    assert tf_logging.is_progress_bar_enabled()  # the switch is restored afterwards
+
+
+def test_compress_counts_must_be_positive(tiny_model, tmp_path):
+    model, texts = tiny_model
+    runner = CliRunner()
+    out = tmp_path / "c.safetensors"
+    for more in (["--max-texts", "0"], ["--max-texts=-2"], ["--threads=-1"]):
+        res = runner.invoke(main, _compress_args(model, texts, out, *more))
+        assert res.exit_code == 2 and "x>=1" in res.output, (more, res.output)
+        res = runner.invoke(main, ["evaluate", str(model), str(out), "--texts", str(texts),
+                                   *more])
+        assert res.exit_code == 2 and "x>=1" in res.output, (more, res.output)
+    res = runner.invoke(main, _compress_args(model, texts, out, "--max-texts", "2", "--json"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["summary"]["calibration_texts"] == 2
+    res = runner.invoke(main, ["evaluate", str(model), str(out), "--texts", str(texts),
+                               "--max-texts", "3", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["texts"] == 3
+    res = runner.invoke(main, _compress_args(model, texts, out, "--formats", ","))
+    assert res.exit_code == 2 and "names no format" in res.output
+    res = runner.invoke(main, _compress_args(model, texts, out, "--option",
+                                             "lowrank.rnak=2"))
+    assert res.exit_code == 2 and "'rnak'" in res.output
