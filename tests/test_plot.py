@@ -211,6 +211,79 @@ def test_layer_grid_one_panel_per_layer(table, tmp_path):
     _check_saved(fig, tmp_path, "grid")
 
 
+def _two_option_sets() -> pd.DataFrame:
+    """Block-sparse fits of one matrix with two block shapes (two sweeps into one --out
+    folder, as ``load_sweep`` reads them back: ``options`` as JSON text), plus low-rank."""
+    rows = []
+    for opts, fr, err in [('{"block_shape": [4, 4]}', (0.1, 0.247, 0.5), (0.919, 0.806, 0.611)),
+                          ('{"block_shape": [20, 15]}', (0.25, 0.5), (0.861, 0.702))]:
+        for f, e in zip(fr, err, strict=True):
+            rows.append(dict(matrix="one", rows=40, cols=30, format="blocksparse", budget=f,
+                             budget_fraction=f, rel_error=e, rel_error_2=e, status="ok",
+                             message="", options=opts, seed=0))
+    for f in (0.1, 0.25, 0.5):
+        for name in ("one", "two"):
+            rows.append(dict(matrix=name, rows=40, cols=30, format="lowrank", budget=f,
+                             budget_fraction=f, rel_error=1 - f, rel_error_2=1 - f,
+                             status="ok", message="", options="{}", seed=0))
+    return pd.DataFrame(rows)
+
+
+def test_error_vs_budget_keeps_option_sets_apart():
+    """Fits of one format with other options are separate curves (not one zig-zag line)."""
+    df = _two_option_sets()
+    ax = gp.error_vs_budget(df[df.matrix == "one"]).axes[0]
+    lines = _lines(ax)
+    assert set(lines) == {"Low-rank", "Block-sparse (block_shape=4,4)",
+                          "Block-sparse (block_shape=20,15)"}
+    a, b = lines["Block-sparse (block_shape=4,4)"], lines["Block-sparse (block_shape=20,15)"]
+    np.testing.assert_allclose(a.get_xdata(), [0.1, 0.247, 0.5])
+    np.testing.assert_allclose(a.get_ydata(), [0.919, 0.806, 0.611])
+    np.testing.assert_allclose(b.get_xdata(), [0.25, 0.5])
+    np.testing.assert_allclose(b.get_ydata(), [0.861, 0.702])
+    assert to_hex(a.get_color()) == to_hex(b.get_color())  # the format keeps its colour
+    assert a.get_linestyle() != b.get_linestyle()
+    assert lines["Low-rank"].get_linestyle() == "-"  # a format with one set: as always
+    # aggregated over matrices: still one curve per set
+    lines = _lines(gp.error_vs_budget(df).axes[0])
+    assert len(lines) == 3 and len(lines["Block-sparse (block_shape=20,15)"].get_xdata()) == 2
+
+
+def test_error_vs_budget_seeds_and_single_set_unchanged(table):
+    df = _two_option_sets()
+    df = df[df.format == "lowrank"].assign(seed=[0, 0, 1, 1, 2, 2])
+    df.loc[df.seed == 1, "seed"] = 0  # seeds 0 and 2
+    labels = set(_lines(gp.error_vs_budget(df, aggregate="none").axes[0]))
+    assert labels == {"Low-rank (seed 0)", "Low-rank (seed 2)"}
+    # one (options, seed) set per format: the figure is exactly as without those columns
+    same = table.assign(options='{"block_shape": [4, 4]}', seed=0)
+    for t in (table, same):
+        ax = gp.error_vs_budget(t).axes[0]
+        assert [ln.get_label() for ln in ax.get_lines()] == [
+            "Low-rank", "Block-sparse", "GBLR", "Monarch" + NOTE, "BLAST" + NOTE]
+    plain = [(ln.get_xdata(), ln.get_ydata(), ln.get_linestyle())
+             for ln in gp.error_vs_budget(table).axes[0].get_lines()]
+    other = [(ln.get_xdata(), ln.get_ydata(), ln.get_linestyle())
+             for ln in gp.error_vs_budget(same).axes[0].get_lines()]
+    for (x0, y0, s0), (x1, y1, s1) in zip(plain, other, strict=True):
+        np.testing.assert_array_equal(x0, x1)
+        np.testing.assert_array_equal(y0, y1)
+        assert s0 == s1
+
+
+def test_layer_grid_keeps_option_sets_apart():
+    fig = gp.layer_grid(_two_option_sets())
+    one, two = fig.axes
+    assert set(_lines(one)) == {"Low-rank", "Block-sparse (block_shape=4,4)",
+                                "Block-sparse (block_shape=20,15)"}
+    assert set(_lines(two)) == {"Low-rank"}
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "Low-rank", "Block-sparse (block_shape=4,4)", "Block-sparse (block_shape=20,15)"]
+    styles = {ln.get_label(): ln.get_linestyle() for ln in one.get_lines()}
+    handles = {h.get_label(): h.get_linestyle() for h in fig.legends[0].legend_handles}
+    assert handles == styles  # the legend shows each set's line style
+
+
 # ------------------------------------------------------------------------------- spectrum
 def test_spectrum_overlay_matches_svd(tmp_path):
     g = torch.Generator().manual_seed(0)

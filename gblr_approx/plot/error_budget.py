@@ -1,8 +1,18 @@
-"""Relative error versus budget, one curve per format (the central figure of a sweep)."""
+"""Relative error versus budget, one curve per format (the central figure of a sweep).
+
+A sweep folder can hold fits of one format with different options or seeds (the resume key is
+matrix, format, budget, options, seed). Such fits are never merged into one curve: a format
+with more than one (options, seed) set gets one curve per set, in the format's colour with
+its own line style, labelled e.g. ``"Block-sparse (block_shape=4,4)"`` (see
+:func:`curve_sets`). A table with one set per format draws exactly as before.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,9 +32,11 @@ from ._common import (
 )
 from .style import format_color, format_key, format_label, format_marker, format_sort_key
 
-__all__ = ["error_vs_budget", "format_handles"]
+__all__ = ["error_vs_budget", "format_handles", "curve_sets", "CurveSet"]
 
 _AGGREGATES = ("median", "mean", "none")
+#: Line styles of the second, third, ... (options, seed) set of one format (the first is solid).
+_SET_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
 def error_vs_budget(
@@ -84,7 +96,10 @@ def error_vs_budget(
     -------
     matplotlib.figure.Figure
         The figure holding the axes (``fig.axes[0]`` when a new figure was made). Each format
-        is one line labelled with its display name (e.g. ``"GBLR"``) in its fixed colour.
+        is one line labelled with its display name (e.g. ``"GBLR"``) in its fixed colour. When
+        the table holds fits of one format with different ``options`` or ``seed`` (two sweeps
+        into one folder), each such set is its own line, in another line style and labelled
+        with what differs, e.g. ``"Block-sparse (block_shape=4,4)"``, ``"GBLR (seed 1)"``.
 
     Examples
     --------
@@ -128,14 +143,154 @@ def error_vs_budget(
     return fig
 
 
+@dataclass(frozen=True)
+class CurveSet:
+    """One curve family of an error-versus-budget figure: a format and an (options, seed) set.
+
+    Attributes
+    ----------
+    format : str
+        Value of the ``format`` column.
+    key : str
+        The set's key (normalised ``options`` JSON and ``seed``); rows carry it in
+        :func:`set_keys`.
+    suffix : str
+        Label suffix, ``""`` when the format has one set, else e.g. ``" (block_shape=4,4)"``.
+    linestyle : str or tuple or None
+        Matplotlib line style; None (the style's default, solid) for a format's first set.
+    """
+
+    format: str
+    key: str
+    suffix: str = ""
+    linestyle: Any = None
+
+    @property
+    def label(self) -> str:
+        """Legend label: the format's display name plus the suffix."""
+        return format_label(self.format) + self.suffix
+
+    def style(self) -> dict[str, Any]:
+        """Colour, marker, label (and line style for a second set) of the curve."""
+        kw: dict[str, Any] = dict(color=format_color(self.format),
+                                  marker=format_marker(self.format), label=self.label)
+        if self.linestyle is not None:
+            kw["linestyle"] = self.linestyle
+        return kw
+
+
+def _options_key(value: Any) -> str:
+    """An ``options`` cell (dict or JSON text, as ``ga.sweep`` / ``load_sweep`` give) as
+    canonical JSON; missing -> ``"{}"``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "{}"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            return value
+    try:
+        return json.dumps(value, sort_keys=True, default=str)
+    except TypeError:  # pragma: no cover - an odd cell; keep its text
+        return str(value)
+
+
+def _seed_key(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    try:
+        return str(int(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def set_keys(table: Any) -> Any:
+    """A ``pandas.Series`` of the (options, seed) key of every row of a sweep table.
+
+    Tables without ``options`` / ``seed`` columns (hand-made ones) give one key for all rows.
+    """
+    import pandas as pd
+
+    opts = (table["options"].map(_options_key) if "options" in table.columns
+            else pd.Series("{}", index=table.index))
+    seeds = (table["seed"].map(_seed_key) if "seed" in table.columns
+             else pd.Series("", index=table.index))
+    return opts.astype(str) + "|" + seeds.astype(str)
+
+
+def _describe(options: str, seed: str, show_options: bool, show_seed: bool) -> str:
+    parts = []
+    if show_options:
+        try:
+            d = json.loads(options)
+        except ValueError:
+            d = None
+        if isinstance(d, dict):
+            parts.append(", ".join(
+                f"{k}=" + (",".join(map(str, v)) if isinstance(v, list) else str(v))
+                for k, v in d.items()) or "default options")
+        else:
+            parts.append(options)
+    if show_seed:
+        parts.append(f"seed {seed}" if seed else "no seed")
+    return f" ({'; '.join(parts)})"
+
+
+def curve_sets(table: Any) -> list[CurveSet]:
+    """The curves of a sweep table: one per format, or one per (options, seed) set of a format.
+
+    Formats come in the canonical order, a format's sets in first-seen order. A format with a
+    single set gets an empty label suffix and the default line style (the ordinary figure);
+    one with several gets a suffix naming what differs between them (the options, the seed
+    or both) and a line style per set.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Sweep rows (columns ``format`` and, when present, ``options`` and ``seed``).
+
+    Returns
+    -------
+    list of CurveSet
+    """
+    if len(table) == 0:
+        return []
+    keys = set_keys(table)
+    fmt_col = table["format"].astype(str)
+    out: list[CurveSet] = []
+    for fmt in sorted(ordered_unique(fmt_col), key=format_sort_key):
+        ks = ordered_unique(keys[fmt_col == fmt])
+        if len(ks) == 1:
+            out.append(CurveSet(fmt, ks[0]))
+            continue
+        split = [k.rsplit("|", 1) for k in ks]
+        show_options = len({o for o, _ in split}) > 1
+        show_seed = len({s for _, s in split}) > 1
+        for i, (k, (o, sd)) in enumerate(zip(ks, split, strict=True)):
+            out.append(CurveSet(fmt, k, _describe(o, sd, show_options, show_seed),
+                                _SET_LINESTYLES[i % len(_SET_LINESTYLES)] if i else None))
+    return out
+
+
 def draw_error_curves(ax: Any, table: Any, *, aggregate: str, error: str, band: bool,
-                      linewidth: float | None = None, markersize: float | None = None) -> None:
-    """Draw one curve (with optional band) per format of a filtered sweep table into ``ax``."""
-    fmts = sorted(ordered_unique(table["format"].astype(str)), key=format_sort_key)
+                      linewidth: float | None = None, markersize: float | None = None,
+                      sets: Sequence[CurveSet] | None = None) -> None:
+    """Draw one curve (with optional band) per format of a filtered sweep table into ``ax``.
+
+    A format with several (options, seed) sets draws one curve per set (see
+    :func:`curve_sets`; pass ``sets`` computed on a larger table to keep the styles of
+    several panels consistent).
+    """
+    if sets is None:
+        sets = curve_sets(table)
     matrices = ordered_unique(table["matrix"].astype(str))
-    for fmt in fmts:
-        rows = table[table["format"].astype(str) == fmt]
-        style = dict(color=format_color(fmt), marker=format_marker(fmt), label=format_label(fmt))
+    keys = set_keys(table) if len(table) else None
+    fmt_col = table["format"].astype(str)
+    for cs in sets:
+        rows = table[(fmt_col == cs.format) & (keys == cs.key)] if keys is not None else table
+        if rows.empty:
+            continue
+        style = cs.style()
         if linewidth is not None:
             style["linewidth"] = linewidth
         if markersize is not None:
@@ -235,3 +390,16 @@ def format_handles(formats: Sequence[str], *, marker: bool = True) -> list[Any]:
                label=format_label(f))
         for f in formats
     ]
+
+
+def set_handles(sets: Sequence[CurveSet], *, marker: bool = True) -> list[Any]:
+    """Legend handles of :func:`curve_sets` curves (as :func:`format_handles` for one set)."""
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for cs in sets:
+        kw = cs.style()
+        if not marker:
+            kw.pop("marker")
+        handles.append(Line2D([], [], **kw))
+    return handles

@@ -24,8 +24,7 @@ from ._common import (
     select,
     short_names,
 )
-from .error_budget import _select_formats, draw_error_curves, format_handles
-from .style import format_sort_key
+from .error_budget import _select_formats, curve_sets, draw_error_curves, set_handles
 
 __all__ = ["layer_grid", "layer_grid_pages"]
 
@@ -84,7 +83,9 @@ def layer_grid(
     Returns
     -------
     matplotlib.figure.Figure
-        One axes per matrix, titled with its (shortened) name; one line per format in each.
+        One axes per matrix, titled with its (shortened) name; one line per format in each
+        (per (options, seed) set of a format that has several, as in
+        :func:`error_vs_budget`).
     """
     table = check_sweep(df, ["matrix", "format", "budget_fraction", error], ok_only=False)
     table = select(table, "matrix", matrix)
@@ -103,7 +104,7 @@ def layer_grid(
         raise ValueError("nothing to plot: the table has no successful fits")
     titles = short_names(names)
     k = len(names)
-    fmts = sorted(ordered_unique(table["format"].astype(str)), key=format_sort_key)
+    sets = curve_sets(table)  # one per format, or per (options, seed) set of a format
 
     with maybe_style(ax is None):
         if ax is None:
@@ -130,7 +131,7 @@ def layer_grid(
         for a, name, t in zip(panels, names, titles, strict=False):
             sub = table[table["matrix"].astype(str) == name]
             draw_error_curves(a, sub, aggregate="none", error=error, band=False,
-                              linewidth=1.0, markersize=2.5)
+                              linewidth=1.0, markersize=2.5, sets=sets)
             a.set_title(fit_title(t, panel_w, 6.5), fontsize="small", linespacing=0.95)
             if logy:
                 a.set_yscale("log")
@@ -149,8 +150,8 @@ def layer_grid(
                     a.xaxis.set_tick_params(labelbottom=True)
             fig.supxlabel(BUDGET_LABEL, fontsize="medium")
             fig.supylabel(error_label(error), fontsize="medium")
-            if legend and fmts:
-                handles = format_handles(fmts) + failed_format_handles(failed)
+            if legend and sets:
+                handles = set_handles(sets) + failed_format_handles(failed)
                 ncols = legend_columns([h.get_label() for h in handles],
                                        fig.get_size_inches()[0])
                 fig.legend(handles=handles, loc="outside upper center", ncols=ncols)
@@ -158,8 +159,8 @@ def layer_grid(
             for a in panels[:k]:
                 a.set_xlabel(BUDGET_LABEL)
                 a.set_ylabel(error_label(error))
-            if legend and fmts:
-                panels[0].legend(handles=format_handles(fmts) + failed_format_handles(failed),
+            if legend and sets:
+                panels[0].legend(handles=set_handles(sets) + failed_format_handles(failed),
                                  loc="best")
     return fig
 
