@@ -276,3 +276,18 @@ def test_blocksparse_default_block_shape_small_layers(shape, expect):
     W = rand(*shape)
     A = ga.project(W, "blocksparse", 0.25)  # both sides <= 32 used to be one block: infeasible
     assert A.block_shape == expect and 0 < A.flops <= 0.25 * shape[0] * shape[1]
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (2, 3), (17, 23)])
+def test_monarch_default_grid_falls_back_to_one_block_on_coprime_shapes(shape):
+    # every grid with blocks costs more than the dense matrix here; blocks=None used to
+    # refuse even budget 1.0 while blocks=(1, 1) fits
+    W = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    m, n = shape
+    A = ga.project(W, "monarch", 1.0)
+    B = ga.project(W, "monarch", 1.0, blocks=(1, 1))
+    assert A.flops == B.flops <= m * n
+    assert torch.allclose(A.to_dense(), B.to_dense())
+    assert ga.Monarch.min_budget(m, n) == m + n
+    with pytest.raises(ga.InfeasibleBudgetError, match=f"smallest feasible budget is {m + n} "):
+        ga.project(W, "monarch", m + n - 1)

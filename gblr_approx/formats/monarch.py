@@ -267,11 +267,21 @@ class Monarch(StructuredMatrix):
             )
         return ok
 
+    @staticmethod
+    def _one_block_fallback(m: int, n: int, blocks: Any, cands: list[tuple[int, int]]) -> bool:
+        """Whether ``blocks=None`` may fall back to the ``1 x 1`` grid: only when every
+        candidate grid costs more than the dense matrix at rank 1 (coprime or tiny shapes),
+        so that ordinary shapes keep their grids and their infeasible budgets."""
+        return blocks is None and (1, 1) not in cands and min(
+            J * n + K * m for J, K in cands) > m * n
+
     @classmethod
     def min_budget(
         cls, m: int, n: int, blocks: Any = None, rank: Any = None, **options: Any
     ) -> int:
         cands = cls._candidates(m, n, blocks)
+        if cls._one_block_fallback(m, n, blocks, cands):
+            cands = [*cands, (1, 1)]
         if rank is None:
             return min(J * n + K * m for J, K in cands)
         R = check_positive_int(rank, "rank")
@@ -295,7 +305,9 @@ class Monarch(StructuredMatrix):
             ``nb >= 2`` of ``m`` and ``n`` with ``J = K = nb`` (or, if there is none, every
             pair of divisors) whose blocks are at least ``MIN_SIDE = 64`` rows and columns
             (or as large as the matrix allows): finer grids run far below dense GEMM speed.
-            Pass ``blocks`` explicitly to use any grid.
+            Where every such grid costs more than the dense matrix (coprime or tiny shapes
+            such as 7 x 13), the ``1 x 1`` grid, a rank-``R`` product. Pass ``blocks``
+            explicitly to use any grid.
         rank : int, optional
             Rank ``R`` per slice (``1 <= R <= min(m/J, n/K)``, else ``ValueError`` naming the
             largest; with several grids, those it exceeds are skipped); default: the largest
@@ -313,6 +325,13 @@ class Monarch(StructuredMatrix):
             R = min(budget // per_rank, Lr, I) if R_fixed is None else R_fixed
             if R >= 1 and R * per_rank <= budget:
                 feasible.append((R * per_rank, J, K, R))
+        if not feasible and cls._one_block_fallback(m, n, blocks, cands):
+            # coprime or tiny shapes (7 x 13): every grid with blocks costs more than the
+            # dense matrix; the 1 x 1 grid (a rank-R product) is the Monarch left
+            R = min(budget // (m + n), m, n) if R_fixed is None else R_fixed
+            if 1 <= R <= min(m, n) and R * (m + n) <= budget:
+                feasible.append((R * (m + n), 1, 1, R))
+                cands = [*cands, (1, 1)]
         from ..linalg import choose_svd_method, frob2, top_svd
 
         best = None  # ((cost, -err2), J, K, R)
