@@ -113,7 +113,7 @@ def project(
         "budget": budget,
         "budget_macs": b,
         "seconds": seconds,
-        "options": {k: _jsonable(v) for k, v in options.items()},
+        "options": {k: jsonable_option(v) for k, v in options.items()},
     }
     if gram is not None:
         A.info["options"]["gram"] = f"({n}, {n}) input Gram"
@@ -126,9 +126,11 @@ def project(
     return A
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable_option(v: Any) -> Any:
+    """An option value as JSON-friendly values (scalars, lists; anything else as its repr),
+    the form results record their options in (``info["options"]``)."""
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable_option(x) for x in v]
     return repr(v)

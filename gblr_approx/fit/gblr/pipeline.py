@@ -34,6 +34,7 @@ from ... import linalg
 from ...budget import InfeasibleBudgetError, resolve_budget
 from ...formats.base import fit_scale, with_autograd
 from ...formats.gblr import GBLR
+from ...projection import jsonable_option
 from ...validation import as_matrix, check_positive_int
 from ..result import FitResult
 from .blocks import BlockModel, Rect
@@ -104,15 +105,6 @@ def _check_grids(value: Any, name: str, m: int, n: int) -> list[tuple[int, int]]
             raise ValueError(f"{name} entry {tuple(g)} does not fit a {m}x{n} matrix")
         out.append((a, b))
     return out
-
-
-def _jsonable(v: Any) -> Any:
-    """``v`` as JSON-friendly values (as ``ga.project`` records its options)."""
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return repr(v)
 
 
 def _model_from_gblr(W: torch.Tensor, G: GBLR) -> BlockModel:
@@ -579,7 +571,7 @@ def _fit_gblr(
         "min_width": min_width,
         "start": None if start is None else (
             f"GBLR ({start.num_components} components, {start.flops} MACs)"),
-        **{k: _jsonable(v) for k, v in prox_opts.items()},
+        **{k: jsonable_option(v) for k, v in prox_opts.items()},
     }
     G.info = {
         "algorithm": f"fit_gblr ({algorithm})",
