@@ -123,7 +123,8 @@ def randomized_svd(
 
 
 def _lu_basis(X: torch.Tensor) -> torch.Tensor:
-    """A basis ``P L`` of the column space of a tall ``(N, k)`` matrix of full column rank.
+    """A basis ``P L`` of a ``k``-dimensional space containing the columns of a tall ``(N, k)``
+    matrix (its column space when ``X`` has full column rank).
 
     Partial-pivoted LU ``X = P L U`` (``L`` unit lower trapezoidal, ``|L_ij| <= 1``): ``P L``
     spans the columns of ``X`` and is well enough conditioned to carry a power iteration,
@@ -131,7 +132,10 @@ def _lu_basis(X: torch.Tensor) -> torch.Tensor:
     The permutation is applied by indexing (no ``N x N`` matrix); one host copy of the ``k``
     pivots.
     """
-    LU, piv = torch.linalg.lu_factor(X)
+    # lu_factor_ex: no error on a zero pivot (a rank-deficient sketch, e.g. of an exactly
+    # low-rank W or one with zero rows); LAPACK then leaves that column of L unscaled, and
+    # P L (unit diagonal) still spans the columns of X
+    LU, piv, _ = torch.linalg.lu_factor_ex(X)
     _, L, _ = torch.lu_unpack(LU, piv, unpack_data=True, unpack_pivots=False)
     del LU
     perm = list(range(X.shape[0]))

@@ -338,3 +338,18 @@ def test_lu_basis_spans_its_input():
     Q, _ = torch.linalg.qr(B)
     assert float(torch.linalg.norm(X - Q @ (Q.T @ X))) < 1e-10 * float(torch.linalg.norm(X))
     assert float(B.abs().max()) <= 1.0 + 1e-12  # partial pivoting: |L_ij| <= 1
+
+
+@pytest.mark.parametrize("rank_of_W", [1, 5])
+def test_randomized_svd_of_an_exactly_low_rank_matrix(rank_of_W):
+    # the power iteration's sketch is then rank-deficient (rank(W) < rank + oversample):
+    # lu_factor refused its exact zero pivot ("U[51,51] is zero"), e.g. for a layer whose
+    # pruned output rows are zero
+    g = torch.Generator().manual_seed(0)
+    W = torch.zeros(200, 300)
+    W[:rank_of_W] = torch.randn(rank_of_W, 300, generator=g)
+    U, S, Vh = la.randomized_svd(W, 20, oversample=10, power_iters=2)
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    assert torch.allclose(S[:rank_of_W], torch.linalg.svdvals(W)[:rank_of_W], rtol=1e-4)
+    A = ga.project(W, "lowrank", 0.1, method="randomized")
+    assert ga.relative_error(W, A) < 1e-5
