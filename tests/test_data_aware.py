@@ -163,3 +163,21 @@ def test_fit_gblr_accepts_gram(gen):
     assert isinstance(res.matrix, ga.GBLR) and res.matrix.flops <= res.budget
     assert output_error(W, res.matrix, G) <= output_error(W, plain.matrix, G) + 1e-12
     assert res.info["output_error"] == pytest.approx(output_error(W, res.matrix, G))
+
+
+@pytest.mark.parametrize("fmt", ["lowrank", "blocksparse", "monarch"])
+def test_indefinite_gram_is_refused(gen, fmt):
+    # positive diagonal but a clearly negative eigenvalue: it used to be accepted, and the
+    # clamped quadratic form reported output_error 0.0
+    n = 32
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    ev = torch.linspace(1.0, 100.0, n, dtype=torch.float64)
+    ev[0] = -20.0
+    G = Q @ torch.diag(ev) @ Q.T
+    assert bool((torch.diagonal(G) > 0).all())
+    W = torch.randn(24, n, dtype=torch.float64, generator=gen)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        ga.project(W, fmt, 0.5, gram=G)
+    X = torch.randn(n, 8, dtype=torch.float64, generator=gen)  # singular PSD: still accepted
+    A = ga.project(W, fmt, 0.5, gram=X @ X.T)
+    assert 0.0 <= A.info["output_error"] < 1.0
