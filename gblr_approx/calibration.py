@@ -224,8 +224,10 @@ def collect_grams(
     handles = []
 
     def make_hook(name: str, n: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0].detach().reshape(-1, n).to(device="cpu", dtype=torch.float64)
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Any) -> None:
+            inp = args[0] if args else kwargs["input"]  # nn.Linear.forward(input)
+            x = inp.detach().reshape(-1, n).to(device="cpu", dtype=torch.float64)
             if name not in grams:
                 grams[name] = torch.zeros(n, n, dtype=torch.float64)
                 grams.counts[name] = 0
@@ -235,7 +237,8 @@ def collect_grams(
         return hook
 
     for name, mod in targets:
-        handles.append(mod.register_forward_hook(make_hook(name, mod.in_features)))
+        handles.append(mod.register_forward_hook(make_hook(name, mod.in_features),
+                                                 with_kwargs=True))
     try:
         with torch.no_grad():
             run()

@@ -69,7 +69,7 @@ def layer_sensitivity(
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
             if out.requires_grad:
                 outputs[name] = out
-                counts[name] = out.numel()
+                counts[name] += out.numel()  # a layer called several times: every call
 
                 def grad_hook(g: torch.Tensor) -> None:
                     sums[name] += float(g.detach().double().pow(2).sum())
@@ -80,7 +80,15 @@ def layer_sensitivity(
 
     for name, mod in targets:
         handles.append(mod.register_forward_hook(make_hook(name)))
-    params = [p.requires_grad for p in model.parameters()]
+    # the caller's flags and accumulated gradients are put back afterwards; parameters are
+    # switched to requires_grad so that a frozen model's layer outputs carry gradients
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+        if p.is_floating_point():
+            p.requires_grad_(True)
     try:
         with torch.inference_mode(False), torch.enable_grad():  # (also under inference mode)
             out = forward()
@@ -94,9 +102,9 @@ def layer_sensitivity(
     finally:
         for h in handles:
             h.remove()
-        model.zero_grad(set_to_none=True)
-        for p, flag in zip(model.parameters(), params, strict=True):
+        for p, flag, grad in zip(params, flags, grads, strict=True):
             p.requires_grad_(flag)
+            p.grad = grad
     missing = [n for n, _ in targets if counts[n] == 0]
     if missing:
         raise RuntimeError(f"forward() did not reach the layers {missing[:5]} with autograd")

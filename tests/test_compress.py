@@ -431,3 +431,37 @@ def test_distill_restores_every_submodule_training_flag():
     x = torch.randn(2, 16)
     with torch.no_grad():
         assert torch.equal(student(x), student(x))  # dropout off again
+
+
+def test_layer_sensitivity_shared_calls_frozen_models_and_caller_grads():
+    from gblr_approx.sensitivity import layer_sensitivity
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(a, torch.nn.Tanh(), a)  # one layer called twice
+    x = torch.randn(4, 8)
+    c = layer_sensitivity(model, lambda: model(x), probes=1)
+    # reference: the mean squared output gradient over both calls' 2 x 4 x 8 entries
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    a.register_forward_hook(lambda m, i, o: outs.append(o))
+    y = model(x)
+    for o in outs:
+        o.retain_grad()
+    y.backward(torch.randn(y.shape, generator=g))
+    ref = sum(float(o.grad.pow(2).sum()) for o in outs) / sum(o.numel() for o in outs)
+    assert c["0"] == pytest.approx(ref, rel=1e-6)  # was twice that (count of one call)
+    # the caller's accumulated gradients and requires_grad flags survive
+    kept = a.weight.grad.clone()
+    assert layer_sensitivity(model, lambda: model(x), probes=1)["0"] == pytest.approx(ref)
+    assert torch.equal(a.weight.grad, kept)
+    model.requires_grad_(False)  # a frozen model works too, and stays frozen
+    assert layer_sensitivity(model, lambda: model(x), probes=1)["0"] == pytest.approx(ref)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_collect_grams_with_a_keyword_input():
+    lin = torch.nn.Linear(6, 3)
+    x = torch.randn(5, 6)
+    grams = ga.nn.collect_grams(torch.nn.ModuleDict({"l": lin}), lambda: lin(input=x))
+    assert torch.allclose(grams["l"], (x.T @ x).double(), atol=1e-5)
