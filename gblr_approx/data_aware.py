@@ -465,7 +465,12 @@ def project_data_aware(
         plain = cls.project(W, budget, **options)
         U, V, _ = whitened_lowrank(Wd, Gr, plain.rank)
         A = type(plain)(U.to(out_dtype).contiguous(), V.to(out_dtype).contiguous())
-        A.info = {**plain.info, "algorithm": "whitened truncated SVD (exact data-aware)"}
+        # the whitened SVD is always exact: the plain fit's SVD record moves to
+        # "unweighted_svd" (it chose the rank and is the fallback candidate)
+        svd_keys = ("svd", "method", "oversample", "power_iters", "seed")
+        A.info = {k: v for k, v in plain.info.items() if k not in svd_keys}
+        A.info.update(algorithm="whitened truncated SVD (exact data-aware)", svd="exact",
+                      unweighted_svd={k: plain.info[k] for k in svd_keys if k in plain.info})
         e_plain, e_new = output_error(Wd, plain, G0), output_error(Wd, A, G0)
         A.info.update(output_error=e_new, output_error_unweighted=e_plain,
                       data_aware="whitened", ridge=ridge)

@@ -38,6 +38,12 @@ def test_lowrank_equals_independent_whitened_svd(gen):
     err = output_error(W, A, G, relative=False)
     assert abs(err - err_opt) <= 1e-6 * err_opt
     assert A.info["data_aware"] == "whitened"
+    # the record names the SVD that ran: the whitened one is exact, whatever method the
+    # plain (rank-choosing) fit used
+    R = ga.project(W, "lowrank", r * (m + n), gram=G, ridge=0.0, method="randomized", seed=3)
+    assert R.info["svd"] == "exact" and "seed" not in R.info
+    assert R.info["unweighted_svd"]["svd"] == "randomized"
+    assert R.info["unweighted_svd"]["seed"] == 3
     # and the plain SVD is worse in output error
     P = ga.project(W, "lowrank", r * (m + n))
     assert output_error(W, P, G) > output_error(W, A, G)
