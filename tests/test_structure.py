@@ -115,3 +115,13 @@ def test_gblr_coverage_of_embedded_formats():
     assert cov.overlap_fraction == 0.0
     assert cov.count[0:4, 4:8].min() == 1 and cov.count[8:12, 0:4].min() == 1
     assert int((cov.count > 0).sum()) == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_ranks_use_the_input_dtype_like_spectrum(dtype):
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(128, 5, generator=g) @ torch.randn(5, 128, generator=g)).to(dtype)
+    br = ga.block_ranks(W, grid=(2, 2))
+    # the float64 tolerance counted the storage rounding as rank (64 in every block)
+    assert br.numerical_rank.tolist() == [[5, 5], [5, 5]]
+    assert ga.spectrum(W).numerical_rank == 5

@@ -145,7 +145,10 @@ def block_ranks(
     W : array, shape (m, n)
     grid : int or (int, int), default (4, 4)
     rtol : float, optional
-        Relative tolerance for the numerical rank; default ``max(h, w) * eps(float64)``.
+        Relative tolerance (times ``sigma_1`` of the block) for the numerical rank. Default:
+        the rule of :func:`~gblr_approx.analysis.spectrum.spectrum`, singular values above
+        ``eps(input dtype) * ||B||_F`` (at least ``max(h, w) * eps(float64) * sigma_1``), so
+        a float32 or float16 checkpoint's rounding does not count as rank.
     energy : float in (0, 1], default 0.9
         Level for :attr:`BlockRanks.energy_rank`.
 
@@ -157,6 +160,9 @@ def block_ranks(
     -----
     One SVD per block: ``O(m n min(m / gr, n / gc))`` in all.
     """
+    from .spectrum import _input_eps
+
+    eps_in = _input_eps(W)
     W = as_matrix(W, "W").to(torch.float64)
     gr, gc = _grid(W, grid)
     if not (0.0 < float(energy) <= 1.0):
@@ -177,7 +183,10 @@ def block_ranks(
             s = torch.linalg.svdvals(B).cpu()
             if float(s[0]) == 0.0:
                 continue
-            tol = (max(h, w) * eps if rtol is None else float(rtol)) * float(s[0])
+            if rtol is None:  # as ga.spectrum: what the stored dtype can resolve
+                tol = max(max(h, w) * eps * float(s[0]), eps_in * float(s.norm()))
+            else:
+                tol = float(rtol) * float(s[0])
             num[i, j] = int((s > tol).sum())
             c = torch.cumsum(s**2, 0) / float((s**2).sum())
             k = int(torch.searchsorted(c, torch.tensor(float(energy) - 1e-12, dtype=c.dtype)))
