@@ -113,3 +113,27 @@ def test_errors():
     W[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ga.spectrum(W)
+
+
+def test_summary_keys_keep_levels_apart():
+    W = torch.randn(60, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rep = ga.spectrum(W, levels=(0.9, 0.995, 0.999, 0.9995))
+    keys = [k for k in rep.summary() if k.startswith("rank_")]
+    assert keys == ["rank_90", "rank_99.5", "rank_99.9", "rank_99.95"]  # were rank_100 x3
+
+
+def test_powerlaw_needs_min_tail_distinct_values():
+    fit = powerlaw_fit(np.ones(50), min_tail=10)
+    assert fit.alpha is None and "distinct" in fit.status and "1 distinct" in fit.status
+    fit = powerlaw_fit(np.r_[np.ones(25), 2 * np.ones(25)], min_tail=10)  # 2 distinct values
+    assert fit.alpha is None and fit.status != "ok"
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e160])
+def test_spectrum_at_extreme_float64_scales(scale):
+    W = torch.randn(30, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref, rep = ga.spectrum(W), ga.spectrum(W * scale)
+    assert rep.numerical_rank == ref.numerical_rank == 30
+    assert rep.stable_rank == pytest.approx(ref.stable_rank, rel=1e-12)
+    assert rep.fro_norm == pytest.approx(ref.fro_norm * scale, rel=1e-12)
+    assert rep.powerlaw.alpha == pytest.approx(ref.powerlaw.alpha, rel=1e-9)

@@ -30,7 +30,7 @@ Definitions (``sigma_1 >= ... >= sigma_p``, ``p = min(m, n)``, the singular valu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -108,9 +108,14 @@ def powerlaw_fit(x: Any, *, min_tail: int = 10) -> PowerLawFit:
     v = np.sort(np.asarray(x, dtype=np.float64).ravel())
     v = v[v > 0]
     N = int(v.size)
-    if N < min_tail or np.unique(v).size < 2:
+    distinct = int(np.unique(v).size)
+    if N < min_tail:
         return PowerLawFit(None, None, None, 0, None, N,
                            f"too few positive values to fit (have {N}, need >= {min_tail})")
+    if distinct < min_tail:
+        return PowerLawFit(None, None, None, 0, None, N,
+                           f"too few distinct positive values to fit (have {distinct} distinct "
+                           f"among {N}, need >= {min_tail})")
     logv = np.log(v)
     # suffix sums of log values: S[k] = sum_{j >= k} log v_j
     suffix = np.cumsum(logv[::-1])[::-1]
@@ -196,7 +201,7 @@ class SpectrumReport:
             "numerical_rank": self.numerical_rank,
         }
         for lvl, r in self.energy_ranks.items():
-            out[f"rank_{round(lvl * 100):d}"] = r
+            out[f"rank_{round(lvl * 100, 6):g}"] = r  # rank_90, rank_99, rank_99.9
         pl = self.powerlaw
         out.update(alpha=pl.alpha, alpha_std=pl.alpha_std, xmin=pl.xmin, n_tail=pl.n_tail,
                    ks_distance=pl.ks_distance, powerlaw_status=pl.status,
@@ -255,26 +260,34 @@ def spectrum(
     for lvl in levels:
         if not (0.0 < float(lvl) <= 1.0):
             raise ValueError(f"levels must lie in (0, 1]; got {lvl}")
-    s = torch.linalg.svdvals(W.to(torch.float64)).cpu()
-    total2 = float((s**2).sum())
-    if total2 == 0.0:
+    W64 = W.to(torch.float64)
+    # statistics of W / c (c a power of two: exact), scaled back; squares of finite float64
+    # entries beyond ~1e154 or below ~1e-154 would over- or underflow
+    peak = float(torch.linalg.vector_norm(W64, ord=float("inf"))) if W64.numel() else 0.0
+    if peak == 0.0:
         raise ValueError("W is the zero matrix; its spectral statistics are undefined")
+    c = math.ldexp(1.0, math.frexp(peak)[1])
+    s_hat = torch.linalg.svdvals(W64 / c).cpu()
+    s = s_hat * c
+    total2_hat = float((s_hat**2).sum())
     s1 = float(s[0])
-    fro = math.sqrt(total2)
-    q = s / s.sum()
+    fro = math.sqrt(total2_hat) * c
+    q = s_hat / s_hat.sum()
     q = q[q > 0]
     eff = float(torch.exp(-(q * q.log()).sum()))
-    energy = torch.cumsum(s**2, 0) / total2
+    energy = torch.cumsum(s_hat**2, 0) / total2_hat
     ranks = {float(lvl): _rank_for(energy, float(lvl)) for lvl in levels}
     m, n = W.shape
-    tol = max(eps * fro, max(m, n) * float(np.finfo(np.float64).eps) * s1)
-    nrank = int((s > tol).sum())
-    lam = (s[:nrank] ** 2).numpy()
-    pl = powerlaw_fit(lam, min_tail=min_tail)
+    tol = max(eps * math.sqrt(total2_hat), max(m, n) * float(np.finfo(np.float64).eps)
+              * float(s_hat[0]))
+    nrank = int((s_hat > tol).sum())
+    pl = powerlaw_fit((s_hat[:nrank] ** 2).numpy(), min_tail=min_tail)  # alpha: scale-free
+    if pl.xmin is not None:
+        pl = replace(pl, xmin=pl.xmin * c * c)
     return SpectrumReport(
         shape=(int(m), int(n)), singular_values=s, fro_norm=fro, spectral_norm=s1,
-        stable_rank=total2 / s1**2, effective_rank=eff, energy=energy, energy_ranks=ranks,
-        numerical_rank=nrank, powerlaw=pl,
+        stable_rank=total2_hat / float(s_hat[0]) ** 2, effective_rank=eff, energy=energy,
+        energy_ranks=ranks, numerical_rank=nrank, powerlaw=pl,
     )
 
 
