@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .budget import resolve_budget
 from .formats.base import StructuredMatrix, get_format, with_autograd
 from .validation import as_matrix
@@ -114,6 +115,7 @@ def project(
         "budget_macs": b,
         "seconds": seconds,
         "options": {k: jsonable_option(v) for k, v in options.items()},
+        "version": __version__,
     }
     if gram is not None:
         A.info["options"]["gram"] = f"({n}, {n}) input Gram"

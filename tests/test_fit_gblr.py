@@ -534,3 +534,10 @@ def test_fit_gblr_records_options_budget_and_component_counts():
     # the real component count in every record (intervals/proximal steps used to record -1)
     assert all(h["components"] >= 1 for h in R.history)
     json.dumps(R.info["options"])  # JSON-friendly, as ga.project records its options
+
+
+def test_results_record_the_package_version():
+    W = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    res = ga.fit_gblr(W, 0.5, steps=2)
+    assert res.info["version"] == res.matrix.info["version"] == ga.__version__
+    assert ga.project(W, "lowrank", 0.5).info["version"] == ga.__version__

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ... import linalg
+from ... import __version__, linalg
 from ...budget import InfeasibleBudgetError, resolve_budget
 from ...formats.base import fit_scale, with_autograd
 from ...formats.gblr import GBLR
@@ -582,6 +582,7 @@ def _fit_gblr(
         "seed": seed,
         "steps": steps,
         "seconds": seconds,
+        "version": __version__,
     }
     assert G.flops <= B, "fit_gblr must respect the budget"
     return FitResult(
@@ -599,6 +600,7 @@ def _fit_gblr(
             "budget": budget,
             "budget_macs": B,
             "schedule": schedule,
+            "version": __version__,
             **({"input_scale": scale} if scale != 1.0 else {}),
         },
     )
