@@ -5,7 +5,9 @@ Parameters: ``K`` components of rank ``r``, each with a width and a location per
 only the parts inside the intervals enter the hard matrix. They are stored flattened:
 ``U (m, K r)``, ``V (n, K r)``.
 
-Initialisation reproduces the start exactly: the widths/locations are the start's whole-entry
+Initialisation reproduces the start exactly (but for dense blocks, cut to the singular
+triplets their cost ``h w`` pays for as rank-``r`` pieces, see :meth:`GaudiParams.from_gblr`):
+the widths/locations are the start's whole-entry
 intervals divided by the side lengths, and the factors are the start's factors inside the
 intervals. The *dormant* entries (outside the intervals) are set to their least-squares values
 ``u_jk = R[j, :] b_k G_kk^{-1}`` (``b_k`` the masked column factor, ``G_kk = b_k^T b_k``), so that
@@ -93,7 +95,9 @@ class GaudiParams:
     """Flattened Gaudi-GBLR parameters: ``U (m, K r)``, ``V (n, K r)``, widths/locations (K,).
 
     Built from a hard :class:`~gblr_approx.GBLR` by :meth:`from_gblr` (components split into
-    rank-``r`` pieces on the same rectangle, the last one zero-padded); :meth:`to_gblr`
+    rank-``r`` pieces on the same rectangle, the last one zero-padded; a dense block ``h x w``
+    keeps its leading ``floor(h w / min(r (h + w), h w)) r`` singular triplets, the most
+    whose pieces cost no more than the block, and ``exact`` is then False); :meth:`to_gblr`
     returns the hard matrix of the current rounded intervals.
     """
 
@@ -102,6 +106,9 @@ class GaudiParams:
         self.wo, self.lo, self.wi, self.li = wo, lo, wi, li
         self.r = int(r)
         self.m, self.n = U.shape[0], V.shape[0]
+        #: whether the hard matrix of these parameters is the GBLR they were built from
+        #: (:meth:`from_gblr` sets it False when it truncated dense blocks or components)
+        self.exact = True
 
     @property
     def K(self) -> int:  # noqa: N802 - the paper's symbol
@@ -112,6 +119,7 @@ class GaudiParams:
         m, n = G.shape
         dt, dev = G.dtype, G.device
         Us, Vs, wo, lo, wi, li = [], [], [], [], [], []
+        exact = True
         for k in range(G.num_components):
             h, w = int(G.row_width[k]), int(G.col_width[k])
             if h == 0 or w == 0:
@@ -119,6 +127,13 @@ class GaudiParams:
             if bool(G.is_dense[k]):
                 U0, S, Vh = svd(G.block(k))
                 keep = int((S > S[0] * 1e-12).sum()) if S.numel() else 0
+                # rank-r pieces on the block's rectangle cost min(r (h + w), h w) each: keep
+                # as many singular triplets as fit the dense block's own cost h w (a full
+                # split would cost more, and the budget projection would then shrink every
+                # width, so the start would be lost)
+                pieces = max(1, (h * w) // min(r * (h + w), h * w))
+                if keep > pieces * r:
+                    keep, exact = pieces * r, False
                 s = S[: max(keep, 1)].sqrt()
                 Uk, Vk = U0[:, : s.numel()] * s, Vh[: s.numel()].T * s
             else:
@@ -140,6 +155,7 @@ class GaudiParams:
                 wi.append(w / n)
                 li.append(int(G.col_start[k]) / n)
         if components is not None:
+            exact = exact and components >= len(Us)
             Us, Vs = Us[:components], Vs[:components]
             wo, lo, wi, li = wo[:components], lo[:components], wi[:components], li[:components]
         if not Us:
@@ -148,7 +164,9 @@ class GaudiParams:
         def t(x):
             return torch.tensor(x, dtype=dt, device=dev)
 
-        return cls(torch.cat(Us, 1), torch.cat(Vs, 1), t(wo), t(lo), t(wi), t(li), r)
+        out = cls(torch.cat(Us, 1), torch.cat(Vs, 1), t(wo), t(lo), t(wi), t(li), r)
+        out.exact = exact
+        return out
 
     def integer_intervals(self):
         """``(row_start, row_width, col_start, col_width)`` LongTensors (K,) of the rounding."""
@@ -355,7 +373,10 @@ def proximal_gradient(
     """Proximal gradient from ``start``; yield ``(G, rel_error, loss, flops, components)``
     per step (``components``: of the hard iterate).
 
-    The first yield is the start itself (step 0 reproduces it exactly). Afterwards ``G`` is
+    The first yield is the start itself (step 0 reproduces it exactly), unless the start's
+    dense blocks or ``rank_per_component > 1`` make its Gaudi parameters differ from it (see
+    :meth:`GaudiParams.from_gblr`); then it is their hard matrix, with its own error and
+    cost. Afterwards ``G`` is
     ``None`` unless the iterate's hard error beats ``best`` and every earlier iterate; then it
     is a snapshot, a zero-argument callable returning the hard :class:`GBLR` (so the caller
     materialises only the iterate it keeps).
@@ -419,16 +440,21 @@ def proximal_gradient(
     m, n = W.shape
     r = int(rank_per_component)
     p = GaudiParams.from_gblr(start, r, components)
-    if p.cost() > budget:
+    if p.cost() > budget:  # (rank_per_component > 1 pads rank-1 pieces to rank r)
         wo, wi = project_budget(p.wo, p.wi, m, n, r, budget)
         p.wo, p.wi = wo, wi
+        p.exact = False
     nrm2 = W.pow(2).sum()
     nrm = float(nrm2.sqrt()) or 1.0
-    # step 0: the start, exactly (dormant entries get their least-squares values)
+    # step 0: the start, exactly, when the parameters represent it within the budget; else
+    # their own hard matrix (dense blocks cut to what their cost holds, or widths projected)
     st = refit_factors(W, p, 0, sides="")
     err0 = float(st["R"].norm()) / nrm
     best = min(best, err0)
-    yield start, err0, err0**2, start.flops, start.num_components
+    if p.exact:
+        yield start, err0, err0**2, start.flops, start.num_components
+    else:
+        yield p.to_gblr(), err0, err0**2, p.cost(), p.num_components()
 
     struct = [p.wo, p.lo, p.wi, p.li]
     for t in struct:
