@@ -30,6 +30,7 @@ __all__ = [
     "select_linears",
     "find_linears",
     "LinearSelection",
+    "module_names",
     "model_card_sentences",
     "stdlib_docstrings",
     "STDLIB_MODULES",
@@ -94,7 +95,21 @@ class LinearSelection(NamedTuple):
     skipped: dict[str, str]
 
 
-def _skip_reason(parent: nn.Module | None, child: str) -> str | None:
+def module_names(model: nn.Module, kind: type = nn.Module) -> dict[nn.Module, list[str]]:
+    """Every module of type ``kind`` in ``model`` -> all its names, in ``named_modules()``
+    order (the first is the one ``model.named_modules()`` gives; tied or reused modules have
+    more than one)."""
+    out: dict[nn.Module, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, kind):
+            out.setdefault(mod, []).append(name)
+    return out
+
+
+def _skip_reason(model: nn.Module, name: str) -> str | None:
+    """Why the linear at ``name`` may not be replaced (its owner reads its weight), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if name else None
     if isinstance(parent, nn.MultiheadAttention):
         return SKIP_MHA
     if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
@@ -118,36 +133,20 @@ def find_linears(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    names: dict[int, list[str]] = {}
-    mods: dict[int, nn.Linear] = {}
-    reasons: dict[int, str] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if not isinstance(mod, nn.Linear):
-            continue
-        key = id(mod)
-        if key not in names:
-            names[key], mods[key] = [], mod
-        if name in names[key]:
-            continue
-        names[key].append(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = None if not name else (
-            model.get_submodule(parent_name) if parent_name else model)
-        reason = _skip_reason(parent, child)
-        if reason is not None:
-            reasons.setdefault(key, reason)
+    names = module_names(model, nn.Linear)
     layers: list[tuple[str, nn.Linear]] = []
     aliases: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
-    for key, all_names in names.items():
+    for mod, all_names in names.items():
         if not any(fnmatch.fnmatchcase(n, p) for n in all_names for p in inc):
             continue
         if any(fnmatch.fnmatchcase(n, p) for n in all_names for p in exc):
             continue
-        if key in reasons:
-            skipped[all_names[0]] = reasons[key]
+        reason = next(filter(None, (_skip_reason(model, n) for n in all_names)), None)
+        if reason is not None:
+            skipped[all_names[0]] = reason
             continue
-        layers.append((all_names[0], mods[key]))
+        layers.append((all_names[0], mod))
         if len(all_names) > 1:
             aliases[all_names[0]] = list(all_names)
     return LinearSelection(layers, aliases, skipped)

@@ -12,7 +12,6 @@ missing file, an output that exists or is an input), 1 failure (including a ``sw
 from __future__ import annotations
 
 import decimal
-import inspect as _inspect
 import json
 import math
 import os
@@ -181,21 +180,11 @@ def _format_options(
 
 
 def _accepted_options(fmt: str) -> list[str] | None:
-    """Keyword options of format ``fmt``'s projection; None when it takes any (``**options``).
+    """Keyword options of format ``fmt``'s projection; None when it takes any (``**options``:
+    GBLR checks its own option names when it runs)."""
+    from .formats.base import get_format, projection_options
 
-    ``W`` and ``budget`` are not options. GBLR (and any format whose projection forwards
-    ``**options``) checks its own option names when it runs.
-    """
-    from .formats.base import get_format
-
-    try:
-        params = _inspect.signature(get_format(fmt).project).parameters
-    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    return [k for k, p in params.items() if k not in ("W", "budget", "self", "cls")
-            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return projection_options(get_format(fmt))
 
 
 def _check_option_key(fmt: str, key: str, given: str, extra: Sequence[str] = ()) -> None:

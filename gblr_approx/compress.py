@@ -22,7 +22,6 @@ calibration data is given, else the squared relative weight error.
 from __future__ import annotations
 
 import heapq
-import inspect
 import math
 import sys
 import time
@@ -36,7 +35,7 @@ from .budget import InfeasibleBudgetError
 from .calibration import collect_grams, find_linears, select_linears
 from .compress_dask import check_scheduler, run_layer_jobs
 from .data_aware import output_error, regularised_gram, whitened_lowrank
-from .formats.base import FORMATS, StructuredMatrix, get_format
+from .formats.base import FORMATS, StructuredMatrix, get_format, projection_options
 from .metrics import relative_error
 from .projection import project
 from .validation import check_positive_int
@@ -420,9 +419,8 @@ def compress_model(
         # each format gets the options its projection takes (block_shape -> blocksparse, ...)
         used: set[str] = set()
         for f in fmts:
-            params = inspect.signature(get_format(f).project).parameters
-            takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-            mine = {k: v for k, v in options.items() if takes_any or k in params}
+            takes = projection_options(get_format(f))  # None: any (forwarded to a fitter)
+            mine = {k: v for k, v in options.items() if takes is None or k in takes}
             used |= set(mine)
             fmt_options[f] = {**mine, **fmt_options.get(f, {})}
         unknown = sorted(set(options) - used)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calibration import module_names
+
 __all__ = ["save_compressed", "load_compressed", "MANIFEST_KEY"]
 
 MANIFEST_KEY = "gblr_approx_manifest"
@@ -38,10 +40,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> Path:
 
     tensors: dict[str, torch.Tensor] = {}
     manifest = []
-    every_name: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, StructuredLinear) and name not in every_name.get(id(mod), []):
-            every_name.setdefault(id(mod), []).append(name)
+    every_name = module_names(model, StructuredLinear)
     for name, mod in model.named_modules():
         if not isinstance(mod, StructuredLinear):
             continue
@@ -61,7 +60,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> Path:
             "bias": mod.bias is not None,
             "flops": mod.flops,
             "info": mod.info,
-            "aliases": every_name[id(mod)][1:],
+            "aliases": every_name[mod][1:],
         })
     if not manifest:
         raise ValueError("model has no StructuredLinear layer; nothing to save")
@@ -113,9 +112,7 @@ def load_compressed(
                          "save_compressed")
     manifest = json.loads(meta[MANIFEST_KEY])
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of every module
-    every_name: dict[int, list[str]] = {}
-    for n, mod in modules.items():
-        every_name.setdefault(id(mod), []).append(n)
+    every_name = module_names(model)
     for entry in manifest:
         name = entry["name"]
         out_f, in_f = entry["shape"]
@@ -132,7 +129,7 @@ def load_compressed(
                                  f"({out_f}, {in_f}) layer")
             targets.append(old)
         old = targets[0]
-        names = list(dict.fromkeys(n for t in targets for n in every_name.get(id(t), [])))
+        names = list(dict.fromkeys(n for t in targets for n in every_name.get(t, [])))
 
         def tensor(t: str, name: str = name) -> torch.Tensor:
             key = f"{name}/{t}"

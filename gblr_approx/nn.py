@@ -132,7 +132,7 @@ class StructuredLinear(nn.Module):
         """
         cache = self.__dict__.pop("_matrix_cache", None)
         if cache is not None:
-            _drop_matrix_caches(cache[1])
+            cache[1]._drop_caches()
 
     @property
     def flops(self) -> int:
@@ -159,12 +159,6 @@ class StructuredLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"format={self.format_name}, flops={self.flops}, bias={self.bias is not None}"
         )
-
-
-def _drop_matrix_caches(A: StructuredMatrix) -> None:
-    """Remove the product caches (``_CACHE_ATTRS``: layouts, plans) kept on ``A``."""
-    for name in A._CACHE_ATTRS:
-        A.__dict__.pop(name, None)
 
 
 def _row_major(Y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import math
 import threading
@@ -62,6 +63,7 @@ __all__ = [
     "scratch",
     "balanced_step",
     "with_autograd",
+    "projection_options",
     "check_factors",
     "fit_scale",
     "scale_invariant",
@@ -224,6 +226,16 @@ def plan_building() -> Iterator[None]:
     """
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+def projection_options(cls: type[StructuredMatrix]) -> list[str] | None:
+    """The keyword options ``cls.project`` takes (not ``W``, ``budget``), or None when it
+    accepts any (``**options``, forwarded to a fitter that checks them itself)."""
+    params = inspect.signature(cls.project).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [k for k, p in params.items() if k not in ("W", "budget", "self", "cls")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def with_autograd(fn: Any) -> Any:
@@ -432,6 +444,11 @@ class StructuredMatrix(ABC):
         for name in self._CACHE_ATTRS:
             state.pop(name, None)
         return state
+
+    def _drop_caches(self) -> None:
+        """Forget what products cached (:attr:`_CACHE_ATTRS`); they are rebuilt on demand."""
+        for name in self._CACHE_ATTRS:
+            self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- hooks
     @abstractmethod

@@ -358,8 +358,7 @@ def _fit_gblr(
     # fit W / s (s a power of two, 1 for ordinary magnitudes): squares of entries near 1e20
     # or 1e-25 over- or underflow float32; the result is scaled back exactly at the end
     scale = fit_scale(W)
-    Wc = W.to(device=dev, dtype=dtype) if scale == 1.0 else (W / scale).to(device=dev,
-                                                                            dtype=dtype)
+    Wc = (W if scale == 1.0 else W / scale).to(device=dev, dtype=dtype)
     # from the randomized-SVD size on: float64 sums without float64 copies of the layer
     big = m * n >= linalg.RANDOMIZED_MIN_ENTRIES
     nrm = (math.sqrt(linalg.frob2(Wc)) if big else float(Wc.double().norm())) or 1.0
