@@ -215,7 +215,72 @@ def test_segment_plan_is_exact_on_wrapped_dense_and_rank0_components(seed):
         X = torch.randn(n, batch, dtype=torch.float64)
         assert torch.allclose(seg.matmul(seg.pack(G._Uf, G._Vf), X), D @ X, atol=1e-10)
         assert torch.allclose(G @ X, D @ X, atol=1e-10)  # the dispatch picks it at 33
+        # batch-major operand (the transpose of a row-major (batch, n) tensor, as
+        # StructuredLinear passes it): same numbers, result written batch-major
+        Xb = X.T.contiguous().T
+        Yb = seg.matmul(seg.pack(G._Uf, G._Vf), Xb)
+        assert torch.allclose(Yb, D @ X, atol=1e-10)
+        assert Yb.T.is_contiguous()
     assert build_segments(*args, max_segments=2) is None
+
+
+def _grid_gblr(m, n, tile, seed):
+    """Low-rank part plus a tile grid of blocks of varying rank (rank 0 and a dense block
+    included, last tiles shorter when the side is not a multiple), plus one wrapping piece."""
+    gen = torch.Generator().manual_seed(seed)
+    rs, rw, cs, cw, factors = [0], [m], [0], [n], []
+    factors.append((torch.randn(m, 5, generator=gen, dtype=torch.float64),
+                    torch.randn(n, 5, generator=gen, dtype=torch.float64)))
+    for i, r0 in enumerate(range(0, m, tile)):
+        for j, c0 in enumerate(range(0, n, tile)):
+            h, w = min(tile, m - r0), min(tile, n - c0)
+            rs.append(r0), rw.append(h), cs.append(c0), cw.append(w)
+            if (i, j) == (1, 0):
+                factors.append(torch.randn(h, w, generator=gen, dtype=torch.float64))
+                continue
+            r = (3 * i + j + seed) % 5  # 0 .. 4
+            factors.append((torch.randn(h, r, generator=gen, dtype=torch.float64),
+                            torch.randn(w, r, generator=gen, dtype=torch.float64)))
+    rs.append(m - 3), rw.append(7), cs.append(n - 4), cw.append(9)  # wraps on both sides
+    factors.append((torch.randn(7, 2, generator=gen, dtype=torch.float64),
+                    torch.randn(9, 2, generator=gen, dtype=torch.float64)))
+    return GBLR((m, n), rs, rw, cs, cw, factors)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_segment_runs_batch_grid_columns_exactly(seed):
+    """Equal column intervals side by side run stage 1 as one bmm over zero-padded panels:
+    same product as one GEMM per interval, padding counted in padded_macs, any operand
+    layout."""
+    from gblr_approx.formats.gblr_plan import build_segments
+
+    G = _grid_gblr(40, 53, 8, seed)
+    args = [G.shape] + [
+        t.tolist()
+        for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
+    ]
+    plain = build_segments(*args, runs=False)
+    seg = build_segments(*args)
+    assert plain is not None and seg is not None
+    assert all(s.count == 0 for s in plain.stage1)
+    runs = [s for s in seg.stage1 if s.count]
+    assert runs and max(s.count for s in runs) >= 3  # the block columns, 8 wide
+    assert len(seg.stage1) < len(plain.stage1)
+    assert plain.padded_macs == plain.flops == G.flops
+    assert seg.flops == G.flops and seg.padded_macs > seg.flops and seg.fill >= 0.5
+    D = G.to_dense()
+    for batch in (1, 5, 40):
+        X = torch.randn(53, batch, dtype=torch.float64)
+        for Xl in (X, X.T.contiguous().T):  # feature- and batch-major
+            ref = D @ Xl
+            assert torch.allclose(plain.matmul(plain.pack(G._Uf, G._Vf), Xl), ref, atol=1e-10)
+            assert torch.allclose(seg.matmul(seg.pack(G._Uf, G._Vf), Xl), ref, atol=1e-10)
+    # padding stays exact when the input holds infinities: padded rows of Z are never read
+    X = torch.randn(53, 6, dtype=torch.float64)
+    X[3, 2] = float("inf")
+    Y = seg.matmul(seg.pack(G._Uf, G._Vf), X)
+    Yp = plain.matmul(plain.pack(G._Uf, G._Vf), X)
+    torch.testing.assert_close(Y, Yp, equal_nan=True)
 
 
 def test_tiled_fit_stopped_by_the_callback_still_returns_a_matrix():

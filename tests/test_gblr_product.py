@@ -143,6 +143,23 @@ def test_column_block_products_reuse_scratch_without_aliasing_results():
     torch.testing.assert_close(Y, kept, rtol=0, atol=0)
 
 
+def test_batch_major_products_write_batch_major_results():
+    """A batch-major operand (``X.T`` of a row-major ``(batch, n)`` tensor, what
+    StructuredLinear and ``X @ A`` pass) gets its result written batch-major by the
+    column-block path: exact, and the ``(batch, m)`` result needs no transposing copy."""
+    A = mixed_gblr(97, 131, 200, seed=5)
+    assert A.segments is None  # the tiled plan runs
+    batch = 3 * A.plan_for(256).chunk_columns + 5  # column blocks
+    x = torch.randn(batch, 131, dtype=torch.float64)
+    with torch.no_grad():
+        Y = A @ x.T
+        Yf = A @ x.T.contiguous()  # feature-major operand: feature-major result
+    torch.testing.assert_close(Y, A.to_dense() @ x.T, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(Yf, Y, rtol=1e-12, atol=1e-12)  # (other GEMM rounding)
+    assert Y.T.is_contiguous() and Yf.is_contiguous()
+    torch.testing.assert_close(x @ A.T, Y.T, rtol=1e-10, atol=1e-10)
+
+
 def test_plan_options_do_not_change_the_result():
     G = mixed_gblr(40, 30, 50, seed=11)
     X = torch.randn(30, 4, dtype=torch.float64)
