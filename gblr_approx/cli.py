@@ -32,7 +32,8 @@ _SAMPLE = "the embedded MiniLM sample (gblr_approx.datasets.minilm_sample())"
 
 # ---------------------------------------------------------------------------- error policy
 class _Group(click.Group):
-    """A click group turning any exception into a one-line failure (exit 1)."""
+    """A click group turning any exception into a one-line failure (exit 1); Ctrl-C exits
+    130 (what finished is kept: sweeps resume from their rows file)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         quiet = bool(ctx.params.get("quiet"))
@@ -46,6 +47,9 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the shell convention 128 + SIGINT, not 1
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
         except BrokenPipeError:  # e.g. `gblr-approx inspect ... | head`: stop quietly
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

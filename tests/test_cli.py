@@ -42,6 +42,21 @@ def ckpt(tmp_path_factory):
     return p
 
 
+def test_ctrl_c_exits_130(ckpt, tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside a command exits 130 (128 + SIGINT), as shells expect, with
+    a one-line message; click's default was "Aborted!" and exit 1."""
+    import gblr_approx.projection as projection
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(projection, "project", interrupted)
+    r = CliRunner().invoke(main, ["project", str(ckpt), "-n", "enc.0.q.weight", "-f",
+                                  "lowrank", "-b", "0.5", "-o", str(tmp_path / "a.safetensors")])
+    assert r.exit_code == 130, r.output
+    assert "Interrupted." in r.output and not (tmp_path / "a.safetensors").exists()
+
+
 def test_sweep_json_parsed_back(ckpt, tmp_path):
     r = run("sweep", ckpt, "--formats", "lowrank", "--budgets", "0.5,20", "--json",
             "--out", tmp_path / "out")
