@@ -376,9 +376,11 @@ def test_blocksparse_rectangle_form_is_exact_and_chosen_by_size(gen, monkeypatch
     torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
 
 
-def test_blast_chunked_product_is_exact(gen, monkeypatch):
-    """Column chunks of BLAST's no-autograd batch-major product (forced small here) cover
-    every column once; feature-major operands and left products stay exact beside it."""
+@pytest.mark.parametrize("chunk_floats", [8, 1 << 17])
+def test_blast_chunked_product_is_exact(gen, monkeypatch, chunk_floats):
+    """Column chunks of BLAST's no-autograd batch-major product (forced small here: chunks
+    of ROW_FORM_BELOW columns; or one chunk, the feature-major result) cover every column
+    once; feature-major operands and left products stay exact beside it."""
     from gblr_approx.formats import blast
 
     U, V = (torch.randn(d, 3, dtype=torch.float64, generator=gen) for d in (12, 10))
@@ -388,7 +390,7 @@ def test_blast_chunked_product_is_exact(gen, monkeypatch):
     real = blast.BLAST._apply_chunked
     monkeypatch.setattr(blast.BLAST, "_apply_chunked",
                         lambda self, *a: calls.append(1) or real(self, *a))
-    monkeypatch.setattr(blast, "CHUNK_FLOATS", 8)  # chunks of ROW_FORM_BELOW columns
+    monkeypatch.setattr(blast, "CHUNK_FLOATS", chunk_floats)
     _check_products(A, gen)
     assert calls
 
