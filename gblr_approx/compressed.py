@@ -31,11 +31,11 @@ _VERSION = 1
 def save_compressed(model: nn.Module, path: str | Path) -> Path:
     """Write every :class:`StructuredLinear` of ``model`` and a manifest to ``path``.
 
-    Returns the path. Raises ``ValueError`` when the model has no structured layer.
+    Returns the path. Raises ``ValueError`` when the model has no structured layer. The
+    write is atomic: an interrupted save leaves a previous file at ``path`` as it was.
     """
-    from safetensors.torch import save_file
-
     from . import __version__
+    from .formats.base import write_safetensors
     from .nn import StructuredLinear
 
     tensors: dict[str, torch.Tensor] = {}
@@ -64,15 +64,12 @@ def save_compressed(model: nn.Module, path: str | Path) -> Path:
         })
     if not manifest:
         raise ValueError("model has no StructuredLinear layer; nothing to save")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         MANIFEST_KEY: json.dumps(manifest, default=str),
         "gblr_approx_version": __version__,
         "manifest_version": str(_VERSION),
     }
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    return write_safetensors(path, tensors, meta)  # atomic: a failed save keeps the old file
 
 
 def load_compressed(

@@ -112,8 +112,7 @@ def llm_like_checkpoint(
     Path
         ``path``. Size at ``scale=1``: 202 M numbers per layer (405 MB in bfloat16).
     """
-    from safetensors.torch import save_file
-
+    from .formats.base import write_safetensors
     from .validation import check_positive_int
 
     layers = check_positive_int(layers, "layers")
@@ -135,10 +134,6 @@ def llm_like_checkpoint(
         for key, (m, n) in LLM_LAYER_SHAPES.items():
             tensors[pre + key] = _power_law_matrix(dim(m), dim(n), rank, decay, g).to(dtype)
         tensors[pre + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"generator": "gblr_approx.datasets.llm_like_checkpoint",
-                                             "layers": str(layers), "scale": repr(scale),
-                                             "rank": str(rank), "decay": repr(decay),
-                                             "seed": str(seed)})
-    return path
+    meta = {"generator": "gblr_approx.datasets.llm_like_checkpoint", "layers": str(layers),
+            "scale": repr(scale), "rank": str(rank), "decay": repr(decay), "seed": str(seed)}
+    return write_safetensors(path, tensors, meta)

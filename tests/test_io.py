@@ -236,3 +236,40 @@ def test_check_output(tmp_path):
     with pytest.raises(IsADirectoryError):
         check_output(tmp_path, [src], force=True)
     assert src.read_bytes() == b"data" and other.read_bytes() == b"old"
+
+
+def test_interrupted_saves_keep_the_previous_file(tmp_path, monkeypatch):
+    """``A.save``, ``save_compressed`` and ``llm_like_checkpoint`` write atomically: a write
+    that fails part-way (here: after writing a partial file, as a full disk or Ctrl-C would)
+    leaves the previous file intact and no temporary file behind."""
+    import safetensors.torch
+
+    from gblr_approx.compressed import save_compressed
+
+    g = torch.Generator().manual_seed(0)
+    A = ga.LowRank(torch.randn(12, 3, generator=g), torch.randn(8, 3, generator=g))
+    model = torch.nn.Sequential(ga.nn.StructuredLinear(A, torch.zeros(12)))
+    saves = {
+        "matrix": lambda p: A.save(p),
+        "model": lambda p: save_compressed(model, p),
+        "checkpoint": lambda p: ga.datasets.llm_like_checkpoint(p, layers=1, scale=1 / 64),
+    }
+    real = safetensors.torch.save_file
+
+    def dies_half_way(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(20)
+        raise KeyboardInterrupt
+
+    for name, save in saves.items():
+        path = tmp_path / f"{name}.safetensors"
+        save(path)
+        before = path.read_bytes()
+        monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            save(path)
+        monkeypatch.setattr(safetensors.torch, "save_file", real)
+        assert path.read_bytes() == before, name
+        assert sorted(p.name for p in tmp_path.iterdir() if name in p.name) == [path.name]
+    torch.testing.assert_close(ga.load(tmp_path / "matrix.safetensors").to_dense(), A.to_dense())

@@ -622,13 +622,11 @@ class StructuredMatrix(ABC):
         """Save to one ``.safetensors`` file.
 
         The metadata holds the format name, shape, format version, the configuration and
-        ``info``; loading with :func:`gblr_approx.load` is bit-exact.
+        ``info``; loading with :func:`gblr_approx.load` is bit-exact. The write is atomic
+        (:func:`write_safetensors`): an interrupted save keeps the previous file.
         """
-        from safetensors.torch import save_file
-
         from .. import __version__
 
-        path = Path(path)
         tensors = {k: t.detach().contiguous().cpu() for k, t in self._tensors().items()}
         meta = {
             "format": self.format_name,
@@ -638,9 +636,34 @@ class StructuredMatrix(ABC):
             "info": json.dumps(self.info, default=str),
             "gblr_approx_version": __version__,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        return write_safetensors(path, tensors, meta)
+
+
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """Write a ``.safetensors`` file atomically: into a temporary file beside ``path``, then
+    renamed over it (``os.replace``).
+
+    An interrupted or failed write (Ctrl-C, a full disk) leaves any previous file at ``path``
+    as it was and no partial file behind. Parent folders are created. Returns ``path``.
+    """
+    import os
+    import uuid
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
