@@ -242,15 +242,17 @@ class BLAST(StructuredMatrix):
         ``n``). While they fit in :data:`CHUNK_FLOATS` floats the three batched GEMMs run once
         and the result is stored feature-major ``(m, k)`` (``StructuredLinear`` then writes
         its row-major output in the bias add). Past that, column chunks keep them in cache
-        between the GEMMs; each chunk's result is one contiguous ``bmm`` and one copy into
-        the row-major ``(k, m)`` result, returned as its transposed view. Same MACs as the
-        unchunked product.
+        between the GEMMs, and the last GEMM of each chunk writes into the row-major
+        ``(k, m)`` result in place (``out=`` on a strided view), returned as its transposed
+        view. Same MACs as the unchunked product.
 
-        (``bmm(..., out=)`` into a strided view of the result, the previous form, does not
-        take torch's batched MKL kernel but a loop of one GEMM per block. Measured on the
-        fitted MiniLM layers at 50 %, 16 x 16 blocks: 0.96 -> 0.88 and 1.29 -> 1.25 of the
-        dense time at 51 rows on the 1536-wide layers, the same within noise on 384 x 384
-        and at 1024-3232 rows; a larger chunk, 1 MiB, was slower at 1024 rows.)
+        (Measured on the fitted MiniLM layers at 50 %, 16 x 16 blocks, one thread, three
+        runs: the one-shot form at 51 rows took 0.85-0.90 of the dense time on 1536 x 384
+        against 0.91-0.99 for the chunked form writing in place, 1.13-1.19 against 1.21-1.23
+        on 384 x 1536; the same within the +-10 % run-to-run spread on 384 x 384. A
+        ``bmm(out=)`` into a strided view is not torch's batched MKL kernel but a loop of one
+        GEMM per block; at 1024-3232 rows a contiguous GEMM per chunk plus a copy, or a 1 MiB
+        chunk, was no faster.)
         """
         b1, p, r = Us.shape
         b2, q, _ = Vs.shape
@@ -262,12 +264,12 @@ class BLAST(StructuredMatrix):
             Z = torch.bmm(Vs.mT, Xb)  # (b2, r, k)
             Uc = torch.bmm(Sr, Z.transpose(0, 1))  # (r, b1, k)
             return torch.bmm(Us, Uc.transpose(0, 1)).view(b1 * p, k)
-        Yt = X.new_empty(k, b1 * p)
+        Yt = X.new_empty(k, b1 * p)  # result stored row-major (k, m)
         for a in range(0, k, step):
             Z = torch.bmm(Vs.mT, Xb[:, :, a : a + step])  # (b2, r, c)
             Uc = torch.bmm(Sr, Z.transpose(0, 1))  # (r, b1, c)
-            Y = torch.bmm(Uc.permute(1, 2, 0), Us.mT)  # (b1, c, p)
-            Yt[a : a + step].view(-1, b1, p).copy_(Y.transpose(0, 1))
+            out = Yt[a : a + step].unflatten(1, (b1, p)).transpose(0, 1)  # (b1, c, p)
+            torch.bmm(Uc.permute(1, 2, 0), Us.mT, out=out)
         return Yt.T
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
