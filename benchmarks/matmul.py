@@ -35,6 +35,10 @@ batch of ``B`` rows through ``ga.nn.StructuredLinear(A, bias)`` against ``nn.Lin
 dense weight (forward and backward, gradients of the input and of every parameter); the
 columns keep their names, ``mode`` says ``train``.
 
+``--layer`` times the forward of ``ga.nn.StructuredLinear(A, bias)`` on a batch of ``B``
+rows without autograd against ``nn.Linear`` (the batch-major products a compressed model
+runs; ``mode`` says ``layer``).
+
 ``--rounds R`` times every case ``R`` times, round after round (all cases in each), and
 prints one row per round (``round`` column): alternated repeats show the run-to-run spread of
 a busy host next to the difference between two layouts.
@@ -192,7 +196,12 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "thread"], default="wall")
     p.add_argument("--train", action="store_true",
                    help="time a StructuredLinear training step (forward + backward) vs nn.Linear")
+    p.add_argument("--layer", action="store_true",
+                   help="time the StructuredLinear forward (no autograd) vs nn.Linear")
     args = p.parse_args()
+    if args.train and args.layer:
+        p.error("--train and --layer are two modes; give one")
+    mode = "train" if args.train else "layer" if args.layer else "product"
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
 
     sample = ga.datasets.minilm_sample()
@@ -231,12 +240,13 @@ def main() -> None:
                     torch.set_num_threads(threads)
                     for B in args.batches:
                         reps = max(5, args.reps if m * n * B < 5e8 else args.reps // 5)
-                        fns = train_steps(W, A, B) if args.train else product_calls(W, A, B)
+                        fns = (train_steps if args.train else layer_calls if args.layer
+                               else product_calls)(W, A, B)
                         t_dense, t_fmt = timed(fns, reps, clock)
                         frac = A.flops / (m * n)
                         rows.append(
                             {
-                                "mode": "train" if args.train else "product",
+                                "mode": mode,
                                 "shape": f"{m}x{n}",
                                 "budget": budget,
                                 "format": fmt,
@@ -281,6 +291,24 @@ def product_calls(W: torch.Tensor, A, batch: int) -> list:
     X = torch.randn(W.shape[1], batch)
     D = ga.Dense(W)
     return [lambda: D._matmul(X), lambda: A @ X]
+
+
+def layer_calls(W: torch.Tensor, A, batch: int) -> list:
+    """The forward of ``nn.Linear`` with weight ``W`` and of ``ga.nn.StructuredLinear(A,
+    bias)`` on one batch of ``batch`` rows, without autograd: the batch-major products (and
+    the bias add) that a compressed model runs."""
+    m, n = W.shape
+    dense = torch.nn.Linear(n, m)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+    structured = ga.nn.StructuredLinear(A, dense.bias.detach().clone())
+    x = torch.randn(batch, n)
+
+    def call(layer):
+        with torch.no_grad():
+            return layer(x)
+
+    return [lambda: call(dense), lambda: call(structured)]
 
 
 def train_steps(W: torch.Tensor, A, batch: int) -> list:
