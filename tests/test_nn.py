@@ -51,6 +51,43 @@ def test_output_is_row_major_like_nn_linear(fmt, with_bias):
     torch.testing.assert_close(xg.grad, ref_grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 7])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_lowrank_layer_matches_nn_linear(rows, with_bias):
+    """Low-rank layers take the fused ``x V U^T + bias`` path (``LowRank._linear``; one row as
+    mat-vecs): outputs, input and parameter gradients equal ``nn.Linear``'s with the dense
+    weight, also for an empty batch; a bias of another dtype takes the general path."""
+    g = torch.Generator().manual_seed(3)
+    A = ga.LowRank(torch.randn(24, 4, dtype=torch.float64, generator=g),
+                   torch.randn(40, 4, dtype=torch.float64, generator=g))
+    bias = torch.randn(24, dtype=torch.float64, generator=g) if with_bias else None
+    layer = StructuredLinear(A, bias)
+    calls = []
+    real = ga.LowRank._linear
+    ga.LowRank._linear = lambda self, *a: calls.append(1) or real(self, *a)
+    try:
+        x = torch.randn(2, rows, 40, dtype=torch.float64, generator=g, requires_grad=True)
+        y = layer(x)
+    finally:
+        ga.LowRank._linear = real
+    assert calls and y.shape == (2, rows, 24) and y.is_contiguous()
+    W = A.to_dense().requires_grad_(True)
+    b = None if bias is None else bias.clone().requires_grad_(True)
+    ref = nn.functional.linear(x, W, b)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    G = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    gx, = torch.autograd.grad((G * y).sum(), x, retain_graph=True)
+    torch.testing.assert_close(gx, torch.autograd.grad((G * ref).sum(), x)[0],
+                               rtol=1e-12, atol=1e-12)
+    (G * y).sum().backward()
+    gU = G.reshape(-1, 24).T @ (x.detach().reshape(-1, 40) @ A.V)  # dL/dU = G^T x V
+    torch.testing.assert_close(layer.factor_U.grad, gU, rtol=1e-12, atol=1e-12)
+    if with_bias:
+        torch.testing.assert_close(layer.bias.grad, G.reshape(-1, 24).sum(0))
+        half = StructuredLinear(A, bias.float())  # bias dtype differs: Y + bias, promoted
+        torch.testing.assert_close(half(x.detach()), x.detach() @ A.to_dense().T + bias.float())
+
+
 @pytest.mark.parametrize("fmt", sorted(CATALOGUE))
 def test_layer_trains_after_an_inference_mode_pass(fmt):
     g = torch.Generator().manual_seed(2)

@@ -17,7 +17,9 @@ Subclass hooks
 ``flops`` (property), ``to_dense()``, ``_matmul(X)`` with ``X`` of shape ``(n, k)``,
 ``_transpose()``; optional ``num_params`` (defaults to the float entries stored) and
 ``_rmatmul(X)``, the left product ``X @ A`` for ``X`` of shape ``(k, m)`` (defaults to
-``(A.T @ X.T).T``; formats override it to reuse their own storage instead of building ``A.T``).
+``(A.T @ X.T).T``; formats override it to reuse their own storage instead of building ``A.T``),
+and ``_linear(x, bias)``, a fused ``x @ A.T + bias`` for a row-major batch ``x`` of shape
+``(k, n)`` that :class:`~gblr_approx.nn.StructuredLinear` takes when a format has one.
 
 Product hooks receive ``X`` with any strides (``StructuredLinear`` passes the transposed view of
 a row-major batch), may return a non-contiguous view, must be differentiable by autograd and
@@ -481,6 +483,11 @@ class StructuredMatrix(ABC):
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ A`` for ``X`` of shape ``(k, m)`` (validated); returns ``(k, n)``."""
         return self._transpose()._matmul(X.T).T
+
+    #: Formats with a fused layer product define ``_linear(x, bias)``: ``x @ A.T + bias``
+    #: for ``x`` of shape ``(k, n)`` (same dtype and device, ``bias`` None or of shape
+    #: ``(m,)`` in that dtype), returning ``(k, m)`` row-major; differentiable.
+    _linear: Any = None
 
     def _scaled(self, s: float) -> StructuredMatrix:
         """A copy equal to ``s * A``: the first floating tensor of :meth:`_tensors` times ``s``.

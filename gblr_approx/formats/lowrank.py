@@ -78,6 +78,17 @@ class LowRank(StructuredMatrix):
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         return (X @ self.U) @ self.V.T
 
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ A.T + bias`` for a row-major batch ``x`` (k, n): two GEMMs, the bias fused
+        into the second (``addmm``), as ``nn.Linear``; one row as two mat-vecs (``addmv``).
+        ``(m + n) r k`` MACs."""
+        if x.shape[0] == 1:
+            z = self.V.T.mv(x[0])
+            y = self.U.mv(z) if bias is None else torch.addmv(bias, self.U, z)
+            return y.unsqueeze(0)
+        Z = x @ self.V
+        return Z @ self.U.T if bias is None else torch.addmm(bias, Z, self.U.T)
+
     def _transpose(self) -> LowRank:
         return LowRank(self.V, self.U)
 
