@@ -148,9 +148,10 @@ class StructuredLinear(nn.Module):
         A = self._forward_matrix()
         bias = self.bias
         if A._linear is not None and (bias is None or bias.dtype == A.dtype):
-            # fused x A^T + bias (low-rank: nn.Linear's two calls; one row: 1.5x -> ~1x dense)
+            # the format's fused x A^T + bias (low-rank: nn.Linear's addmm), if it has one here
             Y = A._linear(x.reshape(-1, self.in_features).to(A.dtype), bias)
-            return Y.reshape(*lead, self.out_features)
+            if Y is not None:
+                return Y.reshape(*lead, self.out_features)
         X = x.reshape(-1, self.in_features).T
         Y = A._matmul(X.to(A.dtype)).T
         if not Y.is_contiguous():

@@ -19,7 +19,8 @@ Subclass hooks
 ``_rmatmul(X)``, the left product ``X @ A`` for ``X`` of shape ``(k, m)`` (defaults to
 ``(A.T @ X.T).T``; formats override it to reuse their own storage instead of building ``A.T``),
 and ``_linear(x, bias)``, a fused ``x @ A.T + bias`` for a row-major batch ``x`` of shape
-``(k, n)`` that :class:`~gblr_approx.nn.StructuredLinear` takes when a format has one.
+``(k, n)`` that :class:`~gblr_approx.nn.StructuredLinear` takes when a format has one (it
+may return ``None``: no fused form for that call).
 
 Product hooks receive ``X`` with any strides (``StructuredLinear`` passes the transposed view of
 a row-major batch), may return a non-contiguous view, must be differentiable by autograd and
@@ -486,7 +487,8 @@ class StructuredMatrix(ABC):
 
     #: Formats with a fused layer product define ``_linear(x, bias)``: ``x @ A.T + bias``
     #: for ``x`` of shape ``(k, n)`` (same dtype and device, ``bias`` None or of shape
-    #: ``(m,)`` in that dtype), returning ``(k, m)`` row-major; differentiable.
+    #: ``(m,)`` in that dtype), returning ``(k, m)`` row-major, differentiable; or ``None``
+    #: where the format has no fused form for that call.
     _linear: Any = None
 
     def _scaled(self, s: float) -> StructuredMatrix:

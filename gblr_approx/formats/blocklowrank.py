@@ -338,13 +338,16 @@ class BlockLowRank(StructuredMatrix):
 
         return cached_layout(self, "panels", build, *self._sources())
 
-    def _panel_product(self, X: torch.Tensor, t: bool) -> torch.Tensor:
+    def _panel_product(
+        self, X: torch.Tensor, t: bool, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``A @ X`` (``t=False``) or ``A^T @ X`` by unpadded GEMMs, for ``X`` (n, k), no grad.
 
         One GEMM per block column (``Z_j = V_j^T X_j``, read in place from ``X``), one gather
         regrouping ``Z`` by block row, one GEMM per block row written in place into the
         result: ``flops * k`` MACs exactly, ``b1 + b2`` kernels. Batch-major ``X`` is computed
-        in the row form ``Y^T = X^T [...]`` with the same kernels.
+        in the row form ``Y^T = X^T [...]`` with the same kernels; there a ``bias`` (one per
+        output row) is added by the block-row GEMMs (``addmm``), not in a pass of its own.
         """
         Vt, Ur, sel = self._panels()
         rs, cs = self.row_splits, self.col_splits
@@ -366,7 +369,11 @@ class BlockLowRank(StructuredMatrix):
             y = x.new_empty(k, rs[-1])
             o = 0
             for i, U in enumerate(Ur):
-                torch.mm(Zg[:, o : o + U.shape[1]], U.T, out=y[:, rs[i] : rs[i + 1]])
+                out = y[:, rs[i] : rs[i + 1]]
+                if bias is None:
+                    torch.mm(Zg[:, o : o + U.shape[1]], U.T, out=out)
+                else:
+                    torch.addmm(bias[rs[i] : rs[i + 1]], Zg[:, o : o + U.shape[1]], U.T, out=out)
                 o += U.shape[1]
             return y.T
         Z = X.new_empty(Zr, k)
@@ -413,6 +420,15 @@ class BlockLowRank(StructuredMatrix):
             return self._panel_product(X, False)
         Up, Vp = self._packed()
         return self._apply(Vp, Up, self._zmap, self._zmap_t, self._cmaps, self._rmaps, X)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ A.T + bias`` for a row-major batch ``x`` (k, n) when it takes the panel
+        product (no autograd, enough rows): the bias rides on the block-row GEMMs. ``None``
+        otherwise (``StructuredLinear`` then runs :meth:`_matmul` and adds the bias)."""
+        X = x.T
+        if bias is None or not self._use_panels(X) or not batch_major(X):
+            return None
+        return self._panel_product(X, False, bias).T
 
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         # X @ A = (A^T X^T)^T: A^T's column-side bases are A's row-side ones and vice versa
