@@ -224,13 +224,16 @@ def test_segment_plan_is_exact_on_wrapped_dense_and_rank0_components(seed):
     assert build_segments(*args, max_segments=2) is None
 
 
-def _grid_gblr(m, n, tile, seed):
-    """Low-rank part plus a tile grid of blocks of varying rank (rank 0 and a dense block
-    included, last tiles shorter when the side is not a multiple), plus one wrapping piece."""
+def _grid_gblr(m, n, tile, seed, lowrank=True):
+    """Low-rank part (unless ``lowrank=False``) plus a tile grid of blocks of varying rank
+    (rank 0 and a dense block included, last tiles shorter when the side is not a multiple),
+    plus one wrapping piece."""
     gen = torch.Generator().manual_seed(seed)
     rs, rw, cs, cw, factors = [0], [m], [0], [n], []
     factors.append((torch.randn(m, 5, generator=gen, dtype=torch.float64),
                     torch.randn(n, 5, generator=gen, dtype=torch.float64)))
+    if not lowrank:
+        rs, rw, cs, cw, factors = [], [], [], [], []
     for i, r0 in enumerate(range(0, m, tile)):
         for j, c0 in enumerate(range(0, n, tile)):
             h, w = min(tile, m - r0), min(tile, n - c0)
@@ -245,6 +248,28 @@ def _grid_gblr(m, n, tile, seed):
     factors.append((torch.randn(7, 2, generator=gen, dtype=torch.float64),
                     torch.randn(9, 2, generator=gen, dtype=torch.float64)))
     return GBLR((m, n), rs, rw, cs, cw, factors)
+
+
+@pytest.mark.parametrize("lowrank", [True, False])
+def test_segment_plan_adds_a_layer_bias_in_its_gemms(lowrank):
+    """``StructuredLinear`` on an aligned layout from 32 rows, without autograd, takes the
+    segment plan with the bias added by the stage-2 GEMMs (``GBLR._linear``): the same numbers
+    as ``nn.Linear`` with the dense weight, whether the first row interval covers every row
+    (a low-rank part) or not (the result starts from the bias)."""
+    G = _grid_gblr(40, 53, 8, 0, lowrank=lowrank)
+    assert G.segments is not None
+    assert G.segments.stage2[0].accumulate is not lowrank
+    bias = torch.randn(40, dtype=torch.float64)
+    layer = ga.nn.StructuredLinear(G, bias)
+    for rows in (33, 90):
+        x = torch.randn(rows, 53, dtype=torch.float64)
+        with torch.no_grad():
+            assert layer._forward_matrix()._linear(x, layer.bias) is not None
+            y = layer(x)
+        assert y.is_contiguous()
+        ref = torch.nn.functional.linear(x, G.to_dense(), bias)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert G._linear(x, None) is None and G._linear(x[:5], bias) is None
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -536,6 +536,22 @@ class GBLR(StructuredMatrix):
         plan = self.plan_for(X.shape[1])
         return plan.matmul(self._panels(plan), X)
 
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ A.T + bias`` for a row-major batch ``x`` (k, n) where :meth:`_matmul` runs the
+        segment plan (aligned layouts, >= ``ROW_FORM_BELOW`` rows, no autograd): the bias is
+        added by its first stage-2 GEMM. ``None`` elsewhere (``StructuredLinear`` then adds
+        the bias itself)."""
+        X = x.T
+        if bias is None or self.num_components == 0 or X.shape[1] < ROW_FORM_BELOW or (
+            torch.is_grad_enabled()
+            and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
+        ):
+            return None
+        seg = self.segments
+        if seg is None:
+            return None
+        return seg.matmul(self._panels(seg), X, bias).T
+
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ A`` for ``X`` of shape ``(k, m)``: the transpose's packed product.
 

@@ -818,9 +818,14 @@ class GBLRSegments:
         return p1, p2
 
     def matmul(
-        self, panels: tuple[list[torch.Tensor], list[torch.Tensor]], X: torch.Tensor
+        self,
+        panels: tuple[list[torch.Tensor], list[torch.Tensor]],
+        X: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``A @ X`` for ``X`` of shape ``(n, k)`` (no autograd: in-place GEMMs).
+        """``A @ X`` (``+ bias[:, None]`` with a ``bias`` of shape ``(m,)``: added by the
+        first stage-2 GEMM, not in a pass of its own) for ``X`` of shape ``(n, k)`` (no
+        autograd: in-place GEMMs).
 
         When ``X`` is the transpose of a row-major ``(k, n)`` operand (``X.stride(0) == 1``:
         ``StructuredLinear`` on batch-major inputs, ``X @ A``), the result is the transpose
@@ -854,10 +859,17 @@ class GBLRSegments:
         if self.stage2 and not self.stage2[0].accumulate:  # first segment covers every row
             s, P = self.stage2[0], p2[0]
             Y = X.new_empty(B, m).T if batch_major else X.new_empty(m, B)
-            torch.mm(P, G[s.src : s.src + s.length], out=Y)
+            if bias is None:
+                torch.mm(P, G[s.src : s.src + s.length], out=Y)
+            else:
+                torch.addmm(bias.unsqueeze(1), P, G[s.src : s.src + s.length], out=Y)
             rest = zip(self.stage2[1:], p2[1:], strict=True)
         else:
-            Y = X.new_zeros(B, m).T if batch_major else X.new_zeros(m, B)
+            if bias is None:
+                Y = X.new_zeros(B, m).T if batch_major else X.new_zeros(m, B)
+            else:
+                Y = X.new_empty(B, m).T if batch_major else X.new_empty(m, B)
+                Y.copy_(bias.unsqueeze(1).expand(m, B))
             rest = zip(self.stage2, p2, strict=True)
         for s, P in rest:
             Y[s.out : s.out + s.rows].addmm_(P, G[s.src : s.src + s.length])
