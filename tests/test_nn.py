@@ -113,6 +113,29 @@ def test_blocklowrank_layer_adds_the_bias_in_its_block_row_gemms():
         ga.BlockLowRank._linear = real
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_monarch_layer_adds_the_bias_in_its_last_copy(transposed):
+    """Without autograd and from 2 rows a Monarch layer adds the bias while copying its
+    regrouped output (``Monarch._linear``): the same numbers as ``nn.Linear``, for a Monarch
+    matrix and for a transposed one; one row, autograd and no bias take the general path."""
+    g = torch.Generator().manual_seed(5)
+    A = CATALOGUE["monarch"]((24, 40), torch.float64, g)
+    A = A.T if transposed else A
+    m, n = A.shape
+    bias = torch.randn(m, dtype=torch.float64, generator=g)
+    for rows, b, grad in [(2, bias, False), (37, bias, False), (1, bias, False),
+                          (37, None, False), (37, bias, True)]:
+        layer = StructuredLinear(A, b)
+        x = torch.randn(rows, n, dtype=torch.float64, generator=g)
+        with torch.set_grad_enabled(grad):
+            fused = layer._forward_matrix()._linear(x, layer.bias)
+            y = layer(x)
+        assert (fused is not None) == (rows > 1 and b is not None and not grad)
+        ref = nn.functional.linear(x, A.to_dense(), b)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        assert y.is_contiguous()
+
+
 @pytest.mark.parametrize("fmt", sorted(CATALOGUE))
 def test_layer_trains_after_an_inference_mode_pass(fmt):
     g = torch.Generator().manual_seed(2)

@@ -56,6 +56,18 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _row_major_rows(Y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``Y`` (k, a, b), a strided view, copied into a row-major ``(k, a b)`` result and
+    returned as its transposed ``(a b, k)`` view; with ``bias`` (``a b`` entries, no
+    autograd) the copy adds it (``torch.add(..., out=)``, one pass)."""
+    k, a, b = Y.shape
+    if bias is None:
+        return Y.reshape(k, a * b).T
+    out = Y.new_empty(k, a, b)
+    torch.add(Y, bias.view(a, b), out=out)
+    return out.view(k, a * b).T
+
+
 def _divisors(x: int) -> list[int]:
     return [d for d in range(1, x + 1) if x % d == 0]
 
@@ -133,7 +145,7 @@ class Monarch(StructuredMatrix):
         M = self._untransposed_dense()
         return M.T.contiguous() if self.transposed else M
 
-    def _forward(self, X: torch.Tensor) -> torch.Tensor:
+    def _forward(self, X: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``M @ X`` for the untransposed matrix ``M``: two batched GEMMs and two regroupings.
 
         ``R (J n + K m) k`` MACs. Column form (feature-major ``X``, ``k >= ROW_FORM_BELOW``): no
@@ -164,9 +176,9 @@ class Monarch(StructuredMatrix):
         # row form: stored (K, k, R*J) -> (J, k, K*R)
         z = z.mT.unflatten(2, (R, J)).permute(3, 1, 0, 2).reshape(J, k, K * R).mT
         y = bmm_nk(self.w2, z, row)  # (J, Lr, k); output row l*J + j
-        return y.mT.permute(1, 2, 0).reshape(k, Lr * J).T
+        return _row_major_rows(y.mT.permute(1, 2, 0), bias)
 
-    def _backward(self, Y: torch.Tensor) -> torch.Tensor:
+    def _backward(self, Y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``M^T @ Y`` for the untransposed matrix ``M`` (same cost as :meth:`_forward`)."""
         k = Y.shape[1]
         if k == 1 and self._padded_ok and not _needs_grad(Y, self.w1, self.w2):
@@ -195,7 +207,7 @@ class Monarch(StructuredMatrix):
         x = bmm_nk(self.w1.mT, z, row)  # (K, I, k)
         n = K * self.w1.shape[2]  # (explicit sizes: an empty batch, k = 0, has no -1 to infer)
         if row:
-            return x.mT.permute(1, 0, 2).reshape(k, n).T
+            return _row_major_rows(x.mT.permute(1, 0, 2), bias)
         return x.reshape(n, k)
 
     def _padded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +227,15 @@ class Monarch(StructuredMatrix):
 
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         return self._backward(X) if self.transposed else self._forward(X)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ A.T + bias`` for a row-major batch ``x`` (k, n) of at least 2 rows without
+        autograd: the row form, whose last regrouping copy adds the bias (no pass of its
+        own). ``None`` otherwise."""
+        X = x.T
+        if bias is None or X.shape[1] < 2 or _needs_grad(X, self.w1, self.w2):
+            return None
+        return (self._backward(X, bias) if self.transposed else self._forward(X, bias)).T
 
     def _rmatmul(self, X: torch.Tensor) -> torch.Tensor:
         return (self._forward(X.T) if self.transposed else self._backward(X.T)).T
