@@ -269,6 +269,12 @@ def test_segment_plan_adds_a_layer_bias_in_its_gemms(lowrank):
         assert y.is_contiguous()
         ref = torch.nn.functional.linear(x, G.to_dense(), bias)
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        xt = x.T.contiguous().T  # column-major rows: the general path, the same numbers
+        with torch.no_grad():
+            assert G._linear(xt, bias) is None
+            yt = layer(xt)
+        assert yt.is_contiguous()
+        torch.testing.assert_close(yt, ref, rtol=1e-12, atol=1e-12)
     assert G._linear(x, None) is None and G._linear(x[:5], bias) is None
 
 

@@ -134,6 +134,10 @@ def test_monarch_layer_adds_the_bias_in_its_last_copy(transposed):
         ref = nn.functional.linear(x, A.to_dense(), b)
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
         assert y.is_contiguous()
+        xt = x.T.contiguous().T  # column-major rows: not the fused form's layout
+        with torch.set_grad_enabled(grad):
+            assert layer._forward_matrix()._linear(xt, layer.bias) is None
+            torch.testing.assert_close(layer(xt), ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("fmt", sorted(CATALOGUE))

@@ -543,6 +543,8 @@ class GBLR(StructuredMatrix):
         the bias itself)."""
         X = x.T
         if bias is None or self.num_components == 0 or X.shape[1] < ROW_FORM_BELOW or (
+            X.stride(0) != 1  # (the plan writes a row-major result for batch-major X only)
+        ) or (
             torch.is_grad_enabled()
             and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
         ):

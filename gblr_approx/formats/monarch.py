@@ -231,9 +231,9 @@ class Monarch(StructuredMatrix):
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``x @ A.T + bias`` for a row-major batch ``x`` (k, n) of at least 2 rows without
         autograd: the row form, whose last regrouping copy adds the bias (no pass of its
-        own). ``None`` otherwise."""
+        own). ``None`` otherwise (other strides included)."""
         X = x.T
-        if bias is None or X.shape[1] < 2 or _needs_grad(X, self.w1, self.w2):
+        if bias is None or not batch_major(X) or _needs_grad(X, self.w1, self.w2):
             return None
         return (self._backward(X, bias) if self.transposed else self._forward(X, bias)).T
 
