@@ -66,11 +66,11 @@ def test_fused_lowrank_layer_matches_nn_linear(rows, with_bias):
     real = ga.LowRank._linear
     ga.LowRank._linear = lambda self, *a: calls.append(1) or real(self, *a)
     try:
-        x = torch.randn(2, rows, 40, dtype=torch.float64, generator=g, requires_grad=True)
-        y = layer(x)
+        x = torch.randn(1, rows, 40, dtype=torch.float64, generator=g, requires_grad=True)
+        y = layer(x)  # (rows = 1: the mat-vec form)
     finally:
         ga.LowRank._linear = real
-    assert calls and y.shape == (2, rows, 24) and y.is_contiguous()
+    assert calls and y.shape == (1, rows, 24) and y.is_contiguous()
     W = A.to_dense().requires_grad_(True)
     b = None if bias is None else bias.clone().requires_grad_(True)
     ref = nn.functional.linear(x, W, b)
