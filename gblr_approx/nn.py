@@ -147,13 +147,13 @@ class StructuredLinear(nn.Module):
         lead = x.shape[:-1]
         A = self._forward_matrix()
         bias = self.bias
+        x2 = x.reshape(-1, self.in_features).to(A.dtype)
         if A._linear is not None and (bias is None or bias.dtype == A.dtype):
             # the format's fused x A^T + bias (low-rank: nn.Linear's addmm), if it has one here
-            Y = A._linear(x.reshape(-1, self.in_features).to(A.dtype), bias)
+            Y = A._linear(x2, bias)
             if Y is not None:
                 return Y.reshape(*lead, self.out_features)
-        X = x.reshape(-1, self.in_features).T
-        Y = A._matmul(X.to(A.dtype)).T
+        Y = A._matmul(x2.T).T
         if not Y.is_contiguous():
             Y = _row_major(Y, self.bias)
         elif self.bias is not None:

@@ -517,13 +517,16 @@ class GBLR(StructuredMatrix):
         U, V = self._Uf, self._Vf
         return cached_layout(self, ("panels", id(plan)), lambda: plan.pack(U, V), U, V)
 
+    def _records_grad(self, X: torch.Tensor) -> bool:
+        """Whether autograd records a product with ``X`` (then no in-place plan kernels)."""
+        return torch.is_grad_enabled() and (
+            X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad
+        )
+
     def _matmul(self, X: torch.Tensor) -> torch.Tensor:
         if self.num_components == 0:
             return X.new_zeros(self.shape[0], X.shape[1])
-        if not (
-            torch.is_grad_enabled()
-            and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
-        ):
+        if not self._records_grad(X):
             sp = self._thin_sparse() if X.shape[1] < ROW_FORM_BELOW else None
             if sp is not None:
                 return sp.matmul(self._panels(sp), X)
@@ -544,10 +547,7 @@ class GBLR(StructuredMatrix):
         X = x.T
         if bias is None or self.num_components == 0 or X.shape[1] < ROW_FORM_BELOW or (
             X.stride(0) != 1  # (the plan writes a row-major result for batch-major X only)
-        ) or (
-            torch.is_grad_enabled()
-            and (X.requires_grad or self._Uf.requires_grad or self._Vf.requires_grad)
-        ):
+        ) or self._records_grad(X):
             return None
         seg = self.segments
         if seg is None:
