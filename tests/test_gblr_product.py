@@ -226,7 +226,8 @@ def test_files_saved_before_packing_still_load():
     G = ga.load(DATA / "gblr_before_packing.safetensors")
     D = load_file(str(DATA / "gblr_before_packing_dense.safetensors"))["dense"]
     assert isinstance(G, GBLR) and G.num_components == 8
-    assert torch.equal(G.to_dense(), D)
+    # D was recorded on another CPU: the sum of 8 components may round differently (1 ulp)
+    assert torch.allclose(G.to_dense(), D, rtol=0, atol=1e-6 * float(D.abs().max()))
     X = torch.randn(G.shape[1], 3)
     assert torch.allclose(G @ X, D @ X, atol=1e-5)
 
