@@ -3,10 +3,16 @@
 All functions keep the input's device and dtype; nothing falls back silently to another
 backend or algorithm. ``method="auto"`` (:func:`choose_svd_method`) picks the randomized SVD
 only above a size threshold (:data:`RANDOMIZED_MIN_ENTRIES`) and callers record the choice
-in their result's ``info`` (see docs/large_layers.md).
+in their result's ``info`` (see docs/large_layers.md). The rare retries of :func:`svd` (another
+precision or LAPACK driver) are collected by :func:`recording_svd_fallbacks`; ``ga.project``
+and ``fit_gblr`` store them in ``info["svd_fallbacks"]``.
 """
 
 from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -22,7 +28,46 @@ __all__ = [
     "choose_svd_method",
     "top_svd",
     "frob2",
+    "recording_svd_fallbacks",
+    "fallback_summary",
 ]
+
+_FALLBACKS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "svd_fallbacks", default=None
+)
+
+
+@contextmanager
+def recording_svd_fallbacks() -> Iterator[list[str]]:
+    """Collect, in the yielded list, a message for each :func:`svd` call in the block that had
+    to retry (non-converging ``gesdd``: float64, then the ``gesvd`` driver).
+
+    Blocks nest: an inner block's messages reach the outer ones too. Per thread and per
+    asyncio task (a context variable), so concurrent fits keep their own records.
+    """
+    events: list[str] = []
+    token = _FALLBACKS.set(events)
+    try:
+        yield events
+    finally:
+        _FALLBACKS.reset(token)
+        outer = _FALLBACKS.get()
+        if outer is not None:
+            outer.extend(events)
+
+
+def fallback_summary(events: list[str]) -> list[str]:
+    """``events`` without repeats, each with its count when above one (for ``info`` records)."""
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e] = counts.get(e, 0) + 1
+    return [e if c == 1 else f"{e} (x{c})" for e, c in counts.items()]
+
+
+def _record_fallback(message: str) -> None:
+    events = _FALLBACKS.get()
+    if events is not None:
+        events.append(message)
 
 
 def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,7 +77,8 @@ def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     non-convergence on well-conditioned finite input (seen on a 384 x 1472 float32 residual
     with one MKL thread, fine with two); such a failure is retried in float64, then with
     the QR-iteration driver (``gesvd``, through SciPy on the CPU), and the result is returned
-    in ``W``'s dtype. Non-finite input raises ``ValueError``.
+    in ``W``'s dtype; each retry is recorded (:func:`recording_svd_fallbacks`). Non-finite
+    input raises ``ValueError``.
 
     Cost: ``O(m n min(m, n))`` per matrix.
     """
@@ -41,9 +87,12 @@ def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     except torch.linalg.LinAlgError:
         if not bool(torch.isfinite(W).all()):
             raise ValueError("svd: the matrix has NaN or infinite entries") from None
+    what = f"svd: gesdd did not converge on a {tuple(W.shape)} {str(W.dtype)[6:]} input"
     try:
         U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        _record_fallback(f"{what}; recomputed in float64")
     except torch.linalg.LinAlgError:
+        _record_fallback(f"{what}, nor in float64; recomputed with the gesvd driver")
         if W.is_cuda:
             U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False, driver="gesvd")
         else:

@@ -12,6 +12,7 @@ import torch
 from . import __version__
 from .budget import resolve_budget
 from .formats.base import StructuredMatrix, get_format, with_autograd
+from .linalg import fallback_summary, recording_svd_fallbacks
 from .validation import as_matrix
 
 __all__ = ["project", "register_projection", "get_projection"]
@@ -98,7 +99,7 @@ def project(
     m, n = W.shape
     b = resolve_budget(budget, m, n)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), recording_svd_fallbacks() as fallbacks:
         if gram is None:
             A = cls.project(W, b, **options)
         else:
@@ -119,6 +120,8 @@ def project(
     }
     if gram is not None:
         A.info["options"]["gram"] = f"({n}, {n}) input Gram"
+    if fallbacks:  # (an SVD that had to be retried: same mathematics, another LAPACK path)
+        A.info["svd_fallbacks"] = fallback_summary(fallbacks)
     if A.flops > m * n:
         warnings.warn(
             f"the {cls.format_name} result costs {A.flops} MACs, more than the dense matrix "

@@ -230,6 +230,58 @@ def test_svd_retries_when_lapack_does_not_converge(monkeypatch):
         linalg.svd(torch.full((3, 3), float("nan")))
 
 
+def _failing_first_svds(monkeypatch, failures):
+    """torch.linalg.svd raising LinAlgError on its first ``failures`` calls (as gesdd can)."""
+    real, left = torch.linalg.svd, [failures]
+
+    def flaky(A, *args, **kwargs):
+        if left[0] > 0:
+            left[0] -= 1
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+
+
+def test_svd_retries_are_recorded(monkeypatch):
+    # users.md 8/9: no silent backend switch; the retries reach the result's info record
+    from gblr_approx import linalg
+
+    W = rand(12, 9, seed=1, dtype=torch.float32)
+    with linalg.recording_svd_fallbacks() as outer:
+        _failing_first_svds(monkeypatch, 1)
+        with linalg.recording_svd_fallbacks() as inner:
+            linalg.svd(W)
+        _failing_first_svds(monkeypatch, 2)
+        linalg.svd(W)
+    assert inner == ["svd: gesdd did not converge on a (12, 9) float32 input; recomputed in "
+                     "float64"]
+    assert outer == inner + ["svd: gesdd did not converge on a (12, 9) float32 input, nor in "
+                             "float64; recomputed with the gesvd driver"]
+    assert linalg.fallback_summary(inner * 3 + outer[1:]) == [
+        inner[0] + " (x3)", outer[1]]
+    monkeypatch.undo()
+    linalg.svd(W)  # outside a block: nothing recorded, nothing raised
+    assert len(outer) == 2
+
+    W = rand(16, 16, seed=2, dtype=torch.float32)
+    clean = ga.project(W, "monarch", 0.5)
+    assert "svd_fallbacks" not in clean.info
+    _failing_first_svds(monkeypatch, 1)
+    A = ga.project(W, "monarch", 0.5)
+    monkeypatch.undo()
+    [msg] = A.info["svd_fallbacks"]  # (Monarch's batched block SVD)
+    assert msg.startswith("svd: gesdd did not converge on a (") and msg.endswith(
+        " float32 input; recomputed in float64")
+    assert torch.allclose(A.to_dense(), clean.to_dense(), atol=1e-5)
+
+    _failing_first_svds(monkeypatch, 1)
+    res = ga.fit_gblr(W, 0.5, steps=2)
+    monkeypatch.undo()
+    assert len(res.info["svd_fallbacks"]) == 1
+    assert res.matrix.info["svd_fallbacks"] == res.info["svd_fallbacks"]
+
+
 # ------------------------------------------------- hunt s9 (formats): projections
 _SCALE_FORMATS = [("lowrank", {}), ("blocksparse", {}), ("blocklowrank", {}), ("monarch", {}),
                   ("gblr", {"steps": 2}), ("blast", {"steps": 4})]

@@ -254,11 +254,17 @@ def fit_gblr(
         # runs single-threaded and restores the caller's setting afterwards
         torch.set_num_threads(1)
     try:
-        return _fit_gblr(W, budget, steps=steps, device=device, seed=seed, progress=progress,
-                         callback=callback, rank_per_component=rank_per_component,
-                         components=components, **options)
+        with linalg.recording_svd_fallbacks() as fallbacks:
+            result = _fit_gblr(W, budget, steps=steps, device=device, seed=seed,
+                               progress=progress, callback=callback,
+                               rank_per_component=rank_per_component, components=components,
+                               **options)
     finally:
         torch.set_num_threads(threads)
+    if fallbacks:  # (an SVD that had to be retried: same mathematics, another LAPACK path)
+        result.info["svd_fallbacks"] = result.matrix.info["svd_fallbacks"] = (
+            linalg.fallback_summary(fallbacks))
+    return result
 
 
 def _fit_gblr(
