@@ -42,7 +42,9 @@ class StructuredLinear(nn.Module):
     Notes
     -----
     Cost per input row: ``matrix.flops`` MACs (plus ``out_features`` additions for the bias).
-    Inputs of shape ``(..., in_features)`` are flattened to ``(N, in_features)``.
+    Inputs of shape ``(..., in_features)`` are flattened to ``(N, in_features)``; floating-point
+    inputs of another dtype are cast to the layer's, integer, bool and complex inputs raise
+    ``TypeError``.
     """
 
     def __init__(self, matrix: StructuredMatrix, bias: torch.Tensor | None = None) -> None:
@@ -144,6 +146,8 @@ class StructuredLinear(nn.Module):
             raise ValueError(
                 f"input has {x.shape[-1]} features but the layer expects {self.in_features}"
             )
+        if not x.is_floating_point():  # (a cast would hide a bug upstream; nn.Linear raises)
+            raise TypeError(f"input must be a real floating-point tensor; got {x.dtype}")
         lead = x.shape[:-1]
         A = self._forward_matrix()
         bias = self.bias

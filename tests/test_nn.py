@@ -238,6 +238,12 @@ def test_errors():
     layer = StructuredLinear(ga.project(torch.randn(6, 8), "lowrank", 0.9))
     with pytest.raises(ValueError, match="input has 7 features but the layer expects 8"):
         layer(torch.randn(2, 7))
+    # integer inputs were cast to the layer's dtype in silence (nn.Linear refuses them)
+    for x in (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.bool),
+              torch.ones(2, 8, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=f"real floating-point tensor; got {x.dtype}"):
+            layer(x)
+    assert layer(torch.ones(2, 8, dtype=torch.float64)).dtype == torch.float32  # (cast)
 
 
 def _edit(layer: StructuredLinear, how: str) -> None:
