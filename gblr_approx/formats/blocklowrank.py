@@ -30,6 +30,14 @@ from .base import (
 __all__ = ["BlockLowRank", "balanced_splits"]
 
 DEFAULT_GRID = (4, 4)
+#: Batch-major products with this many rows (inclusive range) run the unpadded GEMMs on fresh
+#: outputs joined by ``torch.cat`` (:meth:`BlockLowRank._fresh_row_product`) instead of
+#: ``mm(out=)`` into strided slices with transposed weight views, which cost ~2-3 us more per
+#: small GEMM on MKL (51 x 96 x 96: 9.2 vs 6.8 us). MiniLM layers at 50 %, 51 rows, layer
+#: forward / ``nn.Linear``: 384 x 384 1.44 -> 1.26, 1536 x 384 0.79 -> 0.73, 384 x 1536
+#: 0.78 -> 0.69 (docs/benchmarks.md). Below 32 rows the padded bmm form is faster; from ~256
+#: rows the copies of ``cat`` cost what they save.
+FRESH_ROWS = (ROW_FORM_BELOW, 128)
 
 
 def balanced_splits(length: int, parts: int) -> list[int]:
@@ -357,6 +365,8 @@ class BlockLowRank(StructuredMatrix):
             sel = self._panel_sel_t()
         k = X.shape[1]
         bm = batch_major(X)
+        if bm and FRESH_ROWS[0] <= k <= FRESH_ROWS[1]:
+            return self._fresh_row_product(X.T, t, bias).T
         Zr = sum(V.shape[0] for V in Vt)
         if bm:
             x = X.T  # (k, n) row-major
@@ -388,6 +398,46 @@ class BlockLowRank(StructuredMatrix):
             torch.mm(U, Zg[o : o + U.shape[1]], out=Y[rs[i] : rs[i + 1]])
             o += U.shape[1]
         return Y
+
+    def _fresh_row_product(
+        self, x: torch.Tensor, t: bool, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``x @ A^T + bias`` (``t=False``) or ``x @ A`` for a row-major batch ``x`` (k, n).
+
+        The GEMMs of :meth:`_panel_product` on contiguous weights (``(q_j, R_j)`` and
+        ``(R_i, p_i)``, cached) into fresh outputs: one ``mm`` per block column, ``cat``, one
+        ``index_select`` + ``mm``/``addmm`` per block row, ``cat``. ``flops * k`` MACs; two
+        extra copies of ``k x (sum R)`` and ``k x m`` floats. Returns (k, m) row-major.
+        """
+        Vs, Us, sels = self._fresh_panels(t)
+        rs, cs = (self.col_splits, self.row_splits) if t else (self.row_splits, self.col_splits)
+        Z = torch.cat([torch.mm(x[:, cs[j] : cs[j + 1]], V) for j, V in enumerate(Vs)], 1)
+        if bias is None:
+            parts = [torch.mm(Z.index_select(1, s), U) for s, U in zip(sels, Us, strict=True)]
+        else:
+            parts = [
+                torch.addmm(bias[rs[i] : rs[i + 1]], Z.index_select(1, s), U)
+                for i, (s, U) in enumerate(zip(sels, Us, strict=True))
+            ]
+        return torch.cat(parts, 1)
+
+    def _fresh_panels(self, t: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+        """Contiguous ``(q_j, R_j)`` / ``(R_i, p_i)`` panels and the per-block-row slices of the
+        regrouping map for :meth:`_fresh_row_product` (``t``: those of ``A^T``); cached."""
+        Vt, Ur, sel = self._panels()
+        if t:  # A^T's panels are the stored ones, untransposed
+            # (split sizes from the panels' shapes: no read-back of a device tensor)
+            sel_t = self._panel_sel_t()
+            splits = cached_layout(self, "fresh_sel_t",
+                                   lambda: list(sel_t.split([V.shape[0] for V in Vt])),
+                                   *self._sources())
+            return Ur, Vt, splits
+
+        def build() -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+            return ([V.T.contiguous() for V in Vt], [U.T.contiguous() for U in Ur],
+                    list(sel.split([U.shape[1] for U in Ur])))
+
+        return cached_layout(self, "fresh_panels", build, *self._sources())
 
     def _panel_sel_t(self) -> torch.Tensor:
         """``sel`` of :meth:`_panels` for ``A^T`` (intermediate stacked by block row)."""
