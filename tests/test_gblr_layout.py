@@ -278,6 +278,43 @@ def test_segment_plan_adds_a_layer_bias_in_its_gemms(lowrank):
     assert G._linear(x, None) is None and G._linear(x[:5], bias) is None
 
 
+@pytest.mark.parametrize("lowrank", [True, False])
+def test_segment_plan_column_blocks_are_exact(lowrank, monkeypatch):
+    """Large batches run the segment plan in column blocks (uneven last block, intermediates
+    in the thread's scratch buffer): the same numbers as one block, feature- and batch-major,
+    with and without a bias, and a layer's row-major output."""
+    from gblr_approx.formats import gblr_plan
+
+    G = _grid_gblr(40, 53, 8, 1, lowrank=lowrank)
+    seg, D = G.segments, G.to_dense()
+    panels = G._panels(seg)
+    bias = torch.randn(40, dtype=torch.float64)
+    X = torch.randn(53, 45, dtype=torch.float64)
+    ones = {}
+    for Xl in (X, X.T.contiguous().T):
+        ones[Xl.stride(0) == 1] = [seg.matmul(panels, Xl), seg.matmul(panels, Xl, bias)]
+    monkeypatch.setattr(gblr_plan, "SEGMENT_CHUNK", 8)  # 45 columns: blocks of 8, 8, ..., 5
+    monkeypatch.setattr(gblr_plan, "SEGMENT_CHUNK_FLOATS", 0)
+    calls = []
+    real = gblr_plan.GBLRSegments._matmul_columns
+    monkeypatch.setattr(gblr_plan.GBLRSegments, "_matmul_columns",
+                        lambda self, p, Xc, *a: calls.append(Xc.shape[1]) or real(self, p, Xc, *a))
+    for Xl in (X, X.T.contiguous().T):
+        bm = Xl.stride(0) == 1
+        Y, Yb = seg.matmul(panels, Xl), seg.matmul(panels, Xl, bias)
+        assert Y.T.is_contiguous() == bm and Yb.T.is_contiguous() == bm
+        torch.testing.assert_close(Y, D @ X, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(Yb, D @ X + bias[:, None], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(Y, ones[bm][0], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(Yb, ones[bm][1], rtol=1e-13, atol=1e-13)
+    assert calls == [8, 8, 8, 8, 8, 5] * 4  # balanced_step(45, 8) = 8
+    layer = ga.nn.StructuredLinear(G, bias)
+    with torch.no_grad():
+        y = layer(X.T.contiguous())
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, (D @ X + bias[:, None]).T, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_segment_runs_batch_grid_columns_exactly(seed):
     """Equal column intervals side by side run stage 1 as one bmm over zero-padded panels:

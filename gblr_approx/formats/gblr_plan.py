@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import scratch
+from .base import balanced_step, scratch
 
 __all__ = ["GBLRPlan", "GBLRSegments", "build_plan", "build_segments"]
 
@@ -723,6 +723,15 @@ def build_plan(
 #: the most operand rows, accumulated into strided views of a batch-major result) were
 #: slower at every size measured, so stage 2 keeps one GEMM per row interval.
 RUN_FILL = 0.5
+#: Column blocks of a segment product: at least ``SEGMENT_CHUNK`` columns, more while the
+#: intermediates (``[Z; X]`` and the gathered rows, in the thread's scratch buffer) stay
+#: under ``SEGMENT_CHUNK_FLOATS`` floats. MiniLM 64-grid layouts at 50 %, layer forward /
+#: ``nn.Linear``, one thread, 2-core Intel Xeon host, at 1024 / 2048 rows (a batch of 16 / 32
+#: sentences): one block in freshly allocated buffers 1.48 / 1.59 (384 x 384), 1.89 / 2.01
+#: (1536 x 384), 0.99 / 1.18 (384 x 1536); 256-column blocks in scratch 0.98 / 0.97,
+#: 0.95 / 0.99, 0.89 / 0.90 (docs/benchmarks.md). Up to 256 rows: one block, as before.
+SEGMENT_CHUNK = 256
+SEGMENT_CHUNK_FLOATS = 1 << 19
 
 
 @dataclass
@@ -832,12 +841,45 @@ class GBLRSegments:
         of a row-major ``(k, m)`` tensor too: the stage-2 GEMMs write it in that layout, so
         callers that need ``(k, m)`` row-major get it without a transposing copy (measured
         at 51 rows: 40-100 us, 15-20 % of the dense product of a 384-wide layer).
+
+        Past :data:`SEGMENT_CHUNK_FLOATS` floats of intermediates, column blocks (written into
+        the result in place) keep them in cache between the stages.
+        """
+        B = X.shape[1]
+        m = self.shape[0]
+        batch_major = X.stride(0) == 1 and B > 1
+        Y = X.new_empty(B, m).T if batch_major else X.new_empty(m, B)
+        if B == 0:
+            return Y
+        per_column = self.slots + (self.shape[1] if self.reads_x else 0) + self.gathered
+        step = balanced_step(B, max(SEGMENT_CHUNK, SEGMENT_CHUNK_FLOATS // max(per_column, 1)))
+        blocks = step < B  # (one block: fresh buffers, measured faster at 51 columns)
+        for a in range(0, B, step):
+            self._matmul_columns(panels, X[:, a : a + step], bias, Y[:, a : a + step], blocks)
+        return Y
+
+    def _matmul_columns(
+        self,
+        panels: tuple[list[torch.Tensor], list[torch.Tensor]],
+        X: torch.Tensor,
+        bias: torch.Tensor | None,
+        Y: torch.Tensor,
+        in_scratch: bool = False,
+    ) -> None:
+        """:meth:`matmul` of the columns ``X`` (n, c), written into ``Y`` (m, c).
+
+        With ``in_scratch``, ``[Z; X]`` and the gathered stage-2 operand are views of this
+        thread's scratch buffer on the CPU (:func:`~gblr_approx.formats.base.scratch`: no
+        page faults per column block), each starting on a 64-byte boundary.
         """
         p1, p2 = panels
         B = X.shape[1]
         n = self.shape[1]
         S = self.slots
-        ZX = X.new_empty(S + (n if self.reads_x else 0), B)
+        zx_rows = S + (n if self.reads_x else 0)
+        g_at = -(-zx_rows * B // 16) * 16  # (floats: the gathered rows start 64-byte aligned)
+        buf = scratch(g_at + self.gathered * B, X) if in_scratch else None
+        ZX = X.new_empty(zx_rows, B) if buf is None else buf[: zx_rows * B].view(zx_rows, B)
         if self.reads_x:  # dense blocks read rows of X after the slots
             ZX[S:].copy_(X)
         Z = ZX[:S]
@@ -853,12 +895,14 @@ class GBLRSegments:
                 out.addmm_(P.T, src)
             else:
                 torch.mm(P.T, src, out=out)
-        G = ZX if self.gather is None else _rows(ZX, self.gather)
+        if self.gather is None:
+            G = ZX
+        else:
+            G = _rows(ZX, self.gather, None if buf is None else (
+                buf[g_at : g_at + self.gathered * B].view(self.gathered, B)))
         m = self.shape[0]
-        batch_major = X.stride(0) == 1 and B > 1
         if self.stage2 and not self.stage2[0].accumulate:  # first segment covers every row
             s, P = self.stage2[0], p2[0]
-            Y = X.new_empty(B, m).T if batch_major else X.new_empty(m, B)
             if bias is None:
                 torch.mm(P, G[s.src : s.src + s.length], out=Y)
             else:
@@ -866,14 +910,12 @@ class GBLRSegments:
             rest = zip(self.stage2[1:], p2[1:], strict=True)
         else:
             if bias is None:
-                Y = X.new_zeros(B, m).T if batch_major else X.new_zeros(m, B)
+                Y.zero_()
             else:
-                Y = X.new_empty(B, m).T if batch_major else X.new_empty(m, B)
                 Y.copy_(bias.unsqueeze(1).expand(m, B))
             rest = zip(self.stage2, p2, strict=True)
         for s, P in rest:
             Y[s.out : s.out + s.rows].addmm_(P, G[s.src : s.src + s.length])
-        return Y
 
 
 def _runs(
