@@ -181,6 +181,33 @@ def test_monarch_rectangular_and_transposed(J, K, R, Lr, I, gen):
         _check_grads(M, gen)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_monarch_row_blocks_are_exact(transposed, gen, monkeypatch):
+    """Batch-major products past ``ROW_BLOCK`` rows run in row blocks (uneven last block)
+    written into one row-major result: ``A @ X``, ``X @ A`` and a biased layer forward."""
+    from gblr_approx.formats import monarch
+
+    w1 = torch.randn(3, 2 * 2, 4, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(2, 5, 3 * 2, dtype=torch.float64, generator=gen)
+    A = ga.Monarch(w1, w2, transposed=transposed)
+    m, n = A.shape
+    D = A.to_dense()
+    bias = torch.randn(m, dtype=torch.float64, generator=gen)
+    X = _operand(n, 45, True, gen)  # batch-major (n, 45)
+    Y = _operand(m, 45, True, gen).T  # row-major (45, m)
+    whole = [A @ X, Y @ A, A._linear(X.T, bias)]
+    monkeypatch.setattr(monarch, "ROW_BLOCK", 8)  # blocks of 8, ..., 5
+    blocked = [A @ X, Y @ A, A._linear(X.T, bias)]
+    for got, want, ref in zip(blocked, whole, [D @ X, Y @ D, X.T @ D.T + bias], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    assert blocked[0].T.is_contiguous() and blocked[2].is_contiguous()
+    with torch.enable_grad():  # autograd: one block, differentiable
+        Xg = X.clone().requires_grad_(True)
+        (A @ Xg).sum().backward()
+    torch.testing.assert_close(Xg.grad, D.sum(0)[:, None].expand(n, 45))
+
+
 def test_monarch_padded_matvec_is_exact_and_follows_its_factors(gen):
     """Mat-vecs without autograd on few, low-rank blocks run on the zero-padded factors
     (``M = P2 @ P1``, PADDED_MATVEC_SHARE); with gradients they take the bmm path."""
