@@ -224,10 +224,10 @@ def test_segment_plan_is_exact_on_wrapped_dense_and_rank0_components(seed):
     assert build_segments(*args, max_segments=2) is None
 
 
-def _grid_gblr(m, n, tile, seed, lowrank=True):
+def _grid_gblr(m, n, tile, seed, lowrank=True, wrap=True):
     """Low-rank part (unless ``lowrank=False``) plus a tile grid of blocks of varying rank
     (rank 0 and a dense block included, last tiles shorter when the side is not a multiple),
-    plus one wrapping piece."""
+    plus one wrapping piece (unless ``wrap=False``)."""
     gen = torch.Generator().manual_seed(seed)
     rs, rw, cs, cw, factors = [0], [m], [0], [n], []
     factors.append((torch.randn(m, 5, generator=gen, dtype=torch.float64),
@@ -244,9 +244,10 @@ def _grid_gblr(m, n, tile, seed, lowrank=True):
             r = (3 * i + j + seed) % 5  # 0 .. 4
             factors.append((torch.randn(h, r, generator=gen, dtype=torch.float64),
                             torch.randn(w, r, generator=gen, dtype=torch.float64)))
-    rs.append(m - 3), rw.append(7), cs.append(n - 4), cw.append(9)  # wraps on both sides
-    factors.append((torch.randn(7, 2, generator=gen, dtype=torch.float64),
-                    torch.randn(9, 2, generator=gen, dtype=torch.float64)))
+    if wrap:
+        rs.append(m - 3), rw.append(7), cs.append(n - 4), cw.append(9)  # wraps on both sides
+        factors.append((torch.randn(7, 2, generator=gen, dtype=torch.float64),
+                        torch.randn(9, 2, generator=gen, dtype=torch.float64)))
     return GBLR((m, n), rs, rw, cs, cw, factors)
 
 
@@ -313,6 +314,34 @@ def test_segment_plan_column_blocks_are_exact(lowrank, monkeypatch):
         y = layer(X.T.contiguous())
     assert y.is_contiguous()
     torch.testing.assert_close(y, (D @ X + bias[:, None]).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lowrank", [True, False])
+def test_segment_plan_stage2_split_views_match_slices(lowrank, monkeypatch):
+    """Ordered, disjoint stage-2 intervals (a tile grid's block rows) take their views from
+    two ``split_with_sizes`` calls; the result equals the per-segment slices' exactly.
+    Overlapping or unordered intervals have no split plan."""
+    from gblr_approx.formats import gblr_plan
+
+    G = _grid_gblr(40, 53, 8, 2, lowrank=lowrank, wrap=False)
+    seg, D = G.segments, G.to_dense()
+    panels = G._panels(seg)
+    rows = seg.gathered or seg.slots + (53 if seg.reads_x else 0)
+    assert seg._stage2_splits(rows) is not None
+    W = _grid_gblr(40, 53, 8, 2, lowrank=lowrank).segments  # + a piece wrapping rows 37-3
+    assert W._stage2_splits(W.gathered or W.slots + (53 if W.reads_x else 0)) is None
+    X = torch.randn(53, 37, dtype=torch.float64)
+    bias = torch.randn(40, dtype=torch.float64)
+    split = [seg.matmul(panels, Xl, bias) for Xl in (X, X.T.contiguous().T)]
+    monkeypatch.setattr(gblr_plan.GBLRSegments, "_stage2_splits", lambda self, g: None)
+    sliced = [seg.matmul(panels, Xl, bias) for Xl in (X, X.T.contiguous().T)]
+    for a, b in zip(split, sliced, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, D @ X + bias[:, None], rtol=1e-12, atol=1e-12)
+    assert gblr_plan._ordered_split([(0, 4), (6, 2)], 10) == ([4, 2, 2, 2], [0, 2])
+    assert gblr_plan._ordered_split([(6, 2), (0, 4)], 10) is None  # unordered
+    assert gblr_plan._ordered_split([(0, 4), (3, 2)], 10) is None  # overlapping
+    assert gblr_plan._ordered_split([(8, 4)], 10) is None  # past the end
 
 
 @pytest.mark.parametrize("seed", [0, 1])
