@@ -11,6 +11,7 @@ and ``fit_gblr`` store them in ``info["svd_fallbacks"]``.
 from __future__ import annotations
 
 import contextvars
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,10 +59,7 @@ def recording_svd_fallbacks() -> Iterator[list[str]]:
 
 def fallback_summary(events: list[str]) -> list[str]:
     """``events`` without repeats, each with its count when above one (for ``info`` records)."""
-    counts: dict[str, int] = {}
-    for e in events:
-        counts[e] = counts.get(e, 0) + 1
-    return [e if c == 1 else f"{e} (x{c})" for e, c in counts.items()]
+    return [e if c == 1 else f"{e} (x{c})" for e, c in Counter(events).items()]
 
 
 def _record_fallback(message: str) -> None:

@@ -357,16 +357,16 @@ class BlockLowRank(StructuredMatrix):
         in the row form ``Y^T = X^T [...]`` with the same kernels; there a ``bias`` (one per
         output row) is added by the block-row GEMMs (``addmm``), not in a pass of its own.
         """
+        k = X.shape[1]
+        bm = batch_major(X)
+        if bm and FRESH_ROWS[0] <= k <= FRESH_ROWS[1]:
+            return self._fresh_row_product(X.T, t, bias).T
         Vt, Ur, sel = self._panels()
         rs, cs = self.row_splits, self.col_splits
         if t:  # A^T: rows and columns swap roles; the regrouping maps swap with them
             Vt, Ur = [U.T for U in Ur], [V.T for V in Vt]
             rs, cs = cs, rs
             sel = self._panel_sel_t()
-        k = X.shape[1]
-        bm = batch_major(X)
-        if bm and FRESH_ROWS[0] <= k <= FRESH_ROWS[1]:
-            return self._fresh_row_product(X.T, t, bias).T
         Zr = sum(V.shape[0] for V in Vt)
         if bm:
             x = X.T  # (k, n) row-major

@@ -592,8 +592,7 @@ class BlockSparse(StructuredMatrix):
             batch_major(x.T)
         ) or (torch.is_grad_enabled() and (x.requires_grad or self.blocks.requires_grad)):
             return None
-        pad = -self.shape[1] % self.block_shape[1]
-        Y = self._fresh_rows(0, x, self._plans[0], pad, self.shape[0])
+        Y = self._product(0, x.T).T  # (the fresh row form: a new row-major tensor)
         return Y if bias is None else Y.add_(bias)
 
     def _grouped_in_place(
