@@ -88,12 +88,16 @@ class StructuredLinear(nn.Module):
         lookups: ``nn.Module.__getattr__`` costs ~1.5 us per name, a tenth of a small
         product on the inference path)."""
         params, buffers = self._parameters, self._buffers
-        out = []
-        for name in self._names:
-            key = f"factor_{name}"
-            t = params.get(key)
-            out.append(buffers[key] if t is None else t)
-        return out
+        return [params[k] if k in params else buffers[k] for k in self._factor_keys()]
+
+    def _factor_keys(self) -> list[str]:
+        """``factor_<name>`` for each of ``_names`` (built once; layers pickled before it
+        existed build it on first use)."""
+        keys = self.__dict__.get("_keys")
+        if keys is None or len(keys) != len(self._names):
+            keys = [f"factor_{name}" for name in self._names]
+            self.__dict__["_keys"] = keys
+        return keys
 
     def _forward_matrix(self) -> StructuredMatrix:
         """:attr:`matrix`, cached while no gradient is needed (inference).
@@ -108,15 +112,18 @@ class StructuredLinear(nn.Module):
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             self.__dict__["_matrix_cache"] = None
             return self.matrix
-        if any(t.is_inference() for t in tensors):  # (e.g. after .to() in inference mode:
-            return self.matrix  # no version counter to see an in-place change by; not cached)
-        key = (
-            torch.is_inference_mode_enabled(),
-            *[(t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors],
-        )
+        try:
+            # (pointer, version) per tensor: the cache holds the tensors it was built from,
+            # so their storage stays alive and a replacement (``.to()``, a new parameter,
+            # ``load_state_dict(assign=True)``) cannot reuse a pointer; in-place changes bump
+            # the version. ~2 us for GBLR's 8 tensors (the dtype/device/shape key cost ~8 us)
+            key = [(t.data_ptr(), t._version) for t in tensors]
+        except RuntimeError:  # inference tensors (e.g. after .to() in inference mode) have
+            return self.matrix  # no version counter to see an in-place change by: not cached
+        key.append(torch.is_inference_mode_enabled())
         cache = self.__dict__.get("_matrix_cache")
         if cache is None or cache[0] != key:
-            cache = (key, self.matrix)
+            cache = (key, self.matrix, tensors)
             self.__dict__["_matrix_cache"] = cache
         return cache[1]
 
@@ -150,18 +157,20 @@ class StructuredLinear(nn.Module):
             raise TypeError(f"input must be a real floating-point tensor; got {x.dtype}")
         lead = x.shape[:-1]
         A = self._forward_matrix()
-        bias = self.bias
-        x2 = x.reshape(-1, self.in_features).to(A.dtype)
+        bias = self._parameters["bias"]  # (not self.bias: Module.__getattr__ costs ~1.5 us)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != A.dtype:
+            x2 = x2.to(A.dtype)
         if A._linear is not None and (bias is None or bias.dtype == A.dtype):
             # the format's fused x A^T + bias (low-rank: nn.Linear's addmm), if it has one here
             Y = A._linear(x2, bias)
             if Y is not None:
-                return Y.reshape(*lead, self.out_features)
+                return Y.reshape(*lead, self.out_features) if len(lead) != 1 else Y
         Y = A._matmul(x2.T).T
         if not Y.is_contiguous():
-            Y = _row_major(Y, self.bias)
-        elif self.bias is not None:
-            Y = Y + self.bias
+            Y = _row_major(Y, bias)
+        elif bias is not None:
+            Y = Y + bias
         return Y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -348,3 +348,24 @@ def test_clear_cache_after_edits_through_data(fmt):
     _assert_follows_parameters(layer, x)
     layer.clear_cache()  # nothing cached: a no-op
     layer.clear_cache()
+
+
+@pytest.mark.parametrize("fmt", sorted(CATALOGUE))
+def test_cached_forward_follows_module_conversions(fmt):
+    # .to(dtype) and .to(device) set p.data (version counter unchanged): the cache key's
+    # pointers must see the new storage, also when the conversion goes back and forth
+    g = torch.Generator().manual_seed(8)
+    layer = StructuredLinear(CATALOGUE[fmt]((24, 40), torch.float64, g),
+                             torch.randn(24, dtype=torch.float64, generator=g))
+    x = torch.randn(150, 40, dtype=torch.float64, generator=g)
+    _assert_follows_parameters(layer, x)
+    layer.float()
+    with torch.no_grad():
+        y = layer(x.float())
+    assert y.dtype == torch.float32
+    want = x.float() @ layer.matrix.to_dense().T + layer.bias
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    layer.double()
+    with torch.no_grad():
+        next(p for n, p in layer.named_parameters() if n.startswith("factor_")).mul_(1.5)
+    _assert_follows_parameters(layer, x)
