@@ -380,6 +380,52 @@ def test_segment_runs_batch_grid_columns_exactly(seed):
     torch.testing.assert_close(Y, Yp, equal_nan=True)
 
 
+@pytest.mark.parametrize("lowrank", [True, False])
+@pytest.mark.parametrize("wrap", [True, False])
+def test_segment_runs_batch_grid_block_rows_exactly(lowrank, wrap):
+    """Equal row intervals one under the other (a tile grid's block rows) run stage 2 as one
+    bmm over operands padded with a zeroed row of ``[Z; X; 0]`` (uninitialised memory there
+    could hold NaN, and 0 x NaN = NaN): the same product as one GEMM
+    per interval, feature- and batch-major (row form), with a bias and in column blocks;
+    padding counted in padded_macs; wrapping pieces stay single GEMMs."""
+    from gblr_approx.formats import gblr_plan
+    from gblr_approx.formats.gblr_plan import build_segments
+
+    G = _grid_gblr(40, 53, 8, 3, lowrank=lowrank, wrap=wrap)
+    args = [G.shape] + [
+        t.tolist()
+        for t in (G.row_start, G.row_width, G.col_start, G.col_width, G.ranks, G.is_dense)
+    ]
+    plain, seg = build_segments(*args, runs=False), build_segments(*args)
+    assert all(s.count == 0 for s in plain.stage2) and not plain.zero_row
+    runs = [s for s in seg.stage2 if s.count]
+    assert [(s.count, s.rows, s.out) for s in runs] == [(5, 8, 0)]  # the 5 block rows
+    assert seg.zero_row and len(seg.stage2) == len(plain.stage2) - 4
+    assert seg.flops == plain.flops == G.flops and seg.padded_macs > seg.flops
+    singles = [(s.out, s.rows) for s in seg.stage2 if not s.count]
+    assert singles == [(s.out, s.rows) for s in plain.stage2 if s.rows != 8]
+    D = G.to_dense()
+    bias = torch.randn(40, dtype=torch.float64)
+    pp, ps = plain.pack(G._Uf, G._Vf), seg.pack(G._Uf, G._Vf)
+    for batch in (1, 5, 40):
+        X = torch.randn(53, batch, dtype=torch.float64)
+        X[3, 0] = float("inf")  # padding reads zeros: NaN exactly where the plain plan has it
+        for Xl in (X, X.T.contiguous().T):  # feature- and batch-major
+            for b in (None, bias):
+                Y, Yp = seg.matmul(ps, Xl, b), plain.matmul(pp, Xl, b)
+                assert batch == 1 or Y.T.is_contiguous() == (Xl is not X)
+                torch.testing.assert_close(Y, Yp, rtol=1e-12, atol=1e-12, equal_nan=True)
+        Xf = torch.randn(53, batch, dtype=torch.float64)
+        torch.testing.assert_close(seg.matmul(ps, Xf), D @ Xf, rtol=1e-12, atol=1e-12)
+    X = torch.randn(53, 45, dtype=torch.float64)
+    one = seg.matmul(ps, X.T.contiguous().T, bias)
+    with pytest.MonkeyPatch.context() as mp:  # column blocks: ZX's zero row in scratch
+        mp.setattr(gblr_plan, "SEGMENT_CHUNK", 8)
+        mp.setattr(gblr_plan, "SEGMENT_CHUNK_FLOATS", 0)
+        for Xl in (X, X.T.contiguous().T):
+            torch.testing.assert_close(seg.matmul(ps, Xl, bias), one, rtol=1e-13, atol=1e-13)
+
+
 def test_tiled_fit_stopped_by_the_callback_still_returns_a_matrix():
     W = target(32, 32, seed=4)
     seen = []
