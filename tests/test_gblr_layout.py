@@ -437,3 +437,30 @@ def test_tiled_fit_stopped_by_the_callback_still_returns_a_matrix():
     res = ga.fit_gblr(W, 0.3, steps=2, layout="tiled", tile=8, callback=stop_in_tiled)
     assert res.matrix.flops <= res.budget and seen[-1].startswith("tiled")
     assert is_aligned(res.matrix, 8)  # the first tiled iterate was kept
+
+
+def test_segment_panels_are_stored_in_the_fast_gemm_orientation():
+    """Single-GEMM panels: stage 1 row-major ``(rows, length)`` (``V`` blocks transposed),
+    stage 2 column-major ``(rows, length)``; runs stay row-major ``(count, rows, length)``
+    (the orientations MKL multiplies fastest at one sentence, docs/benchmarks.md). Products
+    with every panel in the other orientation give the same numbers."""
+    G = _grid_gblr(40, 53, 8, 1, lowrank=True, wrap=False)
+    seg = G.segments
+    p1, p2 = seg.pack(G._Uf, G._Vf)
+    single1 = [P for s, P in zip(seg.stage1, p1, strict=True) if not s.count]
+    single2 = [P for s, P in zip(seg.stage2, p2, strict=True) if not s.count]
+    assert single1 and single2 and any(s.count for s in seg.stage1 + seg.stage2)
+    for s, P in zip(seg.stage1, p1, strict=True):
+        assert P.is_contiguous() and P.shape[-2:] == (s.rows, s.length)
+    for s, P in zip(seg.stage2, p2, strict=True):
+        assert P.shape[-2:] == (s.rows, s.length)
+        assert P.is_contiguous() if s.count else P.T.is_contiguous()
+    other = (
+        [P if s.count else P.T.contiguous().T for s, P in zip(seg.stage1, p1, strict=True)],
+        [P if s.count else P.contiguous() for s, P in zip(seg.stage2, p2, strict=True)],
+    )
+    D = G.to_dense()
+    for X in (torch.randn(53, 51, dtype=torch.float64),
+              torch.randn(51, 53, dtype=torch.float64).T):
+        torch.testing.assert_close(seg.matmul((p1, p2), X), D @ X, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(seg.matmul(other, X), D @ X, rtol=1e-12, atol=1e-12)

@@ -739,10 +739,11 @@ SEGMENT_CHUNK_FLOATS = 1 << 19
 
 @dataclass
 class _Segment:
-    """One GEMM on contiguous slices: ``out[o : o + rows] (+)= P^T or P @ src[s : s + len]``.
+    """One GEMM on contiguous slices: ``out[o : o + rows] (+)= P @ src[s : s + len]``.
 
-    ``value_index`` gathers the panel ``P`` from a padded flat factor buffer, shape
-    ``(rows_of_P, cols_of_P)``; ``accumulate`` adds into the output instead of writing it.
+    ``value_index`` gathers the panel from a padded flat factor buffer, shape ``shape``
+    (stage 1: ``(length, rows)``, transposed by :meth:`GBLRSegments.pack`; stage 2:
+    ``(rows, length)``); ``accumulate`` adds into the output instead of writing it.
     A stage-1 *run* (``count > 0``) is ``count`` such GEMMs on equal column intervals side
     by side, one ``bmm``: ``out[o : o + count rows]`` viewed ``(count, rows, B)`` = ``P`` of
     shape ``(count, rows, length)`` (``V`` panels, transposed and zero-padded to equal slot
@@ -829,13 +830,23 @@ class GBLRSegments:
     def pack(
         self, U: torch.Tensor, V: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Panels: ``(length, rows)`` blocks of ``V`` (stage 1; runs ``(count, rows,
-        length)``), ``(rows, length)`` of ``U`` (stage 2)."""
+        """Panels: ``(rows, length)`` blocks of ``V^T`` (stage 1; runs ``(count, rows,
+        length)``), ``(rows, length)`` of ``U`` (stage 2; runs ``(count, rows, length)``).
+
+        Single-GEMM panels are stored in the orientation MKL multiplies fastest here: stage 1
+        row-major (``V`` blocks transposed), stage 2 column-major (a transposed view of a
+        contiguous ``(length, rows)`` block). Against the other orientation, at 51 columns
+        (one sentence) 11-26 % less time per stage-1 GEMM and 11-19 % per stage-2 GEMM on
+        batch-major operands, 0-10 % at 256 columns, never slower (docs/benchmarks.md,
+        fourteenth session).
+        """
         zero = U.new_zeros(1)
         Vz = torch.cat([V.reshape(-1), zero])
         Uz = torch.cat([U.reshape(-1), zero])
-        p1 = [Vz[s.value_index].view(s.shape) for s in self.stage1]
-        p2 = [Uz[s.value_index].view(s.shape) for s in self.stage2]
+        p1 = [Vz[s.value_index].view(s.shape) if s.count else
+              Vz[s.value_index].view(s.shape).T.contiguous() for s in self.stage1]
+        p2 = [Uz[s.value_index].view(s.shape) if s.count else
+              Uz[s.value_index].view(s.shape).T.contiguous().T for s in self.stage2]
         return p1, p2
 
     def matmul(
@@ -906,9 +917,9 @@ class GBLRSegments:
             out = Z[s.out : s.out + s.rows]
             src = X[s.src : s.src + s.length]
             if s.accumulate:
-                out.addmm_(P.T, src)
+                out.addmm_(P, src)
             else:
-                torch.mm(P.T, src, out=out)
+                torch.mm(P, src, out=out)
         if self.gather is None:
             G = ZX
         else:
