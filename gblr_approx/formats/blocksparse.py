@@ -364,8 +364,14 @@ class BlockSparse(StructuredMatrix):
         D[self.block_rows, self.block_cols] = self.blocks
         return D.permute(0, 2, 1, 3).reshape(gr * br, gc * bc)[:m, :n].contiguous()
 
-    def _panels(self, t: int) -> list[torch.Tensor]:
-        """Block-row panels ``(rows, p, c q)`` of every group (``t=1``: of ``A^T``)."""
+    def _panels(self, t: int, rows: bool = False) -> list[torch.Tensor]:
+        """Block-row panels ``(g, p, c q)`` of every group (``t=1``: of ``A^T``), contiguous.
+
+        ``rows=True``: the same panels transposed, contiguous ``(g, c q, p)``, the operand
+        layout in which MKL runs the batch-major products ``x_g @ P_g^T`` fastest (MiniLM
+        layers at 50 %, 32-100 rows, one thread on a 2-core Xeon: layer forward 10-25 % faster
+        than on the transposed view of the ``(g, p, c q)`` panels).
+        """
 
         def build() -> list[torch.Tensor]:
             plan = self._plans[t]
@@ -373,12 +379,16 @@ class BlockSparse(StructuredMatrix):
             # torch.split (not slicing): its backward is one cat, not a zero-filled copy per piece
             segs = B.index_select(0, plan["perm"]).split(plan["sizes"])
             panels = []
+            p, q = B.shape[1:]
             for seg, (_, g, c) in zip(segs, plan["groups"], strict=True):
                 seg = seg.unflatten(0, (g, c))  # (g, c, p, q)
-                panels.append(seg.permute(0, 2, 1, 3).reshape(g, B.shape[1], c * B.shape[2]))
+                if rows:
+                    panels.append(seg.permute(0, 1, 3, 2).reshape(g, c * q, p).contiguous())
+                else:
+                    panels.append(seg.permute(0, 2, 1, 3).reshape(g, p, c * q))
             return panels
 
-        return cached_layout(self, ("panels", t), build, self.blocks)
+        return cached_layout(self, ("panels", t, rows), build, self.blocks)
 
     def _rects(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
         """Rectangles of adjacent stored blocks covering every block once (kept in the shared
@@ -426,26 +436,31 @@ class BlockSparse(StructuredMatrix):
         rects = self._rects()
         br, bc = self.block_shape
 
+        bm = batch_major(X)
+        # x @ P^T (batch-major, t=0) reads a contiguous P^T: MKL's fast operand layout there
+        # (MiniLM layers at 50 %, 128-1536 rows: layer forward 5-15 % faster than on P.T)
+        transposed = bm and not t
+
         def build() -> list[torch.Tensor]:
             panels = []
             for r0, r1, c0, c1, ids in rects:
                 h, w = -(-(r1 - r0) // br), -(-(c1 - c0) // bc)
                 P = self.blocks.index_select(0, ids).view(h, w, br, bc)
                 P = P.permute(0, 2, 1, 3).reshape(h * br, w * bc)[: r1 - r0, : c1 - c0]
-                panels.append(P.contiguous())  # (a copy only for ragged edge rectangles)
+                panels.append((P.T if transposed else P).contiguous())
             return panels
 
-        panels = cached_layout(self, "rect_panels", build, self.blocks)
+        panels = cached_layout(self, ("rect_panels", transposed), build, self.blocks)
         k = X.shape[1]
         out_len = self.shape[1] if t else self.shape[0]
-        if batch_major(X):  # X = x.T for a row-major batch x (k, n): y = x @ A^T in place
+        if bm:  # X = x.T for a row-major batch x (k, n): y = x @ A^T in place
             x = X.T
             y = X.new_zeros(k, out_len)
             for (r0, r1, c0, c1, _), P in zip(rects, panels, strict=True):
                 if t:
                     y[:, c0:c1].addmm_(x[:, r0:r1], P)
                 else:
-                    y[:, r0:r1].addmm_(x[:, c0:c1], P.T)
+                    y[:, r0:r1].addmm_(x[:, c0:c1], P)  # (P: the stored P^T)
             return y.T
         Y = X.new_zeros(out_len, k)
         for (r0, r1, c0, c1, _), P in zip(rects, panels, strict=True):
@@ -574,8 +589,8 @@ class BlockSparse(StructuredMatrix):
         xr = x if pad == 0 else torch.nn.functional.pad(x, (0, pad))
         Gs = xr.unflatten(1, (-1, q)).index_select(1, plan["slabs"]).split(plan["sizes"], 1)
         outs = [
-            torch.bmm(G.reshape(k, g, c * q).transpose(0, 1), P.mT)  # (g, k, p)
-            for (_, g, c), P, G in zip(plan["groups"], self._panels(t), Gs, strict=True)
+            torch.bmm(G.reshape(k, g, c * q).transpose(0, 1), P)  # (g, k, p)
+            for (_, g, c), P, G in zip(plan["groups"], self._panels(t, True), Gs, strict=True)
         ]
         if plan["empty"]:
             outs.append(x.new_zeros(1, k, p))
