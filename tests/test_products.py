@@ -403,11 +403,32 @@ def test_blocksparse_rectangle_form_is_exact_and_chosen_by_size(gen, monkeypatch
     torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_floats", [8, 1 << 17])
-def test_blast_chunked_product_is_exact(gen, monkeypatch, chunk_floats):
+def test_blocksparse_batch_major_products_read_transposed_contiguous_panels(gen):
+    """Batch-major products ``x @ A^T`` read their block-row and rectangle panels as
+    contiguous transposes (``(g, c q, p)`` and ``(w, h)``), the operand layout MKL runs
+    fastest there (docs/benchmarks.md); both give ``x @ A^T`` exactly, ragged edges too."""
+    cells = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 3), (3, 0), (3, 1), (3, 2), (3, 3)]
+    A = _blocksparse((23, 17), (6, 5), cells, gen)
+    for P, R in zip(A._panels(0, True), A._panels(0), strict=True):
+        assert P.is_contiguous() and torch.equal(P, R.mT)
+    D = A.to_dense()
+    with torch.no_grad():
+        for rows in (40, 300):  # the fresh row form, then the rectangle form
+            x = torch.randn(rows, 17, dtype=torch.float64, generator=gen)
+            torch.testing.assert_close(A._matmul(x.T).T, x @ D.T, rtol=1e-12, atol=1e-12)
+    stored = A._layouts[("rect_panels", True)][2]
+    for (r0, r1, c0, c1, _), P in zip(A._rects(), stored, strict=True):
+        assert P.is_contiguous() and P.shape == (c1 - c0, r1 - r0)
+        torch.testing.assert_close(P, D[r0:r1, c0:c1].T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("chunk_floats", "fresh_floats"), [(8, 1 << 17), (1 << 17, 1 << 17),
+                                                          (1 << 17, 0)])
+def test_blast_chunked_product_is_exact(gen, monkeypatch, chunk_floats, fresh_floats):
     """Column chunks of BLAST's no-autograd batch-major product (forced small here: chunks
-    of ROW_FORM_BELOW columns; or one chunk, the feature-major result) cover every column
-    once; feature-major operands and left products stay exact beside it."""
+    of ROW_FORM_BELOW columns; or one chunk, the feature-major result, its intermediates
+    fresh or in the scratch buffer) cover every column once; feature-major operands and
+    left products stay exact beside it."""
     from gblr_approx.formats import blast
 
     U, V = (torch.randn(d, 3, dtype=torch.float64, generator=gen) for d in (12, 10))
@@ -418,6 +439,7 @@ def test_blast_chunked_product_is_exact(gen, monkeypatch, chunk_floats):
     monkeypatch.setattr(blast.BLAST, "_apply_chunked",
                         lambda self, *a: calls.append(1) or real(self, *a))
     monkeypatch.setattr(blast, "CHUNK_FLOATS", chunk_floats)
+    monkeypatch.setattr(blast, "FRESH_FLOATS", fresh_floats)
     _check_products(A, gen)
     assert calls
 

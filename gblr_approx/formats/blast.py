@@ -42,8 +42,16 @@ from .blocklowrank import balanced_splits
 __all__ = ["BLAST"]
 
 #: Floats of one intermediate (``b r`` rows times a chunk of columns) in the large-``k``
-#: product: 512 KiB of float32, so the three GEMMs of a chunk run from cache.
-CHUNK_FLOATS = 1 << 17
+#: product: 2 MiB of float32 (the L2 cache of the Xeon host). Fitted MiniLM layers at 50 %
+#: (16 x 16 blocks), 960 batch-major rows, one thread: layer forward / ``nn.Linear``
+#: 1.31-1.65 -> 1.18-1.38 on 384 x 384 and 0.96-1.17 -> 0.86-0.98 on the 1536-wide layers
+#: against 512 KiB chunks (docs/benchmarks.md).
+CHUNK_FLOATS = 1 << 19
+#: One-shot products (one chunk) whose intermediate is larger than this keep ``z`` and ``u``
+#: in the thread's scratch buffer; smaller ones allocate them (``bmm(out=)`` into the buffer
+#: cost ~10 % at 51 rows on 384 x 384, and fresh 1 MB intermediates at 256 rows page-faulted
+#: in some processes: 2.1-2.7 against 1.2 of the dense time).
+FRESH_FLOATS = 1 << 17
 
 #: Block grids tried by ``BLAST.project(..., blocks="auto")`` (kept when they fit the shape
 #: and the budget); the reference BLAST results use the better of these two.
@@ -242,7 +250,8 @@ class BLAST(StructuredMatrix):
         The intermediates ``z`` and ``u`` have ``b r`` rows per column (often several times
         ``n``). While they fit in :data:`CHUNK_FLOATS` floats the three batched GEMMs run once
         and the result is stored feature-major ``(m, k)`` (``StructuredLinear`` then writes
-        its row-major output in the bias add). Past that, column chunks keep them in cache
+        its row-major output in the bias add); past :data:`FRESH_FLOATS` floats ``z`` and
+        ``u`` then live in the thread's scratch buffer. Past that, column chunks keep them in cache
         between the GEMMs, and the last GEMM of each chunk writes into the row-major
         ``(k, m)`` result in place (``out=`` on a strided view), returned as its transposed
         view. Same MACs as the unchunked product.
@@ -262,15 +271,20 @@ class BLAST(StructuredMatrix):
         step = balanced_step(k, max(ROW_FORM_BELOW, CHUNK_FLOATS // (max(b1, b2) * r)))
         Xb = X.unflatten(0, (b2, q))  # (b2, q, k) view
         if step >= k:
-            Z = torch.bmm(Vs.mT, Xb)  # (b2, r, k)
-            Uc = torch.bmm(Sr, Z.transpose(0, 1))  # (r, b1, k)
-            return torch.bmm(Us, Uc.transpose(0, 1)).view(b1 * p, k)
-        Yt = X.new_empty(k, b1 * p)  # result stored row-major (k, m)
+            step = k
         # z and u of a chunk in this thread's scratch buffer (u 64-byte aligned): fresh
         # ~0.5 MB tensors per chunk cost page faults (384 x 384 at 256 rows: 2.7 -> 1.4 of
         # the dense time in one process, 1.4 in another; 1536-wide layers 2-7 %)
         u_at = -(-b2 * r * step // 16) * 16
-        buf = scratch(u_at + r * b1 * step, X)
+        fresh = step == k and max(b1, b2) * r * k <= FRESH_FLOATS
+        buf = None if fresh else scratch(u_at + r * b1 * step, X)
+        if step == k:
+            Z = torch.bmm(Vs.mT, Xb, out=None if buf is None else (
+                buf[: b2 * r * k].view(b2, r, k)))  # (b2, r, k)
+            Uc = torch.bmm(Sr, Z.transpose(0, 1), out=None if buf is None else (
+                buf[u_at : u_at + r * b1 * k].view(r, b1, k)))  # (r, b1, k)
+            return torch.bmm(Us, Uc.transpose(0, 1)).view(b1 * p, k)
+        Yt = X.new_empty(k, b1 * p)  # result stored row-major (k, m)
         for a in range(0, k, step):
             c = min(step, k - a)
             Z = torch.bmm(Vs.mT, Xb[:, :, a : a + c], out=None if buf is None else (
