@@ -208,6 +208,22 @@ def test_monarch_row_blocks_are_exact(transposed, gen, monkeypatch):
     torch.testing.assert_close(Xg.grad, D.sum(0)[:, None].expand(n, 45))
 
 
+def test_monarch_row_form_reads_contiguous_transposed_factors(gen):
+    """The no-autograd row form multiplies on cached contiguous ``w^T`` copies (MKL's fast
+    operand layout, docs/benchmarks.md): exact, and rebuilt after an in-place update."""
+    w1 = torch.randn(3, 2 * 2, 4, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(2, 5, 3 * 2, dtype=torch.float64, generator=gen)
+    A = ga.Monarch(w1, w2)
+    X = _operand(A.shape[1], 40, True, gen)  # batch-major
+    torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
+    W1, W2 = A._layouts["row_factors"][2]
+    assert W1.mT.is_contiguous() and W2.mT.is_contiguous()
+    assert torch.equal(W1, w1) and torch.equal(W2, w2)
+    with torch.no_grad():
+        A.w1.mul_(-2.0)
+    torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
+
+
 def test_monarch_padded_matvec_is_exact_and_follows_its_factors(gen):
     """Mat-vecs without autograd on few, low-rank blocks run on the zero-padded factors
     (``M = P2 @ P1``, PADDED_MATVEC_SHARE); with gradients they take the bmm path."""
