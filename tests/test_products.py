@@ -419,6 +419,32 @@ def test_blocksparse_rectangle_form_is_exact_and_chosen_by_size(gen, monkeypatch
     torch.testing.assert_close(A @ X, A.to_dense() @ X, rtol=1e-12, atol=1e-12)
 
 
+def test_blocksparse_fresh_row_range_takes_the_rectangle_form_for_few_rectangles(
+        gen, monkeypatch):
+    """Batch-major products of 32-127 rows without autograd run the rectangle form where it
+    needs at most one GEMM per RECT_ROWS_PER_GEMM rows, else the fresh row form; both
+    exact for A and A.T."""
+    from gblr_approx.formats import blocksparse
+
+    cells = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 3), (3, 0), (3, 1), (3, 2), (3, 3)]
+    A = _blocksparse((23, 17), (6, 5), cells, gen)  # 3 rectangles
+    calls = []
+    for name in ("_rect_form", "_fresh_rows"):
+        real = getattr(blocksparse.BlockSparse, name)
+        monkeypatch.setattr(blocksparse.BlockSparse, name,
+                            lambda self, *a, real=real, name=name: calls.append(name)
+                            or real(self, *a))
+    for per_gemm, want in [(5, "_rect_form"), (100, "_fresh_rows")]:
+        monkeypatch.setattr(blocksparse, "RECT_ROWS_PER_GEMM", per_gemm)
+        for M in (A, A.T):
+            calls.clear()
+            x = torch.randn(40, M.shape[1], dtype=torch.float64, generator=gen)
+            with torch.no_grad():
+                torch.testing.assert_close(M._matmul(x.T).T, x @ M.to_dense().T,
+                                           rtol=1e-12, atol=1e-12)
+            assert calls == [want]
+
+
 def test_blocksparse_batch_major_products_read_transposed_contiguous_panels(gen):
     """Batch-major products ``x @ A^T`` read their block-row and rectangle panels as
     contiguous transposes (``(g, c q, p)`` and ``(w, h)``), the operand layout MKL runs

@@ -70,6 +70,13 @@ RECT_FORM_FROM = 128
 #: 1.36 -> 1.24, 384 x 1536 1.30 -> 1.05 (at 25 %: 1.15 -> 0.98, 1.00 -> 0.81, 0.78 -> 0.65).
 #: From :data:`RECT_FORM_FROM` rows the rectangle form is faster on the 384 x 384 layouts.
 FRESH_ROWS = (ROW_FORM_BELOW, RECT_FORM_FROM - 1)
+#: Within :data:`FRESH_ROWS` the rectangle form runs instead of the fresh row form where it
+#: needs at most one GEMM per this many rows. MiniLM layers at 50 % (one thread, layer
+#: forward / ``nn.Linear``, both forms on transposed panels): 384 x 384 layouts with 6-21
+#: rectangles at 100 rows 1.18-1.44 in rectangle form against 1.33-1.68 fresh, with 6 at 51
+#: rows 1.11 against 1.42, with 12-21 at 51 rows a tie or a loss (up to 2.08 against 1.56);
+#: the 1536-wide layouts (79-93 rectangles) lose at 100 rows (1.24-1.48 against 1.07-1.35).
+RECT_ROWS_PER_GEMM = 5
 #: Below :data:`RECT_FORM_FROM` columns the rectangle form runs when its GEMM count is at most
 #: this many times the row form's kernel count (3 per group of block rows, 1 per full group):
 #: 384x384 MiniLM layouts (9-13 rectangles) ran 1.1-1.45x faster in it from 32 columns on.
@@ -414,6 +421,15 @@ class BlockSparse(StructuredMatrix):
             for i0, i1, j0, j1 in block_rectangles(ids >= 0)
         ]
 
+    def _few_rects(self, k: int) -> bool:
+        """Within :data:`FRESH_ROWS`: whether the rectangle form needs at most one GEMM per
+        :data:`RECT_ROWS_PER_GEMM` rows (and has :data:`RECT_MIN_BLOCKS` blocks per
+        rectangle), so it beats the fresh row form."""
+        if self.num_blocks == 0:
+            return False
+        rects = len(self._rects())
+        return self.num_blocks >= RECT_MIN_BLOCKS * rects and rects * RECT_ROWS_PER_GEMM <= k
+
     def _uses_rect_form(self, t: int, k: int) -> bool:
         """Rectangle form for layouts of :data:`RECT_MIN_BLOCKS` or more blocks per rectangle:
         from :data:`RECT_FORM_FROM` columns, and from ``ROW_FORM_BELOW`` columns where it needs
@@ -546,6 +562,8 @@ class BlockSparse(StructuredMatrix):
         plan = self._plans[t]
         if not (torch.is_grad_enabled() and (X.requires_grad or self.blocks.requires_grad)):
             if bm and FRESH_ROWS[0] <= k <= FRESH_ROWS[1]:
+                if self._few_rects(k):
+                    return self._rect_form(t, X)
                 return self._fresh_rows(t, X.T, plan, pad, out_len).T
             if self._uses_rect_form(t, k):
                 return self._rect_form(t, X)
@@ -599,15 +617,19 @@ class BlockSparse(StructuredMatrix):
         return Y if Y.shape[1] == out_len else Y[:, :out_len].contiguous()
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``x @ A.T + bias`` for a row-major batch ``x`` (k, n) of ``FRESH_ROWS`` rows without
-        autograd: :meth:`_fresh_rows`, the bias added in place to its fresh result. ``None``
-        otherwise (``StructuredLinear`` then runs :meth:`_matmul`)."""
+        """``x @ A.T + bias`` for a row-major batch ``x`` (k, n) of at least ``FRESH_ROWS[0]``
+        rows without autograd: the product's fresh row-major result (fresh row form, or
+        rectangle / grouped form from :data:`RECT_FORM_FROM` rows), the bias added to it in
+        place (3-7 % of a 384 x 384 layer forward at 128-256 rows against a second pass).
+        ``None`` otherwise (``StructuredLinear`` then runs :meth:`_matmul`)."""
         k = x.shape[0]
-        if not (FRESH_ROWS[0] <= k <= FRESH_ROWS[1]) or self.num_blocks == 0 or not (
-            batch_major(x.T)
-        ) or (torch.is_grad_enabled() and (x.requires_grad or self.blocks.requires_grad)):
+        if k < FRESH_ROWS[0] or self.num_blocks == 0 or not batch_major(x.T) or (
+            torch.is_grad_enabled() and (x.requires_grad or self.blocks.requires_grad)
+        ):
             return None
-        Y = self._product(0, x.T).T  # (the fresh row form: a new row-major tensor)
+        Y = self._product(0, x.T).T  # (a new tensor; row-major unless edge padding was cut)
+        if not Y.is_contiguous():
+            return Y.contiguous() if bias is None else Y + bias
         return Y if bias is None else Y.add_(bias)
 
     def _grouped_in_place(
