@@ -30,7 +30,8 @@ layout ``tile=64`` on layers of >= 4 tiles per side, ``gblr_approx.compress.gblr
 ``gblr-free`` with the free layout of ``fit_gblr``, and ``gblr-tiled<T>`` / ``gblr-wide<W>``
 with the layouts above; ``blocksparse`` also as ``compress_model`` fits it (64 x 64 blocks
 on layers of >= 256 per side, ``gblr_approx.compress.blocksparse_layer_options``),
-``blocksparse-default`` with ``ga.project``'s default 32 x 32 blocks.
+``blocksparse-default`` with ``ga.project``'s default 32 x 32 blocks, ``blast-b<B>`` BLAST
+with a ``B x B`` block grid (``blast``: ``blocks="auto"``).
 
 ``--train`` times one training step instead of the product: ``layer(x).backward(g)`` for a
 batch of ``B`` rows through ``ga.nn.StructuredLinear(A, bias)`` against ``nn.Linear`` with the
@@ -371,13 +372,17 @@ def model_fit_options(fmt: str, m: int, n: int) -> tuple[str, dict]:
     runnable layout, 64 x 64 blocks on large layers: ``compress.layer_options``),
     ``"blocksparse-default"`` with ``ga.project``'s default blocks, ``"gblr-free"`` the
     free layout of ``fit_gblr``, ``"gblr-tiled<T>"`` ``layout="tiled", tile=T``,
-    ``"gblr-wide<W>"`` ``min_width=W``; other formats their default projection."""
+    ``"gblr-wide<W>"`` ``min_width=W``, ``"blast-b<B>"`` ``blocks=(B, B)``; other formats
+    their default projection."""
     from gblr_approx.compress import layer_options
 
     if fmt in ("gblr", "blocksparse"):
         return fmt, layer_options(fmt, m, n, {})
     if fmt == "blocksparse-default":
         return "blocksparse", {}
+    if fmt.startswith("blast-b"):
+        b = int(fmt[len("blast-b"):])
+        return "blast", {"blocks": (b, b)}
     if fmt == "gblr-free":
         return "gblr", {"layout": "free"}
     if fmt.startswith("gblr-tiled"):

@@ -251,7 +251,7 @@ class BLAST(StructuredMatrix):
         ``n``). While they fit in :data:`CHUNK_FLOATS` floats the three batched GEMMs run once
         and the result is stored feature-major ``(m, k)`` (``StructuredLinear`` then writes
         its row-major output in the bias add); past :data:`FRESH_FLOATS` floats ``z`` and
-        ``u`` then live in the thread's scratch buffer. Past that, column chunks keep them in cache
+        ``u`` then live in the thread's scratch buffer. Larger, column chunks keep them in cache
         between the GEMMs, and the last GEMM of each chunk writes into the row-major
         ``(k, m)`` result in place (``out=`` on a strided view), returned as its transposed
         view. Same MACs as the unchunked product.
@@ -261,8 +261,9 @@ class BLAST(StructuredMatrix):
         against 0.91-0.99 for the chunked form writing in place, 1.13-1.19 against 1.21-1.23
         on 384 x 1536; the same within the +-10 % run-to-run spread on 384 x 384. A
         ``bmm(out=)`` into a strided view is not torch's batched MKL kernel but a loop of one
-        GEMM per block; at 1024-3232 rows a contiguous GEMM per chunk plus a copy, or a 1 MiB
-        chunk, was no faster.)
+        GEMM per block; at 1024-3232 rows a contiguous GEMM per chunk plus a copy was no
+        faster. With the scratch buffer, 2 MiB chunks beat 512 KiB ones at 256-960 rows:
+        :data:`CHUNK_FLOATS`.)
         """
         b1, p, r = Us.shape
         b2, q, _ = Vs.shape
