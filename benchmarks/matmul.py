@@ -28,10 +28,11 @@ rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``
 row (``--model DIR``) ``gblr`` fits every layer as ``ga.nn.compress_model`` does (the runnable
 layout ``tile=64`` on layers of >= 4 tiles per side, ``gblr_approx.compress.gblr_layer_options``),
 ``gblr-free`` with the free layout of ``fit_gblr``, and ``gblr-tiled<T>`` / ``gblr-wide<W>``
-with the layouts above; ``blocksparse`` also as ``compress_model`` fits it (64 x 64 blocks
-on layers of >= 256 per side, ``gblr_approx.compress.blocksparse_layer_options``),
-``blocksparse-default`` with ``ga.project``'s default 32 x 32 blocks, ``blast-b<B>`` BLAST
-with a ``B x B`` block grid (``blast``: ``blocks="auto"``).
+with the layouts above; ``blocksparse`` and ``blast`` also as ``compress_model`` fits them
+(64 x 64 blocks and an 8 x 8 grid on layers of >= 256 per side,
+``gblr_approx.compress.layer_options``), ``blocksparse-default`` / ``blast-default`` with
+``ga.project``'s defaults (32 x 32 blocks, ``blocks="auto"``), ``blast-b<B>`` BLAST with a
+``B x B`` grid.
 
 ``--train`` times one training step instead of the product: ``layer(x).backward(g)`` for a
 batch of ``B`` rows through ``ga.nn.StructuredLinear(A, bias)`` against ``nn.Linear`` with the
@@ -368,18 +369,19 @@ def model_texts(folder: Path, count: int) -> list[str]:
 def model_fit_options(fmt: str, m: int, n: int) -> tuple[str, dict]:
     """``(format, options)`` of the model row's fit of an ``m x n`` layer for ``fmt``.
 
-    ``"gblr"`` and ``"blocksparse"`` are fitted as ``ga.nn.compress_model`` fits them (the
-    runnable layout, 64 x 64 blocks on large layers: ``compress.layer_options``),
-    ``"blocksparse-default"`` with ``ga.project``'s default blocks, ``"gblr-free"`` the
+    ``"gblr"``, ``"blocksparse"`` and ``"blast"`` are fitted as ``ga.nn.compress_model``
+    fits them (the runnable layout, 64 x 64 blocks, an 8 x 8 grid on large layers:
+    ``compress.layer_options``), ``"blocksparse-default"`` / ``"blast-default"`` with
+    ``ga.project``'s defaults, ``"gblr-free"`` the
     free layout of ``fit_gblr``, ``"gblr-tiled<T>"`` ``layout="tiled", tile=T``,
     ``"gblr-wide<W>"`` ``min_width=W``, ``"blast-b<B>"`` ``blocks=(B, B)``; other formats
     their default projection."""
     from gblr_approx.compress import layer_options
 
-    if fmt in ("gblr", "blocksparse"):
+    if fmt in ("gblr", "blocksparse", "blast"):
         return fmt, layer_options(fmt, m, n, {})
-    if fmt == "blocksparse-default":
-        return "blocksparse", {}
+    if fmt in ("blocksparse-default", "blast-default"):
+        return fmt.split("-")[0], {}
     if fmt.startswith("blast-b"):
         b = int(fmt[len("blast-b"):])
         return "blast", {"blocks": (b, b)}
@@ -396,9 +398,14 @@ def model_fit_key(fmt: str, m: int, n: int) -> str:
     """The fit-cache name of the model row's fit (one name per distinct fit: ``gblr`` on a
     large layer shares the ``gblr-tiled64`` entry, ``gblr-free`` the former ``gblr`` one)."""
     name, opts = model_fit_options(fmt, m, n)
-    if name == "blocksparse":  # (the former "blocksparse" entries are the default blocks)
+    # (the former "blocksparse" and "blast" entries are ga.project's default fits)
+    if name == "blocksparse":
         shape = opts.get("block_shape")
         return "blocksparse" if shape is None else f"blocksparse{shape[0]}x{shape[1]}"
+    if name == "blast":
+        grid = opts.get("blocks")
+        return "blast" if grid is None else f"blast-b{grid[0]}" if grid[0] == grid[1] else (
+            f"blast-b{grid[0]}x{grid[1]}")
     if name != "gblr" or fmt.startswith("gblr-wide"):
         return fmt
     if opts.get("layout") == "tiled":

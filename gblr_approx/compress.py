@@ -40,9 +40,9 @@ from .metrics import relative_error
 from .projection import project
 from .validation import check_positive_int
 
-__all__ = ["compress_model", "AUTO_FORMATS", "BLOCKSPARSE_RUNNABLE", "DEFAULT_FRACTIONS",
-           "GBLR_RUNNABLE", "RUNNABLE_MIN_TILES", "blocksparse_layer_options",
-           "gblr_layer_options", "layer_options", "replace_module"]
+__all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "GBLR_RUNNABLE",
+           "RUNNABLE_MIN_TILES", "RUNNABLE_OPTIONS", "gblr_layer_options", "layer_options",
+           "replace_module"]
 
 #: Formats tried by ``formats="auto"``: the ones whose projection takes about a second or less
 #: on a 1536 x 384 layer. GBLR and BLAST (iterative fits, 5-20 s per layer and budget) are
@@ -66,13 +66,16 @@ _CURVE_OPTIONS = {"sweeps": 0}
 #: 50 %: 1.6x the dense encode time, against 0.83-0.96x; docs/compress_model.md).
 GBLR_RUNNABLE = {"layout": "tiled", "tile": 64}
 RUNNABLE_MIN_TILES = 4
-#: Block-sparse layers of a compressed model get 64 x 64 blocks (on layers with at least
-#: :data:`RUNNABLE_MIN_TILES` blocks per side) unless ``block_shape`` is given: the default
-#: 32 x 32 blocks multiply at ~0.35 of the dense MAC rate on small batches. MiniLM at 50 %,
-#: plain per-layer fits: a 384 x 384 layer at 51 rows 1.61 -> 0.80 of ``nn.Linear``, weight
-#: error +1-4 % relative, and the model's mean cosine to dense on 256 stdlib docstrings
-#: 0.051 -> 0.106 (docs/compress_model.md, "Block-sparse layers that run fast").
-BLOCKSPARSE_RUNNABLE = {"block_shape": (64, 64)}
+#: Options ``compress_model`` fills in for block-sparse and BLAST layers with both sides >=
+#: ``RUNNABLE_MIN_TILES * 64`` unless the option is given: block grids that multiply fast on
+#: the small batches of a sentence encoder. MiniLM at 50 %, plain per-layer fits, one
+#: thread (docs/compress_model.md, "Block-sparse and BLAST layers that run fast"):
+#: block-sparse 64 x 64 blocks instead of 32 x 32 (a 384 x 384 layer at 51 rows 1.61 -> 0.80
+#: of ``nn.Linear``, weight error +1-4 % relative, the model's mean cosine to dense on 256
+#: stdlib docstrings 0.051 -> 0.106); BLAST an 8 x 8 grid instead of ``blocks="auto"`` (16 x
+#: 16 on these layers: 384 x 384 at 960 rows 1.27 -> 1.01, weight error +1.5-6 %, cosine
+#: 0.475 -> 0.476).
+RUNNABLE_OPTIONS = {"blocksparse": {"block_shape": (64, 64)}, "blast": {"blocks": (8, 8)}}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -380,8 +383,8 @@ def compress_model(
         (:data:`GBLR_RUNNABLE`, ``layout="tiled", tile=64``) unless ``layout`` is given:
         ``{"gblr": {"layout": "free"}}`` keeps the free layout, more accurate per MAC and
         slower than the dense layer (docs/compress_model.md, "GBLR layers that run fast").
-        Block-sparse layers of at least 256 x 256 get 64 x 64 blocks
-        (:data:`BLOCKSPARSE_RUNNABLE`) unless ``block_shape`` is given.
+        Block-sparse and BLAST layers of at least 256 x 256 get 64 x 64 blocks and an 8 x 8
+        grid (:data:`RUNNABLE_OPTIONS`) unless ``block_shape`` / ``blocks`` is given.
     keep_dense : bool
         ``"global"`` may leave a layer dense (its original ``nn.Linear``, format ``"dense"``
         in the report, cost ``m n``) when that is the best use of its MACs.
@@ -556,28 +559,20 @@ def gblr_layer_options(m: int, n: int, options: Mapping[str, Any]) -> dict[str, 
     return opts
 
 
-def blocksparse_layer_options(m: int, n: int, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The block-sparse options ``compress_model`` uses for an ``m x n`` layer: ``options``
-    with :data:`BLOCKSPARSE_RUNNABLE` filled in when ``block_shape`` is not given and both
-    sides hold at least :data:`RUNNABLE_MIN_TILES` blocks of 64."""
-    opts = dict(options)
-    if "block_shape" in opts:
-        return opts
-    side = BLOCKSPARSE_RUNNABLE["block_shape"]
-    if m >= RUNNABLE_MIN_TILES * side[0] and n >= RUNNABLE_MIN_TILES * side[1]:
-        return {**BLOCKSPARSE_RUNNABLE, **opts}
-    return opts
-
-
 def layer_options(fmt: str, m: int, n: int, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options ``compress_model`` projects an ``m x n`` layer into ``fmt`` with: the
-    runnable choices of :func:`gblr_layer_options` and :func:`blocksparse_layer_options`,
-    ``options`` unchanged for the other formats."""
+    """The options ``compress_model`` projects an ``m x n`` layer into ``fmt`` with.
+
+    GBLR: :func:`gblr_layer_options`. Block-sparse and BLAST: ``options`` with
+    :data:`RUNNABLE_OPTIONS` filled in when its option is not given and both sides are at
+    least ``RUNNABLE_MIN_TILES * 64``. Other formats: ``options`` unchanged.
+    """
     if fmt == "gblr":
         return gblr_layer_options(m, n, options)
-    if fmt == "blocksparse":
-        return blocksparse_layer_options(m, n, options)
-    return dict(options)
+    opts = dict(options)
+    runnable = RUNNABLE_OPTIONS.get(fmt, {})
+    if runnable and min(m, n) >= RUNNABLE_MIN_TILES * 64 and not set(runnable) & set(opts):
+        return {**runnable, **opts}
+    return opts
 
 
 def _project_strict(layer, fmt, budget, ridge, opts):

@@ -72,23 +72,27 @@ def test_gblr_layer_options_fill_the_runnable_layout_on_large_layers():
     assert gblr_layer_options(200, 130, {"tile": "x"}) == {"tile": "x"}  # fit_gblr rejects it
 
 
-def test_blocksparse_layer_options_fill_64_blocks_on_large_layers():
-    from gblr_approx.compress import BLOCKSPARSE_RUNNABLE, blocksparse_layer_options, layer_options
+def test_layer_options_fill_runnable_block_grids_on_large_layers():
+    from gblr_approx.compress import RUNNABLE_OPTIONS, layer_options
 
-    assert blocksparse_layer_options(384, 1536, {}) == BLOCKSPARSE_RUNNABLE == {
-        "block_shape": (64, 64)}
-    assert blocksparse_layer_options(256, 300, {"x": 1}) == {"block_shape": (64, 64), "x": 1}
-    assert blocksparse_layer_options(384, 384, {"block_shape": (8, 8)}) == {"block_shape": (8, 8)}
-    assert blocksparse_layer_options(255, 4096, {}) == {}  # fewer than 4 blocks of 64 rows
-    assert layer_options("blocksparse", 512, 512, {}) == BLOCKSPARSE_RUNNABLE
+    assert RUNNABLE_OPTIONS == {"blocksparse": {"block_shape": (64, 64)},
+                                "blast": {"blocks": (8, 8)}}
+    assert layer_options("blocksparse", 384, 1536, {}) == {"block_shape": (64, 64)}
+    assert layer_options("blocksparse", 256, 300, {"x": 1}) == {"block_shape": (64, 64), "x": 1}
+    assert layer_options("blocksparse", 384, 384, {"block_shape": (8, 8)}) == {
+        "block_shape": (8, 8)}
+    assert layer_options("blocksparse", 255, 4096, {}) == {}  # a side under 4 blocks of 64
+    assert layer_options("blast", 384, 384, {}) == {"blocks": (8, 8)}
+    assert layer_options("blast", 384, 384, {"blocks": "auto"}) == {"blocks": "auto"}
+    assert layer_options("blast", 128, 384, {}) == {}
     assert layer_options("lowrank", 512, 512, {"rank": 3}) == {"rank": 3}
     assert layer_options("gblr", 512, 512, {})["layout"] == "tiled"
 
 
-def test_compress_model_gives_large_blocksparse_layers_64_blocks():
+def test_compress_model_gives_large_layers_runnable_block_grids():
     """compress_model fits block-sparse layers of >= 256 per side with 64 x 64 blocks (the
-    default 32 x 32 of ``ga.project`` on smaller ones, or a given ``block_shape``); the layer
-    computes its matrix."""
+    default 32 x 32 of ``ga.project`` on smaller ones, or a given ``block_shape``) and BLAST
+    ones with an 8 x 8 grid; the layer computes its matrix."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 40))
     given = nn.Sequential(nn.Linear(256, 256))
@@ -100,6 +104,10 @@ def test_compress_model_gives_large_blocksparse_layers_64_blocks():
     x = torch.randn(5, 256)
     torch.testing.assert_close(model[0](x), x @ model[0].matrix.to_dense().T + model[0].bias,
                                rtol=1e-5, atol=1e-5)
+    blast = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 40))
+    compress_model(blast, "blast", 0.5, steps=2)
+    assert blast[0].matrix.blocks == (8, 8) and blast[0].matrix.flops <= 256 * 128
+    assert blast[1].matrix.blocks != (8, 8)  # 40 x 256: blocks="auto"
 
 
 def test_compress_model_fits_gblr_layers_with_the_runnable_layout():
