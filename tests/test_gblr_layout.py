@@ -316,6 +316,30 @@ def test_segment_plan_column_blocks_are_exact(lowrank, monkeypatch):
     torch.testing.assert_close(y, (D @ X + bias[:, None]).T, rtol=1e-12, atol=1e-12)
 
 
+def test_segment_plan_single_large_block_uses_the_scratch_buffer(monkeypatch):
+    """One column block past SEGMENT_FRESH_FLOATS floats of intermediates runs in the
+    thread's scratch buffer (below it: fresh buffers); both exact, with and without bias."""
+    from gblr_approx.formats import gblr_plan
+
+    G = _grid_gblr(40, 53, 8, 1, lowrank=False)
+    seg, D = G.segments, G.to_dense()
+    panels = G._panels(seg)
+    bias = torch.randn(40, dtype=torch.float64)
+    X = torch.randn(45, 53, dtype=torch.float64).T  # batch-major, one block
+    seen = []
+    real = gblr_plan.GBLRSegments._matmul_columns
+    monkeypatch.setattr(gblr_plan.GBLRSegments, "_matmul_columns",
+                        lambda self, p, Xc, b, Y, scr=False: seen.append(scr)
+                        or real(self, p, Xc, b, Y, scr))
+    for fresh_floats, want in [(1 << 40, False), (0, True)]:
+        monkeypatch.setattr(gblr_plan, "SEGMENT_FRESH_FLOATS", fresh_floats)
+        seen.clear()
+        torch.testing.assert_close(seg.matmul(panels, X), D @ X, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(seg.matmul(panels, X, bias), D @ X + bias[:, None],
+                                   rtol=1e-12, atol=1e-12)
+        assert seen == [want, want]
+
+
 @pytest.mark.parametrize("lowrank", [True, False])
 def test_segment_plan_stage2_split_views_match_slices(lowrank, monkeypatch):
     """Ordered, disjoint stage-2 intervals (a tile grid's block rows) take their views from

@@ -735,6 +735,12 @@ RUN_FILL = 0.5
 #: 0.95 / 0.99, 0.89 / 0.90 (docs/benchmarks.md). Up to 256 rows: one block, as before.
 SEGMENT_CHUNK = 256
 SEGMENT_CHUNK_FLOATS = 1 << 19
+#: A one-block segment product whose intermediates exceed this many floats (2 MiB) keeps
+#: them in the thread's scratch buffer too: fresh ones page-faulted in some processes
+#: (MiniLM 1536 x 384 64-grid layer at 256 rows, 0.86 M floats: 2.0-2.1 of ``nn.Linear``
+#: against 0.87-0.99 in others, 0.94-0.96 in scratch). Smaller ones stay fresh (at 128
+#: rows, 0.43 M floats, scratch was 5-10 % slower).
+SEGMENT_FRESH_FLOATS = 1 << 19
 
 
 @dataclass
@@ -876,7 +882,9 @@ class GBLRSegments:
             return Y
         per_column = self.slots + (self.shape[1] if self.reads_x else 0) + self.gathered
         step = balanced_step(B, max(SEGMENT_CHUNK, SEGMENT_CHUNK_FLOATS // max(per_column, 1)))
-        blocks = step < B  # (one block: fresh buffers, measured faster at 51 columns)
+        # one small block: fresh buffers (measured faster at 51 columns); several blocks, or
+        # one past SEGMENT_FRESH_FLOATS: the scratch buffer
+        blocks = step < B or per_column * B > SEGMENT_FRESH_FLOATS
         for a in range(0, B, step):
             self._matmul_columns(panels, X[:, a : a + step], bias, Y[:, a : a + step], blocks)
         return Y
