@@ -372,10 +372,9 @@ def model_fit_options(fmt: str, m: int, n: int) -> tuple[str, dict]:
     ``"gblr"``, ``"blocksparse"`` and ``"blast"`` are fitted as ``ga.nn.compress_model``
     fits them (the runnable layout, 64 x 64 blocks, an 8 x 8 grid on large layers:
     ``compress.layer_options``), ``"blocksparse-default"`` / ``"blast-default"`` with
-    ``ga.project``'s defaults, ``"gblr-free"`` the
-    free layout of ``fit_gblr``, ``"gblr-tiled<T>"`` ``layout="tiled", tile=T``,
-    ``"gblr-wide<W>"`` ``min_width=W``, ``"blast-b<B>"`` ``blocks=(B, B)``; other formats
-    their default projection."""
+    ``ga.project``'s defaults, ``"gblr-free"`` the free layout of ``fit_gblr``,
+    ``"gblr-tiled<T>"`` ``layout="tiled", tile=T``, ``"gblr-wide<W>"`` ``min_width=W``,
+    ``"blast-b<B>"`` ``blocks=(B, B)``; other formats their default projection."""
     from gblr_approx.compress import layer_options
 
     if fmt in ("gblr", "blocksparse", "blast"):
