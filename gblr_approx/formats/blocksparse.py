@@ -421,21 +421,23 @@ class BlockSparse(StructuredMatrix):
             for i0, i1, j0, j1 in block_rectangles(ids >= 0)
         ]
 
+    def _rect_layout(self) -> bool:
+        """Whether the stored blocks form rectangles of :data:`RECT_MIN_BLOCKS` or more blocks
+        on average (the layouts the rectangle form can pay off on)."""
+        return self.num_blocks > 0 and self.num_blocks >= RECT_MIN_BLOCKS * len(self._rects())
+
     def _few_rects(self, k: int) -> bool:
         """Within :data:`FRESH_ROWS`: whether the rectangle form needs at most one GEMM per
-        :data:`RECT_ROWS_PER_GEMM` rows (and has :data:`RECT_MIN_BLOCKS` blocks per
-        rectangle), so it beats the fresh row form."""
-        if self.num_blocks == 0:
-            return False
-        rects = len(self._rects())
-        return self.num_blocks >= RECT_MIN_BLOCKS * rects and rects * RECT_ROWS_PER_GEMM <= k
+        :data:`RECT_ROWS_PER_GEMM` rows on a :meth:`_rect_layout`, so it beats the fresh row
+        form."""
+        return self._rect_layout() and len(self._rects()) * RECT_ROWS_PER_GEMM <= k
 
     def _uses_rect_form(self, t: int, k: int) -> bool:
         """Rectangle form for layouts of :data:`RECT_MIN_BLOCKS` or more blocks per rectangle:
         from :data:`RECT_FORM_FROM` columns, and from ``ROW_FORM_BELOW`` columns where it needs
         at most :data:`RECT_PER_GROUP_CALL` times the row form's kernels (3 per group of block
         rows, 1 per group of full block rows)."""
-        if self.num_blocks == 0 or self.num_blocks < RECT_MIN_BLOCKS * len(self._rects()):
+        if not self._rect_layout():
             return False
         if k >= RECT_FORM_FROM:
             return True
