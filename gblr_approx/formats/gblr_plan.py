@@ -728,13 +728,17 @@ def build_plan(
 RUN_FILL = 0.5
 #: Column blocks of a segment product: at least ``SEGMENT_CHUNK`` columns, more while the
 #: intermediates (``[Z; X]`` and the gathered rows, in the thread's scratch buffer) stay
-#: under ``SEGMENT_CHUNK_FLOATS`` floats. MiniLM 64-grid layouts at 50 %, layer forward /
+#: under ``SEGMENT_CHUNK_FLOATS`` floats (1 MiB). MiniLM 64-grid layouts at 50 %, layer forward /
 #: ``nn.Linear``, one thread, 2-core Intel Xeon host, at 1024 / 2048 rows (a batch of 16 / 32
 #: sentences): one block in freshly allocated buffers 1.48 / 1.59 (384 x 384), 1.89 / 2.01
 #: (1536 x 384), 0.99 / 1.18 (384 x 1536); 256-column blocks in scratch 0.98 / 0.97,
 #: 0.95 / 0.99, 0.89 / 0.90 (docs/benchmarks.md). Up to 256 rows: one block, as before.
+#: 2 MiB -> 1 MiB (sixteenth session): the 128-grid layouts, with half the intermediates per
+#: column, ran 960 rows of a 384 x 384 layer as one block whose operands and result (4.4 MiB
+#: with the intermediates) left the cache: 1.65 -> 1.04 of ``nn.Linear``; the other MiniLM
+#: layers at 512-3232 rows equal or up to 15 % faster.
 SEGMENT_CHUNK = 256
-SEGMENT_CHUNK_FLOATS = 1 << 19
+SEGMENT_CHUNK_FLOATS = 1 << 18
 #: A one-block segment product whose intermediates exceed this many floats (2 MiB) keeps
 #: them in the thread's scratch buffer too: fresh ones page-faulted in some processes
 #: (MiniLM 1536 x 384 64-grid layer at 256 rows, 0.86 M floats: 2.0-2.1 of ``nn.Linear``
