@@ -26,7 +26,8 @@ default ("free"), runnable ones (``fit_gblr(..., layout="tiled", tile=T)``; ``ti
 ``min_width=T``) and wide pieces at free positions (``fit_gblr(..., min_width=W)``); GBLR
 rows then also print the layout and its relative error ``||W - A||_F / ||W||_F``. In the model
 row (``--model DIR``) ``gblr`` fits every layer as ``ga.nn.compress_model`` does (the runnable
-layout ``tile=64`` on layers of >= 4 tiles per side, ``gblr_approx.compress.gblr_layer_options``),
+layout, ``tile=128`` on layers of >= 384 per side, ``tile=64`` from 256,
+``gblr_approx.compress.gblr_layer_options``),
 ``gblr-free`` with the free layout of ``fit_gblr``, and ``gblr-tiled<T>`` / ``gblr-wide<W>``
 with the layouts above; ``blocksparse`` and ``blast`` also as ``compress_model`` fits them
 (64 x 64 blocks and an 8 x 8 grid on layers of >= 256 per side,
@@ -395,7 +396,8 @@ def model_fit_options(fmt: str, m: int, n: int) -> tuple[str, dict]:
 
 def model_fit_key(fmt: str, m: int, n: int) -> str:
     """The fit-cache name of the model row's fit (one name per distinct fit: ``gblr`` on a
-    large layer shares the ``gblr-tiled64`` entry, ``gblr-free`` the former ``gblr`` one)."""
+    large layer shares the ``gblr-tiled<T>`` entry of its tile, ``gblr-free`` the former
+    ``gblr`` one)."""
     name, opts = model_fit_options(fmt, m, n)
     # (the former "blocksparse" and "blast" entries are ga.project's default fits)
     if name == "blocksparse":

@@ -41,8 +41,8 @@ from .projection import project
 from .validation import check_positive_int
 
 __all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "GBLR_RUNNABLE",
-           "RUNNABLE_MIN_TILES", "RUNNABLE_OPTIONS", "gblr_layer_options", "layer_options",
-           "replace_module"]
+           "RUNNABLE_MIN_TILES", "RUNNABLE_OPTIONS", "RUNNABLE_TILES", "gblr_layer_options",
+           "layer_options", "replace_module"]
 
 #: Formats tried by ``formats="auto"``: the ones whose projection takes about a second or less
 #: on a 1536 x 384 layer. GBLR and BLAST (iterative fits, 5-20 s per layer and budget) are
@@ -59,12 +59,21 @@ DEFAULT_FRACTIONS = (0.2, 0.35, 0.5, 0.65, 0.8)
 _CURVE_OPTIONS = {"sweeps": 0}
 
 #: GBLR layers of a compressed model run their products, so ``compress_model`` fits them with
-#: the runnable layout (``fit_gblr(..., layout="tiled", tile=64)``: aligned rank-r tiles that
-#: multiply at GEMM rate, docs/product_speed.md "Runnable layouts") on every layer with at
-#: least :data:`RUNNABLE_MIN_TILES` tiles per side, unless ``layout`` is given. The free
-#: layout is more accurate per MAC but slower than the dense layer it replaces (MiniLM at
-#: 50 %: 1.6x the dense encode time, against 0.83-0.96x; docs/compress_model.md).
+#: the runnable layout (``fit_gblr(..., layout="tiled", tile=T)``: aligned rank-r tiles that
+#: multiply at GEMM rate, docs/product_speed.md "Runnable layouts") unless ``layout`` is given.
+#: The free layout is more accurate per MAC but slower than the dense layer it replaces
+#: (MiniLM at 50 %: 1.6x the dense encode time; docs/compress_model.md). The tile is the first
+#: of :data:`RUNNABLE_TILES` whose smallest side the layer reaches (a given ``tile`` is used
+#: on layers of at least :data:`RUNNABLE_MIN_TILES` such tiles per side); smaller layers keep
+#: the free layout.
 GBLR_RUNNABLE = {"layout": "tiled", "tile": 64}
+#: ``(smallest side, tile)``: 128-entry tiles on layers of >= 384 per side, 64 on >= 256.
+#: MiniLM at 50 %, 128 against 64 (sixteenth session, one thread, docs/benchmarks.md): its
+#: panels are twice as tall, half as many GEMMs and gathered rows; layers at 256-2048 rows
+#: 0.84-1.05 of ``nn.Linear`` against 1.04-1.33; model encode time / dense at batch 32
+#: 0.97-1.03 against 1.13-1.20; weight error +0.7-2 % relative, mean cosine to the dense
+#: model on 256 stdlib docstrings 0.439 -> 0.432.
+RUNNABLE_TILES = ((384, 128), (256, 64))
 RUNNABLE_MIN_TILES = 4
 #: Options ``compress_model`` fills in for block-sparse and BLAST layers with both sides >=
 #: ``RUNNABLE_MIN_TILES * 64`` unless the option is given: block grids that multiply fast on
@@ -380,7 +389,8 @@ def compress_model(
     format_options : mapping, optional
         Format name -> options for that format (e.g. ``{"gblr": {"steps": 5}}``). GBLR
         layers of at least 256 x 256 are fitted with the runnable layout
-        (:data:`GBLR_RUNNABLE`, ``layout="tiled", tile=64``) unless ``layout`` is given:
+        (``layout="tiled"``, ``tile`` 128 from 384 x 384 up, else 64: :data:`RUNNABLE_TILES`,
+        :func:`gblr_layer_options`) unless ``layout`` is given:
         ``{"gblr": {"layout": "free"}}`` keeps the free layout, more accurate per MAC and
         slower than the dense layer (docs/compress_model.md, "GBLR layers that run fast").
         Block-sparse and BLAST layers of at least 256 x 256 get 64 x 64 blocks and an 8 x 8
@@ -545,17 +555,23 @@ def compress_model(
 def gblr_layer_options(m: int, n: int, options: Mapping[str, Any]) -> dict[str, Any]:
     """The GBLR options ``compress_model`` uses for an ``m x n`` layer.
 
-    ``options`` with :data:`GBLR_RUNNABLE` filled in when ``layout`` is not given and both
-    sides hold at least :data:`RUNNABLE_MIN_TILES` tiles (of ``options["tile"]``, default 64);
-    smaller layers keep the free layout (a tile grid of fewer cells is close to low-rank).
+    ``options`` with the runnable layout filled in when ``layout`` is not given: ``tile`` from
+    :data:`RUNNABLE_TILES` (128 on layers of >= 384 per side, 64 on >= 256), or a given
+    ``tile`` when both sides hold at least :data:`RUNNABLE_MIN_TILES` of it. Smaller layers
+    keep the free layout (a tile grid of fewer cells is close to low-rank).
     """
     opts = dict(options)
     if "layout" in opts:
         return opts
-    tile = opts.get("tile", GBLR_RUNNABLE["tile"])
-    if isinstance(tile, int) and not isinstance(tile, bool) and tile >= 1 \
-            and min(m, n) >= RUNNABLE_MIN_TILES * tile:
-        return {**GBLR_RUNNABLE, **opts}
+    if "tile" in opts:
+        tile = opts["tile"]
+        if isinstance(tile, int) and not isinstance(tile, bool) and tile >= 1 \
+                and min(m, n) >= RUNNABLE_MIN_TILES * tile:
+            return {**GBLR_RUNNABLE, **opts}
+        return opts
+    for side, tile in RUNNABLE_TILES:
+        if min(m, n) >= side:
+            return {**GBLR_RUNNABLE, "tile": tile, **opts}
     return opts
 
 

@@ -62,10 +62,17 @@ def test_uniform_without_calibration_is_the_plain_projection():
 
 
 def test_gblr_layer_options_fill_the_runnable_layout_on_large_layers():
-    from gblr_approx.compress import GBLR_RUNNABLE, gblr_layer_options
+    from gblr_approx.compress import GBLR_RUNNABLE, RUNNABLE_TILES, gblr_layer_options
 
-    assert gblr_layer_options(384, 1536, {}) == GBLR_RUNNABLE == {"layout": "tiled", "tile": 64}
+    assert GBLR_RUNNABLE == {"layout": "tiled", "tile": 64}
+    assert RUNNABLE_TILES == ((384, 128), (256, 64))
+    # 128-entry tiles from 384 per side, 64 from 256
+    assert gblr_layer_options(384, 1536, {}) == {"layout": "tiled", "tile": 128}
+    assert gblr_layer_options(4096, 4096, {}) == {"layout": "tiled", "tile": 128}
+    assert gblr_layer_options(383, 1536, {}) == {"layout": "tiled", "tile": 64}
     assert gblr_layer_options(256, 300, {"steps": 3}) == {**GBLR_RUNNABLE, "steps": 3}
+    assert gblr_layer_options(384, 384, {"tile": 64}) == {"layout": "tiled", "tile": 64}
+    assert gblr_layer_options(384, 384, {"tile": 128}) == {"tile": 128}  # < 4 tiles of 128
     assert gblr_layer_options(384, 384, {"layout": "free"}) == {"layout": "free"}
     assert gblr_layer_options(200, 130, {}) == {}  # fewer than 4 tiles of 64 on a side
     assert gblr_layer_options(200, 130, {"tile": 32}) == {"layout": "tiled", "tile": 32}
