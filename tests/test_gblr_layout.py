@@ -488,3 +488,25 @@ def test_segment_panels_are_stored_in_the_fast_gemm_orientation():
               torch.randn(51, 53, dtype=torch.float64).T):
         torch.testing.assert_close(seg.matmul((p1, p2), X), D @ X, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(seg.matmul(other, X), D @ X, rtol=1e-12, atol=1e-12)
+
+
+def test_thin_products_take_the_segment_plan_only_from_a_few_columns(monkeypatch):
+    """A four-GEMM segment layout (low-rank part plus a 3 x 3 tile grid): products of fewer
+    than ``SEGMENTS_THIN_COLUMNS`` columns run the tiled plan (fewer launches), from there the
+    segment plan; every one exact."""
+    from gblr_approx.formats import gblr as gblr_module
+    from gblr_approx.formats.gblr_plan import GBLRSegments
+
+    G = _grid_gblr(48, 48, 16, 1, wrap=False)
+    seg = G.segments
+    assert seg is not None and len(seg.stage1) + len(seg.stage2) <= gblr_module.SEGMENTS_THIN
+    calls = []
+    real = GBLRSegments.matmul
+    monkeypatch.setattr(GBLRSegments, "matmul",
+                        lambda self, *a, **k: calls.append(a[1].shape[1]) or real(self, *a, **k))
+    D = G.to_dense()
+    low = gblr_module.SEGMENTS_THIN_COLUMNS
+    for k in (1, low - 1, low, gblr_module.ROW_FORM_BELOW - 1, gblr_module.ROW_FORM_BELOW):
+        X = torch.randn(48, k, dtype=torch.float64)
+        torch.testing.assert_close(G @ X, D @ X, rtol=1e-12, atol=1e-10)
+    assert calls == [low, gblr_module.ROW_FORM_BELOW - 1, gblr_module.ROW_FORM_BELOW]

@@ -53,6 +53,11 @@ SPARSE_NNZ_COST = 2.2
 #: Products with fewer than ``ROW_FORM_BELOW`` columns run the segment plan only when it has
 #: at most this many GEMMs (e.g. a low-rank-like layout); otherwise the one-bucket tiled plan.
 SEGMENTS_THIN = 4
+#: ... and only from this many columns: below it the tiled plan's fewer launches win (128-grid
+#: MiniLM layouts of four GEMMs at 1-6 columns: 2.4-2.9x less time than the segment plan on
+#: 384 x 384, 0.57 against 1.72 of dense on 1536 x 384 at one column; about equal at 8, the
+#: segment plan ahead from 10; docs/benchmarks.md, seventeenth session).
+SEGMENTS_THIN_COLUMNS = 8
 
 
 def cached_plan(
@@ -532,9 +537,10 @@ class GBLR(StructuredMatrix):
                 return sp.matmul(self._panels(sp), X)
             seg = self.segments
             # thin products: only when it is a handful of GEMMs (launches dominate there)
-            if seg is not None and (
-                X.shape[1] >= ROW_FORM_BELOW or len(seg.stage1) + len(seg.stage2) <= SEGMENTS_THIN
-            ):
+            k = X.shape[1]
+            if seg is not None and (k >= ROW_FORM_BELOW or (
+                k >= SEGMENTS_THIN_COLUMNS and len(seg.stage1) + len(seg.stage2) <= SEGMENTS_THIN
+            )):
                 return seg.matmul(self._panels(seg), X)
         plan = self.plan_for(X.shape[1])
         return plan.matmul(self._panels(plan), X)
