@@ -397,7 +397,8 @@ def model_fit_options(fmt: str, m: int, n: int) -> tuple[str, dict]:
 def model_fit_key(fmt: str, m: int, n: int) -> str:
     """The fit-cache name of the model row's fit (one name per distinct fit: ``gblr`` on a
     large layer shares the ``gblr-tiled<T>`` entry of its tile, ``gblr-free`` the former
-    ``gblr`` one)."""
+    ``gblr`` one; ``gblr`` skips the free stage, ``gblr-tiled<T>`` runs it, with the same
+    result on the MiniLM layers: docs/fit_gblr.md)."""
     name, opts = model_fit_options(fmt, m, n)
     # (the former "blocksparse" and "blast" entries are ga.project's default fits)
     if name == "blocksparse":

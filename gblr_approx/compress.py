@@ -40,7 +40,8 @@ from .metrics import relative_error
 from .projection import project
 from .validation import check_positive_int
 
-__all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "GBLR_RUNNABLE",
+__all__ = ["compress_model", "AUTO_FORMATS", "DEFAULT_FRACTIONS", "GBLR_FREE_STAGE_OPTIONS",
+           "GBLR_RUNNABLE", "GBLR_RUNNABLE_FIT",
            "RUNNABLE_MIN_TILES", "RUNNABLE_OPTIONS", "RUNNABLE_TILES", "gblr_layer_options",
            "layer_options", "replace_module"]
 
@@ -75,6 +76,16 @@ GBLR_RUNNABLE = {"layout": "tiled", "tile": 64}
 #: model on 256 stdlib docstrings 0.439 -> 0.432.
 RUNNABLE_TILES = ((384, 128), (256, 64))
 RUNNABLE_MIN_TILES = 4
+#: The runnable GBLR fits skip ``fit_gblr``'s free stage (interval ALS, ``sweeps=0``) unless
+#: one of :data:`GBLR_FREE_STAGE_OPTIONS` is given: its snapped pieces never entered the
+#: tiled result. On every MiniLM layer-0 layer at 25 % and 50 % with tiles 32, 64 and 128, and
+#: on a power-law 2048 x 2048 at 50 % (tile 128), the tiled fit from the starts alone had the
+#: same relative error to 4 decimals in 2-8 s instead of 7-46 s (55 s instead of 440 s
+#: of CPU time at 2048 x 2048; seventeenth session, docs/benchmarks.md).
+GBLR_RUNNABLE_FIT = {"sweeps": 0}
+#: Options that make the free stage matter (``min_width`` learns pieces one tile wide that
+#: survive the snapping) or that set it explicitly.
+GBLR_FREE_STAGE_OPTIONS = ("steps", "sweeps", "min_width", "start", "algorithm")
 #: Options ``compress_model`` fills in for block-sparse and BLAST layers with both sides >=
 #: ``RUNNABLE_MIN_TILES * 64`` unless the option is given: block grids that multiply fast on
 #: the small batches of a sentence encoder. MiniLM at 50 %, plain per-layer fits, one
@@ -558,20 +569,23 @@ def gblr_layer_options(m: int, n: int, options: Mapping[str, Any]) -> dict[str, 
     ``options`` with the runnable layout filled in when ``layout`` is not given: ``tile`` from
     :data:`RUNNABLE_TILES` (128 on layers of >= 384 per side, 64 on >= 256), or a given
     ``tile`` when both sides hold at least :data:`RUNNABLE_MIN_TILES` of it. Smaller layers
-    keep the free layout (a tile grid of fewer cells is close to low-rank).
+    keep the free layout (a tile grid of fewer cells is close to low-rank). Runnable fits
+    skip the free stage (:data:`GBLR_RUNNABLE_FIT`) unless an option of
+    :data:`GBLR_FREE_STAGE_OPTIONS` is given.
     """
     opts = dict(options)
     if "layout" in opts:
         return opts
+    fit = {} if set(GBLR_FREE_STAGE_OPTIONS) & set(opts) else GBLR_RUNNABLE_FIT
     if "tile" in opts:
         tile = opts["tile"]
         if isinstance(tile, int) and not isinstance(tile, bool) and tile >= 1 \
                 and min(m, n) >= RUNNABLE_MIN_TILES * tile:
-            return {**GBLR_RUNNABLE, **opts}
+            return {**GBLR_RUNNABLE, **fit, **opts}
         return opts
     for side, tile in RUNNABLE_TILES:
         if min(m, n) >= side:
-            return {**GBLR_RUNNABLE, "tile": tile, **opts}
+            return {**GBLR_RUNNABLE, "tile": tile, **fit, **opts}
     return opts
 
 

@@ -29,13 +29,14 @@ def relative_error(W: Any, A: Any, ord: str | int = "fro") -> float:
     float
         Computed in float64. ``W = 0`` gives ``0.0`` if ``A = 0`` too, else ``inf``.
     """
-    W = as_matrix(W, "W").to(torch.float64)
+    W = as_matrix(W, "W").detach().to(torch.float64)
     if isinstance(A, StructuredMatrix):
         if A.shape != tuple(W.shape):
             raise ValueError(f"A has shape {A.shape} but W has shape {tuple(W.shape)}")
-        Ad = A.to_dense().to(device=W.device, dtype=torch.float64)
+        with torch.no_grad():  # (a float metric: no graph, no warning for trainable factors)
+            Ad = A.to_dense().to(device=W.device, dtype=torch.float64)
     else:
-        Ad = as_matrix(A, "A").to(device=W.device, dtype=torch.float64)
+        Ad = as_matrix(A, "A").detach().to(device=W.device, dtype=torch.float64)
         if Ad.shape != W.shape:
             raise ValueError(f"A has shape {tuple(Ad.shape)} but W has shape {tuple(W.shape)}")
     if ord == "fro":

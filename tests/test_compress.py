@@ -62,20 +62,30 @@ def test_uniform_without_calibration_is_the_plain_projection():
 
 
 def test_gblr_layer_options_fill_the_runnable_layout_on_large_layers():
-    from gblr_approx.compress import GBLR_RUNNABLE, RUNNABLE_TILES, gblr_layer_options
+    from gblr_approx.compress import (
+        GBLR_FREE_STAGE_OPTIONS,
+        GBLR_RUNNABLE,
+        GBLR_RUNNABLE_FIT,
+        RUNNABLE_TILES,
+        gblr_layer_options,
+    )
 
     assert GBLR_RUNNABLE == {"layout": "tiled", "tile": 64}
+    assert GBLR_RUNNABLE_FIT == {"sweeps": 0}
     assert RUNNABLE_TILES == ((384, 128), (256, 64))
-    # 128-entry tiles from 384 per side, 64 from 256
-    assert gblr_layer_options(384, 1536, {}) == {"layout": "tiled", "tile": 128}
-    assert gblr_layer_options(4096, 4096, {}) == {"layout": "tiled", "tile": 128}
-    assert gblr_layer_options(383, 1536, {}) == {"layout": "tiled", "tile": 64}
-    assert gblr_layer_options(256, 300, {"steps": 3}) == {**GBLR_RUNNABLE, "steps": 3}
-    assert gblr_layer_options(384, 384, {"tile": 64}) == {"layout": "tiled", "tile": 64}
+    fit = GBLR_RUNNABLE_FIT
+    # 128-entry tiles from 384 per side, 64 from 256; the free stage skipped
+    assert gblr_layer_options(384, 1536, {}) == {"layout": "tiled", "tile": 128, **fit}
+    assert gblr_layer_options(4096, 4096, {}) == {"layout": "tiled", "tile": 128, **fit}
+    assert gblr_layer_options(383, 1536, {}) == {"layout": "tiled", "tile": 64, **fit}
+    assert gblr_layer_options(384, 384, {"tile": 64}) == {"layout": "tiled", "tile": 64, **fit}
+    # an option of the free stage keeps it (min_width learns pieces that survive snapping)
+    for key, value in zip(GBLR_FREE_STAGE_OPTIONS, (3, 2, 64, None, "intervals"), strict=True):
+        assert gblr_layer_options(256, 300, {key: value}) == {**GBLR_RUNNABLE, key: value}
     assert gblr_layer_options(384, 384, {"tile": 128}) == {"tile": 128}  # < 4 tiles of 128
     assert gblr_layer_options(384, 384, {"layout": "free"}) == {"layout": "free"}
     assert gblr_layer_options(200, 130, {}) == {}  # fewer than 4 tiles of 64 on a side
-    assert gblr_layer_options(200, 130, {"tile": 32}) == {"layout": "tiled", "tile": 32}
+    assert gblr_layer_options(200, 130, {"tile": 32}) == {"layout": "tiled", "tile": 32, **fit}
     assert gblr_layer_options(200, 130, {"tile": "x"}) == {"tile": "x"}  # fit_gblr rejects it
 
 
@@ -145,6 +155,25 @@ def test_compress_model_fits_gblr_layers_with_the_runnable_layout():
     # the 40 x 256 layer (fewer than 4 tiles of 64 rows) is the same free fit in both runs
     torch.testing.assert_close(model[2].matrix.to_dense(), free[2].matrix.to_dense())
     assert report.loc["2", "rel_error"] == pytest.approx(report_free.loc["2", "rel_error"])
+
+
+def test_runnable_gblr_fits_skip_the_free_stage_at_no_loss():
+    """compress_model's tiled GBLR fits start from ``fit_gblr``'s starts alone
+    (``GBLR_RUNNABLE_FIT``): as accurate as the tiled fit of the interval-ALS layout."""
+    g = torch.Generator().manual_seed(1)
+    layer = nn.Linear(256, 256)
+    with torch.no_grad():
+        low = torch.randn(256, 8, generator=g) @ torch.randn(8, 256, generator=g)
+        layer.weight.copy_(torch.randn(256, 256, generator=g) / 16 + low / 4)
+    W = layer.weight.detach().clone()
+    model = nn.Sequential(layer)
+    report = compress_model(model, "gblr", 0.5)
+    A = model[0].matrix
+    full = ga.fit_gblr(W, 0.5, layout="tiled", tile=64, progress=False)
+    assert any(h["stage"] == "intervals" for h in full.history)  # interval ALS ran there
+    assert A.flops <= 256 * 128 and (A.row_start % 64 == 0).all()
+    assert report.loc["0", "rel_error"] <= full.rel_error + 1e-6
+    assert report.loc["0", "rel_error"] == pytest.approx(ga.relative_error(W, A), rel=1e-5)
 
 
 def test_data_aware_global_beats_uniform_on_outputs():
