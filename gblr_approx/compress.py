@@ -78,10 +78,10 @@ RUNNABLE_TILES = ((384, 128), (256, 64))
 RUNNABLE_MIN_TILES = 4
 #: The runnable GBLR fits skip ``fit_gblr``'s free stage (interval ALS, ``sweeps=0``) unless
 #: one of :data:`GBLR_FREE_STAGE_OPTIONS` is given: its snapped pieces changed nothing in the
-#: tiled results measured. On every MiniLM layer-0 layer at 25 % and 50 % with tiles 32, 64 and 128, and
-#: on a power-law 2048 x 2048 at 50 % (tile 128), the tiled fit from the starts alone had the
-#: same relative error to 4 decimals in 2-8 s instead of 7-46 s (55 s instead of 440 s
-#: of CPU time at 2048 x 2048; seventeenth session, docs/benchmarks.md).
+#: tiled results measured. On every MiniLM layer-0 layer at 25 % and 50 % with tiles 32, 64
+#: and 128, and on a power-law 2048 x 2048 at 50 % (tile 128), the tiled fit from the starts
+#: alone had the same relative error to 4 decimals in 2-8 s instead of 7-46 s (about 55-128
+#: s instead of 440 s at 2048 x 2048; seventeenth session, docs/benchmarks.md).
 GBLR_RUNNABLE_FIT = {"sweeps": 0}
 #: Options that make the free stage matter (``min_width`` learns pieces one tile wide that
 #: survive the snapping) or that set it explicitly.
